@@ -1,0 +1,36 @@
+"""``escrow``: the escrow's admin, custodian and recovery commands.
+
+Exit codes: 0 success, 1 operational failure (``error:`` and ``hint:`` on stderr), 2 usage error.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import click
+
+from escrow.cli import audit, cluster, custodian, init, keys, recover
+from escrow.errors import EscrowError
+
+
+class EscrowGroup(click.Group):
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except EscrowError as exc:
+            click.echo(exc.diagnostics(), err=True)
+            ctx.exit(1)
+
+
+@click.group(cls=EscrowGroup, context_settings={"help_option_names": ["-h", "--help"]})
+def cli() -> None:
+    """Unlock-key escrow for Docker Swarm managers with autolock."""
+
+
+for command in (init.init, custodian.custodian, cluster.cluster, keys.deposit, keys.key,
+                audit.audit, recover.recover):
+    cli.add_command(command)
+
+
+def main() -> None:
+    cli(prog_name="escrow")

@@ -1,0 +1,117 @@
+"""``escrow cluster ...``: swarms, their pinned root CA and their Shamir policy."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import click
+
+from escrow import identity
+from escrow.cli.context import data_dir_option, json_option, open_vault, print_json, read_file, table
+from escrow.policy import parse_slots
+from escrow.store import ClusterRecord
+
+_no_paper = click.option(
+    "--allow-no-paper-recovery", is_flag=True,
+    help="Accept a policy in which custodians alone cannot reach the threshold: if the escrow "
+         "or its HSM is lost, the key cannot be rebuilt from paper shares.")
+_threshold = click.option("--threshold", "-t", required=True, type=int,
+                          help="Shares needed to rebuild the key.")
+_slots = click.option("--slots", required=True,
+                      help="Comma-separated share slots: 'auto' or a custodian name, e.g. "
+                           "auto,auto,alice,bob,carol.")
+
+
+@click.group()
+def cluster() -> None:
+    """Register swarms and set their policies."""
+
+
+def _describe(record: ClusterRecord) -> dict[str, Any]:
+    root = identity.parse_root_ca(record.root_ca_pem.encode("ascii"))
+    return {
+        "cluster_id": record.cluster_id,
+        "threshold": record.policy.threshold,
+        "slots": list(record.policy.slots),
+        "paper_recoverable": record.policy.paper_recoverable,
+        "root_ca_subject": root.subject.rfc4514_string(),
+        "root_ca_not_after": root.not_valid_after_utc.isoformat(),
+        "created_at": record.created_at,
+    }
+
+
+@cluster.command()
+@data_dir_option
+@click.argument("cluster_id")
+@click.option("--root-ca", required=True, type=click.Path(path_type=Path),
+              help="The cluster's swarm-root-ca.crt, pinned for node identity checks.")
+@_threshold
+@_slots
+@_no_paper
+def add(data_dir: Path, cluster_id: str, root_ca: Path, threshold: int, slots: str,
+        allow_no_paper_recovery: bool) -> None:
+    """Register swarm CLUSTER_ID with its root CA and policy."""
+    with open_vault(data_dir) as (_, vault):
+        record = vault.add_cluster(cluster_id, read_file(root_ca, "root CA file"), threshold,
+                                   parse_slots(slots), allow_no_paper=allow_no_paper_recovery)
+    click.echo(f"cluster {cluster_id} added: {record.policy.describe()}")
+    if not record.policy.paper_recoverable:
+        click.echo("warning: custodians alone cannot rebuild this key from paper", err=True)
+
+
+@cluster.command(name="set-policy")
+@data_dir_option
+@click.argument("cluster_id")
+@_threshold
+@_slots
+@_no_paper
+def set_policy(data_dir: Path, cluster_id: str, threshold: int, slots: str,
+               allow_no_paper_recovery: bool) -> None:
+    """Change the policy for key versions deposited from now on.
+
+    Existing versions keep the shares they were split into: rotate the unlock key to re-split.
+    """
+    with open_vault(data_dir) as (_, vault):
+        policy = vault.set_policy(cluster_id, threshold, parse_slots(slots),
+                                  allow_no_paper=allow_no_paper_recovery)
+    click.echo(f"cluster {cluster_id}: new policy {policy.describe()}")
+    click.echo("existing key versions keep their old shares: rotate the unlock key "
+               "(`unseal-agent rotate` or `docker swarm unlock-key --rotate`) to re-split")
+
+
+@cluster.command(name="list")
+@data_dir_option
+@json_option
+def list_(data_dir: Path, as_json: bool) -> None:
+    """List registered clusters."""
+    with open_vault(data_dir) as (_, vault):
+        rows = [_describe(r) for r in vault.store.list_clusters()]
+    if as_json:
+        print_json(rows)
+    else:
+        table("Clusters", ["cluster", "threshold", "slots", "paper recovery", "registered"],
+              [[r["cluster_id"], r["threshold"], ",".join(r["slots"]),
+                "yes" if r["paper_recoverable"] else "NO", r["created_at"]] for r in rows])
+
+
+@cluster.command()
+@data_dir_option
+@json_option
+@click.argument("cluster_id")
+def show(data_dir: Path, as_json: bool, cluster_id: str) -> None:
+    """Show one cluster: policy, root CA and key versions."""
+    with open_vault(data_dir) as (_, vault):
+        info = _describe(vault.store.get_cluster(cluster_id))
+        info["key_versions"] = [v.version for v in vault.store.list_key_versions(cluster_id)]
+    if as_json:
+        print_json(info)
+        return
+    table(f"Cluster {cluster_id}", ["field", "value"], [
+        ["policy", f"{info['threshold']} of {len(info['slots'])}: {','.join(info['slots'])}"],
+        ["paper recovery", "yes" if info["paper_recoverable"] else "NO"],
+        ["root CA", info["root_ca_subject"]],
+        ["root CA expires", info["root_ca_not_after"]],
+        ["key versions", ", ".join(map(str, info["key_versions"])) or "none yet"],
+        ["registered", info["created_at"]],
+    ])

@@ -1,0 +1,126 @@
+"""What every CLI command shares: the data directory, opening the vault, output helpers."""
+
+from __future__ import annotations
+
+import getpass
+import json
+import os
+import socket
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from escrow import config
+from escrow.config import Settings
+from escrow.errors import InputError
+from escrow.hsm import Token, resolve_pin
+from escrow.store.sqlite import SqliteStore
+from escrow.vault import Vault, timestamp
+
+F = TypeVar("F", bound=Callable[..., Any])
+DEFAULT_DATA_DIR = Path("/var/lib/escrow")
+
+
+def data_dir_option(func: F) -> F:
+    return click.option(
+        "--data-dir", type=click.Path(path_type=Path), envvar=config.DATA_DIR_ENV,
+        default=DEFAULT_DATA_DIR, show_default=True, show_envvar=True,
+        help="Escrow data directory (config, database, embedded token).",
+    )(func)
+
+
+def json_option(func: F) -> F:
+    return click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")(
+        func)
+
+
+def now() -> datetime:
+    return datetime.now(UTC)
+
+
+def actor() -> str:
+    return f"cli:{getpass.getuser()}@{socket.gethostname()}"
+
+
+def open_store(settings: Settings, *, create: bool = False) -> SqliteStore:
+    return SqliteStore.open(settings.db_path, lambda: timestamp(now()), create=create)
+
+
+class LazyToken:
+    """Opens the token on first use, so commands that never touch a share need no PIN."""
+
+    def __init__(self, settings: Settings, pin_file: Path | None = None) -> None:
+        self._settings = settings
+        self._pin_file = pin_file
+        self._token: Token | None = None
+
+    @property
+    def token(self) -> Token:
+        if self._token is None:
+            pin = resolve_pin(self._pin_file, self._settings.hsm.pin_file, os.environ)
+            self._token = Token(self._settings.hsm, pin)
+        return self._token
+
+    def seal(self, plaintext: bytes, aad: bytes) -> bytes:
+        return self.token.seal(plaintext, aad)
+
+    def open(self, sealed: bytes, aad: bytes) -> bytes:
+        return self.token.open(sealed, aad)
+
+    def close(self) -> None:
+        if self._token is not None:
+            self._token.close()
+
+
+@contextmanager
+def open_vault(data_dir: Path) -> Iterator[tuple[Settings, Vault]]:
+    settings = config.load(data_dir)
+    store = open_store(settings)
+    token = LazyToken(settings)
+    try:
+        yield settings, Vault(store, token, now, actor())
+    finally:
+        token.close()
+        store.close()
+
+
+def read_secret_line(prompt: str) -> str:
+    """One line from stdin, or a prompt without echo on a terminal. Never from argv."""
+    if sys.stdin.isatty():
+        return getpass.getpass(prompt + ": ")
+    line = sys.stdin.readline()
+    if not line:
+        raise InputError("nothing was given on standard input",
+                         "pipe the value in, e.g. `docker swarm unlock-key -q | escrow ...`")
+    return line
+
+
+def read_file(path: Path, what: str) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise InputError(f"cannot read the {what} {path}: {exc.strerror}",
+                         "check the path and its permissions") from None
+
+
+_console = Console(soft_wrap=True)
+
+
+def table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+    grid = Table(title=title, title_justify="left", header_style="bold")
+    for column in columns:
+        grid.add_column(column, overflow="fold")
+    for row in rows:
+        grid.add_row(*(str(cell) for cell in row))
+    _console.print(grid)
+
+
+def print_json(value: Any) -> None:
+    click.echo(json.dumps(value, indent=2, sort_keys=True))

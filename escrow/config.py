@@ -1,0 +1,141 @@
+"""The data directory and its config file, ``escrow.toml``.
+
+Layout of a data directory (mode 0700):
+
+    escrow.toml        settings (below); every one can be overridden by an environment variable
+    escrow.db          SQLite database (WAL): clusters, custodians, wrapped shares, audit log
+    hsm-pin            embedded default only: the SoftHSM token's PIN (0600)
+    softhsm/           embedded default only: SoftHSM config and token files
+
+Settings (TOML table.key = environment variable):
+
+    hsm.module         ESCROW_HSM_MODULE        PKCS#11 module path
+    hsm.token          ESCROW_HSM_TOKEN         token label
+    hsm.key_label      ESCROW_HSM_KEY_LABEL     wrapping key label (default escrow-wrap)
+    hsm.pin_file       ESCROW_HSM_PIN_FILE      PIN file, relative to the data directory or
+                                                absolute (or ESCROW_HSM_PIN, or a systemd
+                                                credential named hsm-pin)
+    hsm.softhsm_conf   ESCROW_HSM_SOFTHSM_CONF  SOFTHSM2_CONF to use (embedded default)
+    keys.retention_days ESCROW_KEYS_RETENTION_DAYS  days a superseded key version is kept
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+from escrow.errors import ConfigError
+from escrow.hsm import HsmSettings
+
+CONFIG_NAME = "escrow.toml"
+DB_NAME = "escrow.db"
+DATA_DIR_ENV = "ESCROW_DATA_DIR"
+DEFAULT_RETENTION_DAYS = 30.0
+
+# (table, key) -> (environment variable, type)
+_SETTINGS: dict[tuple[str, str], tuple[str, type]] = {
+    ("hsm", "module"): ("ESCROW_HSM_MODULE", str),
+    ("hsm", "token"): ("ESCROW_HSM_TOKEN", str),
+    ("hsm", "key_label"): ("ESCROW_HSM_KEY_LABEL", str),
+    ("hsm", "pin_file"): ("ESCROW_HSM_PIN_FILE", str),
+    ("hsm", "softhsm_conf"): ("ESCROW_HSM_SOFTHSM_CONF", str),
+    ("keys", "retention_days"): ("ESCROW_KEYS_RETENTION_DAYS", float),
+}
+
+
+@dataclass(frozen=True)
+class Settings:
+    data_dir: Path
+    hsm: HsmSettings
+    retention_days: float
+
+    @property
+    def db_path(self) -> Path:
+        return self.data_dir / DB_NAME
+
+
+def _check_known(raw: Mapping[str, Any], path: Path) -> None:
+    for table, body in raw.items():
+        if not isinstance(body, dict):
+            raise ConfigError(f"{path}: {table!r} must be a table such as [{table}]",
+                              "see the settings listed in README.md")
+        for key in body:
+            if (table, key) not in _SETTINGS:
+                known = ", ".join(f"{t}.{k}" for t, k in _SETTINGS)
+                raise ConfigError(f"{path}: unknown setting {table}.{key}",
+                                  f"known settings: {known}")
+
+
+def _coerce(table: str, key: str, value: Any, origin: str) -> Any:
+    _, kind = _SETTINGS[(table, key)]
+    if kind is float:
+        if isinstance(value, bool):
+            value = "not a number"
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{origin}: {table}.{key} must be a number",
+                              f"for example {table}.{key} = 30") from None
+        if number < 0:
+            raise ConfigError(f"{origin}: {table}.{key} must not be negative", "use 0 or more")
+        return number
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"{origin}: {table}.{key} must be a non-empty string",
+                          f'for example {table}.{key} = "..."')
+    return value
+
+
+def _resolve(data_dir: Path, value: str | None) -> Path | None:
+    if value is None:
+        return None
+    path = Path(value)
+    return path if path.is_absolute() else data_dir / path
+
+
+def load(data_dir: Path, env: Mapping[str, str] | None = None) -> Settings:
+    env = os.environ if env is None else env
+    path = data_dir / CONFIG_NAME
+    try:
+        raw = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{data_dir} is not an escrow data directory (no {CONFIG_NAME})",
+                          f"run `escrow init --data-dir {data_dir}` first, or give the right "
+                          f"--data-dir / {DATA_DIR_ENV}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path} is not valid TOML: {exc}", "fix the file") from None
+    _check_known(raw, path)
+    values: dict[tuple[str, str], Any] = {}
+    for (table, key), (env_name, _) in _SETTINGS.items():
+        if env.get(env_name):
+            values[(table, key)] = _coerce(table, key, env[env_name], env_name)
+        elif key in raw.get(table, {}):
+            values[(table, key)] = _coerce(table, key, raw[table][key], str(path))
+    for required in (("hsm", "module"), ("hsm", "token")):
+        if required not in values:
+            raise ConfigError(f"{path}: {required[0]}.{required[1]} is not set",
+                              "set it in the file or through its environment variable")
+    hsm = HsmSettings(
+        module=values[("hsm", "module")],
+        token=values[("hsm", "token")],
+        key_label=values.get(("hsm", "key_label"), "escrow-wrap"),
+        pin_file=_resolve(data_dir, values.get(("hsm", "pin_file"))),
+        softhsm_conf=_resolve(data_dir, values.get(("hsm", "softhsm_conf"))),
+    )
+    return Settings(data_dir, hsm, values.get(("keys", "retention_days"), DEFAULT_RETENTION_DAYS))
+
+
+def write(data_dir: Path, hsm: HsmSettings, retention_days: float) -> Path:
+    table: dict[str, Any] = {"module": hsm.module, "token": hsm.token, "key_label": hsm.key_label}
+    for name, value in (("pin_file", hsm.pin_file), ("softhsm_conf", hsm.softhsm_conf)):
+        if value is not None:
+            table[name] = str(value.relative_to(data_dir) if value.is_relative_to(data_dir)
+                              else value)
+    path = data_dir / CONFIG_NAME
+    path.write_text(tomli_w.dumps({"hsm": table, "keys": {"retention_days": retention_days}}))
+    return path

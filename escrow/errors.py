@@ -1,0 +1,79 @@
+"""The escrow's exception hierarchy.
+
+Every error carries a message (what happened, in the operator's words) and a hint (what to do
+next). The CLI prints both and exits 1; the server maps families to HTTP statuses. No message
+may contain key material: messages are built from names, ids and counts only.
+"""
+
+from __future__ import annotations
+
+
+class EscrowError(Exception):
+    """Base of every error the escrow reports to an operator."""
+
+    def __init__(self, message: str, hint: str = "") -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def diagnostics(self) -> str:
+        text = f"error: {self.message}"
+        if self.hint:
+            text += f"\nhint: {self.hint}"
+        return text
+
+
+class ConfigError(EscrowError):
+    """The data directory, its config file or a command-line setting is unusable."""
+
+
+class InputError(EscrowError):
+    """Something the operator supplied (a key, a file, a name) is malformed."""
+
+
+class HsmError(EscrowError):
+    """The PKCS#11 token could not do what was asked."""
+
+
+class HsmModuleMissing(HsmError):
+    pass
+
+
+class TokenNotFound(HsmError):
+    pass
+
+
+class WrongPin(HsmError):
+    pass
+
+
+class WrappingKeyMissing(HsmError):
+    pass
+
+
+class ShareAuthFailed(HsmError):
+    """A wrapped share failed AES-GCM authentication: altered, or moved to another row."""
+
+
+class PolicyError(EscrowError):
+    """A cluster's threshold and slots cannot work as given."""
+
+
+class StoreError(EscrowError):
+    """The database is missing, from a newer version, or refused a change."""
+
+
+class NotFound(StoreError):
+    pass
+
+
+class Conflict(StoreError):
+    pass
+
+
+class AuditChainBroken(EscrowError):
+    pass
+
+
+class RecoveryError(EscrowError):
+    """Paper shares could not be combined into an unlock key."""

@@ -1,0 +1,255 @@
+"""The PKCS#11 token: the only module that talks to ``python-pkcs11``.
+
+The wrapping key is AES-256, created inside the token, sensitive and never extractable. A share
+is sealed with AES-GCM made by the token, with associated data binding it to its row (see
+:func:`escrow.encoding.share_aad`). Sealed bytes are ``0x01 || 12-byte IV || ciphertext+tag``.
+
+SoftHSM is initialised by python-pkcs11 without locking callbacks, so one :class:`Token` must be
+used from one thread at a time; the server gives it a thread of its own.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pkcs11
+from pkcs11 import Attribute, KeyType, Mechanism, ObjectClass
+from pkcs11.mechanisms import GCMParams
+
+from escrow.errors import (
+    ConfigError,
+    HsmError,
+    HsmModuleMissing,
+    ShareAuthFailed,
+    TokenNotFound,
+    WrappingKeyMissing,
+    WrongPin,
+)
+
+SEALED_FORMAT = 0x01
+IV_BYTES = 12
+TAG_BITS = 128
+PIN_CREDENTIAL = "hsm-pin"
+PIN_ENV = "ESCROW_HSM_PIN"
+
+_T = TypeVar("_T")
+
+
+@dataclass(frozen=True)
+class HsmSettings:
+    module: str
+    token: str
+    key_label: str = "escrow-wrap"
+    pin_file: Path | None = None
+    softhsm_conf: Path | None = None
+
+
+@dataclass(frozen=True)
+class Pin:
+    value: str
+    source: str  # where it came from, for error messages; never the PIN itself
+
+    def __repr__(self) -> str:
+        return f"Pin(<redacted>, source={self.source!r})"
+
+
+def _read_pin_file(path: Path, source: str) -> Pin:
+    try:
+        mode = path.stat().st_mode
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"the HSM PIN file {path} does not exist",
+                          "create it (mode 0600) or point --hsm-pin-file at the right file"
+                          ) from None
+    except PermissionError:
+        raise ConfigError(f"the HSM PIN file {path} is not readable by this user",
+                          "run as the escrow's user, or fix the file's owner") from None
+    if mode & (stat.S_IROTH | stat.S_IWOTH):
+        raise ConfigError(f"the HSM PIN file {path} is readable or writable by every user",
+                          f"run `chmod 600 {path}`")
+    pin = text.rstrip("\r\n")
+    if not pin:
+        raise ConfigError(f"the HSM PIN file {path} is empty", "write the token's user PIN in it")
+    return Pin(pin, source)
+
+
+def resolve_pin(
+    explicit_file: Path | None, configured_file: Path | None, env: Mapping[str, str]
+) -> Pin:
+    """Find the PIN: an explicit file, then a systemd credential, then the environment, then
+    the file named in the config. Never from a command line."""
+    if explicit_file is not None:
+        return _read_pin_file(explicit_file, f"file {explicit_file}")
+    creds = env.get("CREDENTIALS_DIRECTORY")
+    if creds and (Path(creds) / PIN_CREDENTIAL).exists():
+        path = Path(creds) / PIN_CREDENTIAL
+        return _read_pin_file(path, f"systemd credential {PIN_CREDENTIAL}")
+    if env.get(PIN_ENV):
+        return Pin(env[PIN_ENV], f"environment variable {PIN_ENV}")
+    if configured_file is not None:
+        return _read_pin_file(configured_file, f"file {configured_file}")
+    raise ConfigError(
+        "no HSM PIN was found",
+        f"give --hsm-pin-file, set {PIN_ENV}, pass a systemd credential named "
+        f"{PIN_CREDENTIAL} (LoadCredential=), or set [hsm] pin_file in escrow.toml",
+    )
+
+
+def load_module(settings: HsmSettings) -> Any:
+    if settings.softhsm_conf is not None:
+        # SoftHSM reads its config once, when the module is initialised.
+        os.environ["SOFTHSM2_CONF"] = str(settings.softhsm_conf)
+    try:
+        return pkcs11.lib(settings.module)
+    except pkcs11.PKCS11Error:
+        raise HsmModuleMissing(
+            f"the PKCS#11 module {settings.module} could not be loaded",
+            "install it (SoftHSM2: `apt-get install softhsm2`) or set [hsm] module / "
+            "--hsm-module to your HSM vendor's library",
+        ) from None
+
+
+class Token:
+    """One logged-in session on the escrow's token."""
+
+    def __init__(self, settings: HsmSettings, pin: Pin) -> None:
+        self.settings = settings
+        lib = load_module(settings)
+        try:
+            token = lib.get_token(token_label=settings.token)
+        except pkcs11.NoSuchToken:
+            raise TokenNotFound(
+                f"no token labelled {settings.token!r} in {settings.module}",
+                "check [hsm] token in escrow.toml; list tokens with `softhsm2-util --show-slots` "
+                "or your HSM vendor's tool",
+            ) from None
+        except pkcs11.MultipleTokensReturned:
+            raise TokenNotFound(
+                f"more than one token is labelled {settings.token!r}",
+                "give each token a unique label",
+            ) from None
+        try:
+            self._session = token.open(user_pin=pin.value, rw=True)
+        except pkcs11.PinIncorrect:
+            raise WrongPin(f"the token {settings.token!r} refused the PIN from {pin.source}",
+                           "check the PIN; repeated failures lock the token") from None
+        except pkcs11.PinLocked:
+            raise WrongPin(f"the token {settings.token!r} is locked after too many wrong PINs",
+                           "the token's security officer must reset the user PIN") from None
+        except pkcs11.PKCS11Error as exc:
+            raise HsmError(f"could not open a session on token {settings.token!r}: "
+                           f"{type(exc).__name__}", "check the token and its module") from None
+        self._key: Any = None
+        self.last_latency = 0.0
+
+    def close(self) -> None:
+        self._session.close()
+
+    def __enter__(self) -> Token:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _find_key(self) -> Any:
+        try:
+            return self._session.get_key(label=self.settings.key_label, key_type=KeyType.AES,
+                                         object_class=ObjectClass.SECRET_KEY)
+        except pkcs11.NoSuchKey:
+            return None
+        except pkcs11.MultipleObjectsReturned:
+            raise WrappingKeyMissing(
+                f"the token holds several keys labelled {self.settings.key_label!r}",
+                "remove the duplicates with your HSM's tool; keep the one the shares were made "
+                "with",
+            ) from None
+
+    def create_wrapping_key(self) -> bool:
+        """Create the wrapping key unless it exists. Returns True when it was created."""
+        if self._find_key() is not None:
+            return False
+        self._session.generate_key(
+            KeyType.AES, 256, label=self.settings.key_label, store=True,
+            template={
+                Attribute.TOKEN: True,
+                Attribute.PRIVATE: True,
+                Attribute.SENSITIVE: True,
+                Attribute.EXTRACTABLE: False,
+                Attribute.MODIFIABLE: False,
+                Attribute.ENCRYPT: True,
+                Attribute.DECRYPT: True,
+                Attribute.WRAP: False,
+                Attribute.UNWRAP: False,
+                Attribute.DERIVE: False,
+                Attribute.SIGN: False,
+                Attribute.VERIFY: False,
+            },
+        )
+        return True
+
+    def _wrapping_key(self) -> Any:
+        if self._key is None:
+            key = self._find_key()
+            if key is None:
+                raise WrappingKeyMissing(
+                    f"the token {self.settings.token!r} has no wrapping key labelled "
+                    f"{self.settings.key_label!r}",
+                    "if this is a new token run `escrow init`; if the key was lost, shares "
+                    "wrapped with it are lost too: see docs/runbooks for recovery from paper",
+                )
+            if not key[Attribute.SENSITIVE] or key[Attribute.EXTRACTABLE]:
+                raise WrappingKeyMissing(
+                    f"the key {self.settings.key_label!r} is extractable or not sensitive",
+                    "the escrow only uses a wrapping key that can never leave the token",
+                )
+            self._key = key
+        return self._key
+
+    def check(self) -> None:
+        """Raise unless the wrapping key is present and usable."""
+        self._wrapping_key()
+
+    def _timed(self, call: Callable[[], _T]) -> _T:
+        started = time.perf_counter()
+        try:
+            return call()
+        finally:
+            self.last_latency = time.perf_counter() - started
+
+    def seal(self, plaintext: bytes, aad: bytes) -> bytes:
+        key = self._wrapping_key()
+        iv = self._session.generate_random(IV_BYTES * 8)
+        params = GCMParams(iv, aad, TAG_BITS)
+        try:
+            ct = self._timed(lambda: key.encrypt(plaintext, mechanism=Mechanism.AES_GCM,
+                                                 mechanism_param=params))
+        except pkcs11.PKCS11Error as exc:
+            raise HsmError(f"the token failed to encrypt: {type(exc).__name__}",
+                           "check the token's health") from None
+        return bytes([SEALED_FORMAT]) + bytes(iv) + bytes(ct)
+
+    def open(self, sealed: bytes, aad: bytes) -> bytes:
+        if len(sealed) < 1 + IV_BYTES + TAG_BITS // 8 or sealed[0] != SEALED_FORMAT:
+            raise ShareAuthFailed("a wrapped share is truncated or of an unknown format",
+                                  "the database row was altered; restore it from a backup")
+        key = self._wrapping_key()
+        params = GCMParams(sealed[1:1 + IV_BYTES], aad, TAG_BITS)
+        body = sealed[1 + IV_BYTES:]
+        try:
+            return bytes(self._timed(lambda: key.decrypt(body, mechanism=Mechanism.AES_GCM,
+                                                         mechanism_param=params)))
+        except pkcs11.PKCS11Error:
+            # SoftHSM reports a bad GCM tag as a bare GeneralError; other tokens use
+            # EncryptedDataInvalid. Either way the row is not what was sealed for this place.
+            raise ShareAuthFailed(
+                "a wrapped share failed authentication: it was altered, copied from another "
+                "row, or sealed with a different wrapping key",
+                "restore the database from a backup, or rotate the unlock key to make fresh "
+                "shares",
+            ) from None

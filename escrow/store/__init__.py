@@ -1,0 +1,87 @@
+"""Persistence behind one narrow interface.
+
+Every mutation appends its audit record in the same transaction, so the log and the data can
+never disagree. SQLite (``escrow.store.sqlite``) is the backend today; a PostgreSQL backend for
+several escrow replicas implements the same :class:`Store` protocol.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from escrow.audit import AuditEvent, AuditRecord
+from escrow.policy import Policy
+
+
+@dataclass(frozen=True)
+class CustodianRecord:
+    name: str
+    public_key_pem: str
+    created_at: str
+
+
+@dataclass(frozen=True)
+class ClusterRecord:
+    cluster_id: str
+    root_ca_pem: str
+    policy: Policy
+    created_at: str
+
+
+@dataclass(frozen=True)
+class KeyVersionRecord:
+    cluster_id: str
+    version: int
+    fingerprint: str
+    policy: Policy  # the policy the key was split under; later policy changes do not alter it
+    created_at: str
+
+
+@dataclass(frozen=True)
+class ShareRecord:
+    """One wrapped share. ``sealed`` is AES-GCM ciphertext from the token, never plaintext."""
+
+    cluster_id: str
+    version: int
+    slot: int
+    holder: str
+    sealed: bytes
+
+
+MakeShares = Callable[[int], Sequence[ShareRecord]]
+
+
+class Store(Protocol):
+    def close(self) -> None: ...
+
+    def add_custodian(self, record: CustodianRecord, event: AuditEvent) -> None: ...
+    def remove_custodian(self, name: str, event: AuditEvent) -> None: ...
+    def get_custodian(self, name: str) -> CustodianRecord: ...
+    def list_custodians(self) -> list[CustodianRecord]: ...
+
+    def add_cluster(self, record: ClusterRecord, event: AuditEvent) -> None: ...
+    def set_policy(self, cluster_id: str, policy: Policy, event: AuditEvent) -> None: ...
+    def get_cluster(self, cluster_id: str) -> ClusterRecord: ...
+    def list_clusters(self) -> list[ClusterRecord]: ...
+
+    def add_key_version(
+        self, cluster_id: str, fingerprint: str, policy: Policy, make_shares: MakeShares,
+        event: AuditEvent,
+    ) -> tuple[KeyVersionRecord, bool]:
+        """Add a version holding the shares ``make_shares(version)`` returns, all or nothing.
+        If ``fingerprint`` is already stored, return that version and False, adding nothing."""
+        ...
+
+    def list_key_versions(self, cluster_id: str) -> list[KeyVersionRecord]:
+        """Newest first."""
+        ...
+
+    def get_shares(self, cluster_id: str, version: int) -> list[ShareRecord]: ...
+    def delete_key_versions(
+        self, cluster_id: str, versions: Sequence[int], event: AuditEvent
+    ) -> None: ...
+
+    def append_audit(self, event: AuditEvent) -> AuditRecord: ...
+    def audit_records(self) -> list[AuditRecord]: ...

@@ -1,0 +1,193 @@
+"""The vault: deposits, key history and pruning, over a Store and a token (DESIGN sections 4-5).
+
+The vault splits a key and wraps each share; it never combines shares. Time and the token come
+in as parameters, so the rules here are tested with a fixed clock.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Protocol
+
+from escrow import custodian_keys, identity, shares
+from escrow.audit import AuditEvent
+from escrow.encoding import share_aad
+from escrow.errors import InputError, PolicyError
+from escrow.policy import Policy, make_policy, validate_custodian_name
+from escrow.store import (
+    ClusterRecord,
+    CustodianRecord,
+    KeyVersionRecord,
+    ShareRecord,
+    Store,
+)
+from escrow.unlockkey import UnlockKey
+
+FINGERPRINT_PREFIX = 16
+
+
+class Sealer(Protocol):
+    """What the vault needs of the HSM (escrow.hsm.Token implements it)."""
+
+    def seal(self, plaintext: bytes, aad: bytes) -> bytes: ...
+    def open(self, sealed: bytes, aad: bytes) -> bytes: ...
+
+
+def timestamp(moment: datetime) -> str:
+    return moment.astimezone(UTC).isoformat(timespec="milliseconds")
+
+
+def parse_timestamp(text: str) -> datetime:
+    return datetime.fromisoformat(text)
+
+
+@dataclass(frozen=True)
+class DepositResult:
+    version: int
+    created: bool
+    fingerprint: str
+
+
+@dataclass(frozen=True)
+class VersionInfo:
+    record: KeyVersionRecord
+    superseded_at: datetime | None  # when a newer version arrived; None for the newest
+    destroy_after: datetime | None
+
+    @property
+    def fingerprint_prefix(self) -> str:
+        return self.record.fingerprint[:FINGERPRINT_PREFIX]
+
+
+def version_history(
+    versions: Sequence[KeyVersionRecord], retention: timedelta
+) -> list[VersionInfo]:
+    """Annotate versions (newest first) with when each was superseded and may be destroyed."""
+    history: list[VersionInfo] = []
+    newer: KeyVersionRecord | None = None
+    for record in versions:
+        superseded = parse_timestamp(newer.created_at) if newer else None
+        history.append(VersionInfo(record, superseded,
+                                   superseded + retention if superseded else None))
+        newer = record
+    return history
+
+
+def prunable(history: Sequence[VersionInfo], now: datetime) -> list[int]:
+    """Versions whose retention has run out. The newest version never qualifies."""
+    return [info.record.version for info in history
+            if info.destroy_after is not None and info.destroy_after <= now]
+
+
+class Vault:
+    def __init__(self, store: Store, sealer: Sealer, clock: Callable[[], datetime],
+                 actor: str) -> None:
+        self.store = store
+        self.sealer = sealer
+        self.clock = clock
+        self.actor = actor
+
+    def _event(self, event: str, cluster_id: str = "", **details: object) -> AuditEvent:
+        return AuditEvent(event, self.actor, cluster_id, details)
+
+    # -- custodians -------------------------------------------------------------------------
+
+    def add_custodian(self, name: str, public_key_pem: bytes) -> CustodianRecord:
+        validate_custodian_name(name)
+        custodian_keys.load_public(public_key_pem)
+        record = CustodianRecord(name, public_key_pem.decode("ascii"), timestamp(self.clock()))
+        self.store.add_custodian(record, self._event("custodian.add", name=name))
+        return record
+
+    def remove_custodian(self, name: str) -> None:
+        self.store.remove_custodian(name, self._event("custodian.remove", name=name))
+
+    # -- clusters ---------------------------------------------------------------------------
+
+    def _policy(self, threshold: int, slots: Sequence[str], allow_no_paper: bool) -> Policy:
+        known = [c.name for c in self.store.list_custodians()]
+        policy = make_policy(threshold, slots, known)
+        if not policy.paper_recoverable and not allow_no_paper:
+            raise PolicyError(
+                f"with this policy custodians hold {len(policy.custodians)} share(s) but "
+                f"{policy.threshold} are needed: if the escrow or its HSM is lost, the key "
+                "cannot be rebuilt from paper",
+                "add custodian slots (e.g. auto,auto,alice,bob,carol with threshold 2), or pass "
+                "--allow-no-paper-recovery if you accept that risk",
+            )
+        return policy
+
+    def add_cluster(self, cluster_id: str, root_ca_pem: bytes, threshold: int,
+                    slots: Sequence[str], *, allow_no_paper: bool = False) -> ClusterRecord:
+        identity.validate_cluster_id(cluster_id)
+        identity.parse_root_ca(root_ca_pem)
+        policy = self._policy(threshold, slots, allow_no_paper)
+        record = ClusterRecord(cluster_id, root_ca_pem.decode("ascii"), policy,
+                               timestamp(self.clock()))
+        self.store.add_cluster(record, self._event(
+            "cluster.add", cluster_id, threshold=threshold, slots=list(policy.slots),
+            paper_recoverable=policy.paper_recoverable))
+        return record
+
+    def set_policy(self, cluster_id: str, threshold: int, slots: Sequence[str], *,
+                   allow_no_paper: bool = False) -> Policy:
+        self.store.get_cluster(cluster_id)
+        policy = self._policy(threshold, slots, allow_no_paper)
+        self.store.set_policy(cluster_id, policy, self._event(
+            "cluster.set_policy", cluster_id, threshold=threshold, slots=list(policy.slots),
+            paper_recoverable=policy.paper_recoverable))
+        return policy
+
+    # -- deposits ---------------------------------------------------------------------------
+
+    def reject_deposit(self, cluster_id: str, error: InputError) -> None:
+        """Record a refused deposit. The reason names the form only, never the input."""
+        self.store.append_audit(self._event("key.deposit_rejected", cluster_id,
+                                            reason=error.message))
+
+    def deposit(self, cluster_id: str, key: UnlockKey) -> DepositResult:
+        cluster = self.store.get_cluster(cluster_id)
+        policy = cluster.policy
+        fingerprint = key.fingerprint(cluster_id)
+
+        def make_shares(version: int) -> list[ShareRecord]:
+            mnemonics = shares.split(key, policy.threshold, len(policy.slots))
+            return [
+                ShareRecord(cluster_id, version, slot, holder,
+                            self.sealer.seal(mnemonic.encode("ascii"),
+                                             share_aad(cluster_id, version, slot)))
+                for slot, (holder, mnemonic) in enumerate(zip(policy.slots, mnemonics,
+                                                              strict=True))
+            ]
+
+        record, created = self.store.add_key_version(
+            cluster_id, fingerprint, policy, make_shares,
+            self._event("key.deposit", cluster_id, fingerprint=fingerprint[:FINGERPRINT_PREFIX],
+                        threshold=policy.threshold, slots=list(policy.slots)),
+        )
+        if not created:
+            self.store.append_audit(self._event(
+                "key.deposit_existing", cluster_id, version=record.version,
+                fingerprint=fingerprint[:FINGERPRINT_PREFIX]))
+        return DepositResult(record.version, created, fingerprint)
+
+    def open_share(self, share: ShareRecord) -> str:
+        """Unwrap one share's mnemonic. Callers release it encrypted, never in the clear."""
+        return self.sealer.open(share.sealed,
+                                share_aad(share.cluster_id, share.version, share.slot)
+                                ).decode("ascii")
+
+    # -- history ----------------------------------------------------------------------------
+
+    def history(self, cluster_id: str, retention: timedelta) -> list[VersionInfo]:
+        return version_history(self.store.list_key_versions(cluster_id), retention)
+
+    def prune(self, cluster_id: str, retention: timedelta, *, dry_run: bool = False) -> list[int]:
+        doomed = prunable(self.history(cluster_id, retention), self.clock())
+        if doomed and not dry_run:
+            self.store.delete_key_versions(cluster_id, doomed, self._event(
+                "key.prune", cluster_id, versions=doomed,
+                retention_days=retention.total_seconds() / 86400))
+        return doomed
