@@ -8,7 +8,14 @@ from typing import Any
 import click
 
 from escrow import identity
-from escrow.cli.context import data_dir_option, json_option, open_vault, print_json, read_file, table
+from escrow.cli.context import (
+    data_dir_option,
+    json_option,
+    open_vault,
+    print_json,
+    read_file,
+    table,
+)
 from escrow.policy import parse_slots
 from escrow.store import ClusterRecord
 

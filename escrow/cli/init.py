@@ -14,7 +14,7 @@ from escrow.cli.context import actor, data_dir_option, open_store
 from escrow.errors import ConfigError
 from escrow.hsm import HsmSettings, Token, resolve_pin
 
-EMBEDDED_TOKEN = "escrow"
+EMBEDDED_TOKEN = "escrow"  # noqa: S105 - a token label, not a password
 EMBEDDED_PIN_FILE = "hsm-pin"
 
 

@@ -69,10 +69,11 @@ def list_(data_dir: Path, as_json: bool, cluster_id: str) -> None:
         return
     table(f"Key versions of {cluster_id} (newest first)",
           ["version", "created", "fingerprint", "policy", "status"],
-          [[r["version"], r["created_at"], r["fingerprint"],
-            f"{r['threshold']} of {','.join(r['slots'])}",
-            "current" if r["superseded_at"] is None
-            else f"superseded, destroyable after {r['destroy_after']}"] for r in rows])
+          [[info.record.version, info.record.created_at, info.fingerprint_prefix,
+            info.record.policy.describe(),
+            "current" if info.destroy_after is None
+            else f"superseded, destroyable after {info.destroy_after.isoformat()}"]
+           for info in history])
 
 
 @key.command()

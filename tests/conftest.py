@@ -1,0 +1,126 @@
+"""Shared fixtures: a real SoftHSM token, real SQLite stores, swarm-like certificates.
+
+python-pkcs11 loads the SoftHSM module once per process and SoftHSM reads its token directory
+only then, so every in-process test uses one session token (each test gets a wrapping key of its
+own). Tests of commands run the real `escrow` in subprocesses, which see tokens made later.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from escrow import config
+from escrow.hsm import HsmSettings, Pin, Token
+from escrow.softhsm import create_token, default_module
+from escrow.store.sqlite import SqliteStore
+from escrow.vault import Vault, timestamp
+from tests.helpers.certs import make_root_ca
+
+SESSION_TOKEN = "tests"
+SESSION_PIN = "test-pin-5521"
+REPO = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class SoftHsm:
+    directory: Path
+    conf: Path
+    module: str
+    pin_file: Path
+
+    def settings(self, key_label: str) -> HsmSettings:
+        return HsmSettings(self.module, SESSION_TOKEN, key_label, self.pin_file, self.conf)
+
+
+@pytest.fixture(scope="session")
+def softhsm() -> Iterator[SoftHsm]:
+    directory = Path(tempfile.mkdtemp(prefix="escrow-test-hsm-"))
+    try:
+        conf = create_token(directory, SESSION_TOKEN, SESSION_PIN)
+        pin_file = directory / "pin"
+        pin_file.write_text(SESSION_PIN + "\n")
+        pin_file.chmod(0o600)
+        os.environ["SOFTHSM2_CONF"] = str(conf)
+        yield SoftHsm(directory, conf, default_module(), pin_file)
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+@pytest.fixture
+def hsm_settings(softhsm: SoftHsm) -> HsmSettings:
+    return softhsm.settings(f"wrap-{uuid.uuid4().hex[:12]}")
+
+
+@pytest.fixture
+def token(hsm_settings: HsmSettings) -> Iterator[Token]:
+    with Token(hsm_settings, Pin(SESSION_PIN, "test")) as opened:
+        opened.create_wrapping_key()
+        yield opened
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = datetime(2026, 11, 1, 12, 0, tzinfo=UTC)
+
+    def __call__(self) -> datetime:
+        return self.now
+
+    def advance(self, **delta: float) -> None:
+        self.now += timedelta(**delta)
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def store(tmp_path: Path, clock: Clock) -> Iterator[SqliteStore]:
+    opened = SqliteStore.open(tmp_path / "escrow.db", lambda: timestamp(clock()), create=True)
+    yield opened
+    opened.close()
+
+
+@pytest.fixture
+def vault(store: SqliteStore, token: Token, clock: Clock) -> Vault:
+    return Vault(store, token, clock, "test")
+
+
+@pytest.fixture(scope="session")
+def root_ca_pem() -> bytes:
+    return make_root_ca().pem
+
+
+def run_escrow(*args: str, data_dir: Path | None = None, stdin: str = "",
+               env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """Run the real `escrow` command as an operator would, without the tests' SOFTHSM2_CONF."""
+    full_env = {k: v for k, v in os.environ.items()
+                if k not in ("SOFTHSM2_CONF", "ESCROW_DATA_DIR", "ESCROW_HSM_PIN")}
+    if data_dir is not None:
+        full_env["ESCROW_DATA_DIR"] = str(data_dir)
+    full_env.update(env or {})
+    return subprocess.run([sys.executable, "-m", "escrow", *args], input=stdin,
+                          capture_output=True, text=True, env=full_env, timeout=120,
+                          check=False, cwd=REPO)
+
+
+@pytest.fixture
+def data_dir(tmp_path: Path, hsm_settings: HsmSettings, token: Token) -> Path:
+    """A data directory whose config points at the session token (and this test's key), for
+    running the real `escrow` command in subprocesses while the test inspects in-process."""
+    directory = tmp_path / "data"
+    directory.mkdir(mode=0o700)
+    config.write(directory, hsm_settings, config.DEFAULT_RETENTION_DAYS)
+    SqliteStore.open(directory / config.DB_NAME, lambda: "init", create=True).close()
+    return directory

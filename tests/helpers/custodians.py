@@ -1,0 +1,9 @@
+from __future__ import annotations
+
+from escrow import custodian_keys
+
+PASSPHRASE = b"correct horse battery staple"
+
+
+def public_key_pem() -> bytes:
+    return custodian_keys.generate(PASSPHRASE)[1]

@@ -1,0 +1,116 @@
+"""The PKCS#11 layer against a real SoftHSM token."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pkcs11
+import pytest
+from pkcs11 import Attribute
+
+from escrow.encoding import share_aad
+from escrow.errors import (
+    ConfigError,
+    HsmModuleMissing,
+    ShareAuthFailed,
+    TokenNotFound,
+    WrappingKeyMissing,
+    WrongPin,
+)
+from escrow.hsm import HsmSettings, Pin, Token, resolve_pin
+from tests.conftest import SESSION_PIN, SoftHsm
+
+CLUSTER = "c" * 25
+
+
+def test_sealed_share_opens_only_with_its_own_associated_data(token: Token) -> None:
+    sealed = token.seal(b"share words", share_aad(CLUSTER, 1, 0))
+    assert b"share words" not in sealed
+    assert token.open(sealed, share_aad(CLUSTER, 1, 0)) == b"share words"
+    for other in (share_aad(CLUSTER, 1, 1), share_aad(CLUSTER, 2, 0), share_aad("d" * 25, 1, 0)):
+        with pytest.raises(ShareAuthFailed, match="copied from another row"):
+            token.open(sealed, other)
+
+
+def test_each_seal_uses_a_fresh_iv(token: Token) -> None:
+    aad = share_aad(CLUSTER, 1, 0)
+    assert token.seal(b"x", aad) != token.seal(b"x", aad)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "format"])
+def test_damaged_ciphertext_fails_authentication(token: Token, damage: str) -> None:
+    aad = share_aad(CLUSTER, 1, 0)
+    sealed = bytearray(token.seal(b"share words", aad))
+    if damage == "truncate":
+        sealed = sealed[:20]
+    elif damage == "flip":
+        sealed[-1] ^= 1
+    else:
+        sealed[0] = 9
+    with pytest.raises(ShareAuthFailed):
+        token.open(bytes(sealed), aad)
+
+
+def test_wrapping_key_is_sensitive_non_extractable_and_created_once(token: Token) -> None:
+    assert token.create_wrapping_key() is False
+    key = token._wrapping_key()
+    assert key[Attribute.SENSITIVE] is True
+    assert key[Attribute.EXTRACTABLE] is False
+    assert key[Attribute.NEVER_EXTRACTABLE] is True
+    with pytest.raises(pkcs11.AttributeSensitive):
+        key[Attribute.VALUE]
+
+
+def test_missing_wrapping_key_is_reported(hsm_settings: HsmSettings) -> None:
+    with Token(hsm_settings, Pin(SESSION_PIN, "test")) as fresh, \
+            pytest.raises(WrappingKeyMissing, match="has no wrapping key labelled"):
+        fresh.seal(b"x", b"aad")
+
+
+def test_wrong_pin_is_reported_with_its_source(hsm_settings: HsmSettings) -> None:
+    with pytest.raises(WrongPin, match="refused the PIN from file /etc/x"):
+        Token(hsm_settings, Pin("0000-wrong", "file /etc/x"))
+
+
+def test_missing_token_is_reported(softhsm: SoftHsm) -> None:
+    settings = HsmSettings(softhsm.module, "no-such-token", "wrap")
+    with pytest.raises(TokenNotFound, match="no token labelled 'no-such-token'"):
+        Token(settings, Pin(SESSION_PIN, "test"))
+
+
+def test_missing_module_is_reported_with_an_install_hint(tmp_path: Path) -> None:
+    settings = HsmSettings(str(tmp_path / "libnothing.so"), "t", "wrap")
+    with pytest.raises(HsmModuleMissing) as caught:
+        Token(settings, Pin(SESSION_PIN, "test"))
+    assert "apt-get install softhsm2" in caught.value.hint
+
+
+def write_pin(path: Path, pin: str, mode: int = 0o600) -> Path:
+    path.write_text(pin + "\n")
+    path.chmod(mode)
+    return path
+
+
+def test_pin_sources_in_order_file_then_credential_then_environment(tmp_path: Path) -> None:
+    explicit = write_pin(tmp_path / "explicit", "from-file")
+    configured = write_pin(tmp_path / "configured", "from-config")
+    creds = tmp_path / "creds"
+    creds.mkdir()
+    write_pin(creds / "hsm-pin", "from-credential")
+    env = {"CREDENTIALS_DIRECTORY": str(creds), "ESCROW_HSM_PIN": "from-env"}
+    assert resolve_pin(explicit, configured, env).value == "from-file"
+    assert resolve_pin(None, configured, env).value == "from-credential"
+    assert resolve_pin(None, configured, {"ESCROW_HSM_PIN": "from-env"}).value == "from-env"
+    assert resolve_pin(None, configured, {}).value == "from-config"
+    assert "from" not in repr(resolve_pin(None, configured, {}))
+
+
+def test_pin_problems_are_clear(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="no HSM PIN was found"):
+        resolve_pin(None, None, {})
+    with pytest.raises(ConfigError, match="does not exist"):
+        resolve_pin(tmp_path / "absent", None, {})
+    with pytest.raises(ConfigError, match="readable or writable by every user"):
+        resolve_pin(write_pin(tmp_path / "open", "1234", 0o644), None, {})
+    with pytest.raises(ConfigError, match="is empty"):
+        resolve_pin(write_pin(tmp_path / "empty", ""), None, {})
