@@ -43,8 +43,11 @@ def _embedded_hsm(data_dir: Path, key_label: str) -> HsmSettings:
               default=config.DEFAULT_RETENTION_DAYS, show_default=True,
               help="Days a superseded key version is kept before `escrow key prune` may "
                    "destroy it.")
+@click.option("--exist-ok", is_flag=True,
+              help="Succeed without changing anything if DIR is already initialised.")
 def init(data_dir: Path, hsm_module: str | None, hsm_token: str | None,
-         hsm_pin_file: Path | None, hsm_key_label: str, retention_days: float) -> None:
+         hsm_pin_file: Path | None, hsm_key_label: str, retention_days: float,
+         exist_ok: bool) -> None:
     """Create the data directory, database and HSM wrapping key.
 
     Without --hsm-module a SoftHSM token is created inside the data directory, with its PIN
@@ -53,6 +56,9 @@ def init(data_dir: Path, hsm_module: str | None, hsm_token: str | None,
     """
     data_dir = data_dir.absolute()
     if (data_dir / config.CONFIG_NAME).exists():
+        if exist_ok:
+            click.echo(f"{data_dir} is already initialised; nothing changed")
+            return
         raise ConfigError(f"{data_dir} is already initialised",
                           "use it as it is, or choose another --data-dir")
     if hsm_module is None and (hsm_token or hsm_pin_file):
