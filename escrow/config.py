@@ -17,6 +17,14 @@ Settings (TOML table.key = environment variable):
                                                 credential named hsm-pin)
     hsm.softhsm_conf   ESCROW_HSM_SOFTHSM_CONF  SOFTHSM2_CONF to use (embedded default)
     keys.retention_days ESCROW_KEYS_RETENTION_DAYS  days a superseded key version is kept
+    server.listen      ESCROW_SERVER_LISTEN     HOST:PORT for `escrow serve` (127.0.0.1:8443)
+    server.tls_cert    ESCROW_SERVER_TLS_CERT   server certificate chain (PEM; tls/server.pem)
+    server.tls_key     ESCROW_SERVER_TLS_KEY    its private key (PEM; tls/server.key)
+    server.webhook_url ESCROW_SERVER_WEBHOOK_URL  called when a request needs approvals
+    server.max_body_bytes ESCROW_SERVER_MAX_BODY_BYTES  larger request bodies get 413 (65536)
+    requests.ttl_seconds ESCROW_REQUESTS_TTL_SECONDS  unseal requests expire after (900)
+    requests.rate_limit ESCROW_REQUESTS_RATE_LIMIT  unseal requests per node per window (10)
+    requests.rate_window_seconds ESCROW_REQUESTS_RATE_WINDOW_SECONDS  that window (600)
 """
 
 from __future__ import annotations
@@ -46,7 +54,27 @@ _SETTINGS: dict[tuple[str, str], tuple[str, type]] = {
     ("hsm", "pin_file"): ("ESCROW_HSM_PIN_FILE", str),
     ("hsm", "softhsm_conf"): ("ESCROW_HSM_SOFTHSM_CONF", str),
     ("keys", "retention_days"): ("ESCROW_KEYS_RETENTION_DAYS", float),
+    ("server", "listen"): ("ESCROW_SERVER_LISTEN", str),
+    ("server", "tls_cert"): ("ESCROW_SERVER_TLS_CERT", str),
+    ("server", "tls_key"): ("ESCROW_SERVER_TLS_KEY", str),
+    ("server", "webhook_url"): ("ESCROW_SERVER_WEBHOOK_URL", str),
+    ("server", "max_body_bytes"): ("ESCROW_SERVER_MAX_BODY_BYTES", float),
+    ("requests", "ttl_seconds"): ("ESCROW_REQUESTS_TTL_SECONDS", float),
+    ("requests", "rate_limit"): ("ESCROW_REQUESTS_RATE_LIMIT", float),
+    ("requests", "rate_window_seconds"): ("ESCROW_REQUESTS_RATE_WINDOW_SECONDS", float),
 }
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    listen: str = "127.0.0.1:8443"
+    tls_cert: Path = Path("tls/server.pem")
+    tls_key: Path = Path("tls/server.key")
+    webhook_url: str = ""
+    max_body_bytes: int = 65536
+    request_ttl_seconds: float = 900.0
+    rate_limit: int = 10
+    rate_window_seconds: float = 600.0
 
 
 @dataclass(frozen=True)
@@ -54,6 +82,7 @@ class Settings:
     data_dir: Path
     hsm: HsmSettings
     retention_days: float
+    server: ServerSettings = ServerSettings()
 
     @property
     def db_path(self) -> Path:
@@ -127,7 +156,21 @@ def load(data_dir: Path, env: Mapping[str, str] | None = None) -> Settings:
         pin_file=_resolve(data_dir, values.get(("hsm", "pin_file"))),
         softhsm_conf=_resolve(data_dir, values.get(("hsm", "softhsm_conf"))),
     )
-    return Settings(data_dir, hsm, values.get(("keys", "retention_days"), DEFAULT_RETENTION_DAYS))
+    defaults = ServerSettings()
+    server = ServerSettings(
+        listen=values.get(("server", "listen"), defaults.listen),
+        tls_cert=data_dir / values.get(("server", "tls_cert"), defaults.tls_cert),
+        tls_key=data_dir / values.get(("server", "tls_key"), defaults.tls_key),
+        webhook_url=values.get(("server", "webhook_url"), ""),
+        max_body_bytes=int(values.get(("server", "max_body_bytes"), defaults.max_body_bytes)),
+        request_ttl_seconds=values.get(("requests", "ttl_seconds"),
+                                       defaults.request_ttl_seconds),
+        rate_limit=int(values.get(("requests", "rate_limit"), defaults.rate_limit)),
+        rate_window_seconds=values.get(("requests", "rate_window_seconds"),
+                                       defaults.rate_window_seconds),
+    )
+    return Settings(data_dir, hsm, values.get(("keys", "retention_days"), DEFAULT_RETENTION_DAYS),
+                    server)
 
 
 def write(data_dir: Path, hsm: HsmSettings, retention_days: float) -> Path:

@@ -77,3 +77,21 @@ class AuditChainBroken(EscrowError):
 
 class RecoveryError(EscrowError):
     """Paper shares could not be combined into an unlock key."""
+
+
+class IdentityError(EscrowError):
+    """A node or custodian failed an identity check. ``reason`` is a stable machine code."""
+
+    def __init__(self, reason: str, message: str, hint: str = "", status: int = 403) -> None:
+        super().__init__(message, hint)
+        self.reason = reason
+        self.status = status
+
+
+class RequestError(EscrowError):
+    """An API request is malformed, too large, too frequent or about an unknown thing."""
+
+    def __init__(self, reason: str, message: str, hint: str = "", status: int = 400) -> None:
+        super().__init__(message, hint)
+        self.reason = reason
+        self.status = status

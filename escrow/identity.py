@@ -6,11 +6,13 @@ Checks take bytes and return parsed values or raise; they never read files or so
 from __future__ import annotations
 
 import re
+from datetime import datetime
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.x509.oid import NameOID
 
-from escrow.errors import InputError
+from escrow.errors import IdentityError, InputError
 
 # Swarm makes node and cluster ids with identity.NewID(): 25 characters of lower-case base 36.
 _SWARM_ID = re.compile(r"^[a-z0-9]{25}$")
@@ -49,3 +51,47 @@ def parse_root_ca(pem: bytes) -> x509.Certificate:
 def subject_cn(cert: x509.Certificate) -> str:
     values = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
     return str(values[0].value) if values else ""
+
+
+MANAGER_OU = "swarm-manager"
+
+
+def _name_value(name: x509.Name, oid: x509.ObjectIdentifier) -> str:
+    values = name.get_attributes_for_oid(oid)
+    return str(values[0].value) if len(values) == 1 else ""
+
+
+def check_node_cert(cert_pem: bytes, root_ca_pem: bytes, cluster_id: str, node_id: str,
+                    now: datetime) -> x509.Certificate:
+    """Check a swarm node certificate as DESIGN section 4 requires, or raise IdentityError."""
+    try:
+        cert = x509.load_pem_x509_certificate(cert_pem)
+    except ValueError:
+        raise IdentityError("bad_certificate", "the node certificate is not a PEM certificate",
+                            "send swarm-node.crt as it is on disk", 400) from None
+    root = parse_root_ca(root_ca_pem)
+    try:
+        cert.verify_directly_issued_by(root)
+    except (ValueError, TypeError, InvalidSignature):
+        raise IdentityError("wrong_root_ca", "the node certificate does not chain to the root CA "
+                            f"pinned for cluster {cluster_id}",
+                            "a node of another swarm, or the swarm's CA was rotated: re-register "
+                            "the cluster's root CA") from None
+    if _name_value(cert.subject, NameOID.ORGANIZATIONAL_UNIT_NAME) != MANAGER_OU:
+        raise IdentityError("not_a_manager", "the certificate is not a manager's (OU is not "
+                            "swarm-manager)", "only managers are locked; workers need no key")
+    if _name_value(cert.subject, NameOID.ORGANIZATION_NAME) != cluster_id:
+        raise IdentityError("wrong_cluster", f"the certificate is for another cluster, not "
+                            f"{cluster_id}", "check the agent's cluster id")
+    if _name_value(cert.subject, NameOID.COMMON_NAME) != node_id:
+        raise IdentityError("wrong_node", f"the certificate is for another node, not {node_id}",
+                            "each agent presents its own node's certificate")
+    if now < cert.not_valid_before_utc:
+        raise IdentityError("cert_not_yet_valid", "the node certificate is not valid yet",
+                            "check the clocks of the node and the escrow")
+    if now > cert.not_valid_after_utc:
+        raise IdentityError("cert_expired",
+                            f"the node certificate expired at {cert.not_valid_after_utc}",
+                            "a manager renews its certificate while unlocked; unlock this one "
+                            "by hand (escrow recover) and it will renew")
+    return cert

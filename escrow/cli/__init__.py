@@ -9,7 +9,17 @@ from typing import Any
 
 import click
 
-from escrow.cli import audit, cluster, custodian, init, keys, recover
+from escrow.cli import (
+    approvals,
+    audit,
+    cluster,
+    custodian,
+    init,
+    keys,
+    node,
+    recover,
+    serve,
+)
 from escrow.errors import EscrowError
 
 
@@ -28,7 +38,8 @@ def cli() -> None:
 
 
 for command in (init.init, custodian.custodian, cluster.cluster, keys.deposit, keys.key,
-                audit.audit, recover.recover):
+                audit.audit, recover.recover, serve.serve, node.node, approvals.requests,
+                approvals.approve, approvals.deny, approvals.share):
     cli.add_command(command)
 
 

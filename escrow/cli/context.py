@@ -110,7 +110,8 @@ def read_file(path: Path, what: str) -> bytes:
                          "check the path and its permissions") from None
 
 
-_console = Console(soft_wrap=True)
+# Piped output is read by scripts and grep: do not fold it to a guessed 80 columns.
+_console = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 200)
 
 
 def table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:

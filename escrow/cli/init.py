@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from escrow import config, softhsm
+from escrow import config, softhsm, tls
 from escrow.audit import AuditEvent
 from escrow.cli.context import actor, data_dir_option, open_store
 from escrow.errors import ConfigError
@@ -57,7 +57,10 @@ def init(data_dir: Path, hsm_module: str | None, hsm_token: str | None,
     data_dir = data_dir.absolute()
     if (data_dir / config.CONFIG_NAME).exists():
         if exist_ok:
-            click.echo(f"{data_dir} is already initialised; nothing changed")
+            if not (data_dir / "tls" / "ca.pem").exists():
+                tls.make_quickstart_tls(data_dir / "tls", tls.default_names())
+                click.echo(f"made quickstart TLS certificates in {data_dir / 'tls'}")
+            click.echo(f"{data_dir} is already initialised")
             return
         raise ConfigError(f"{data_dir} is already initialised",
                           "use it as it is, or choose another --data-dir")
@@ -85,7 +88,10 @@ def init(data_dir: Path, hsm_module: str | None, hsm_token: str | None,
             "wrapping_key": "created" if created else "existing"}))
     finally:
         store.close()
+    ca = tls.make_quickstart_tls(data_dir / "tls", tls.default_names())
     click.echo(f"initialised {data_dir}")
+    click.echo(f"  TLS: self-signed CA {ca} (give it to agents and custodians), server "
+               f"certificate for {', '.join(tls.default_names())}")
     click.echo(f"  token {hsm.token!r} in {hsm.module}, wrapping key {hsm.key_label!r} "
                f"({'created' if created else 'already present'})")
     if hsm_module is None:

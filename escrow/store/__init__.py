@@ -50,6 +50,43 @@ class ShareRecord:
     sealed: bytes
 
 
+@dataclass(frozen=True)
+class NodeRecord:
+    cluster_id: str
+    node_id: str
+    agent_public_key_pem: str
+    hostname: str
+    enrolled_at: str
+    status: str  # "active" or "revoked"
+
+
+@dataclass(frozen=True)
+class RequestRecord:
+    request_id: str
+    cluster_id: str
+    node_id: str
+    hostname: str
+    boot_id: str
+    source: str
+    cert_pem: str
+    ephemeral_key: bytes
+    kek_version: str
+    created_at: str
+    expires_at: str
+    state: str  # pending, denied, superseded, completed, revoked (expiry is derived from time)
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class ApprovalRecord:
+    request_id: str
+    custodian: str
+    decision: str  # "approve" or "deny"
+    signature: str
+    reason: str
+    created_at: str
+
+
 MakeShares = Callable[[int], Sequence[ShareRecord]]
 
 
@@ -82,6 +119,34 @@ class Store(Protocol):
     def delete_key_versions(
         self, cluster_id: str, versions: Sequence[int], event: AuditEvent
     ) -> None: ...
+
+    def get_meta(self, name: str) -> bytes | None: ...
+    def put_meta(self, name: str, value: bytes, event: AuditEvent) -> None: ...
+
+    def enroll_node(self, record: NodeRecord, event: AuditEvent) -> None:
+        """Insert or replace the node's agent key; a revoked node stays revoked."""
+        ...
+
+    def get_node(self, cluster_id: str, node_id: str) -> NodeRecord | None: ...
+    def list_nodes(self) -> list[NodeRecord]: ...
+    def set_node_status(self, cluster_id: str, node_id: str, status: str,
+                        event: AuditEvent) -> None: ...
+
+    def create_request(self, record: RequestRecord, event: AuditEvent) -> list[str]:
+        """Insert a request, superseding the node's other pending ones (returned)."""
+        ...
+
+    def count_requests_since(self, cluster_id: str, node_id: str, since: str) -> int: ...
+    def get_request(self, request_id: str) -> RequestRecord | None: ...
+    def list_requests(self, state: str) -> list[RequestRecord]: ...
+    def set_request_state(self, request_id: str, state: str, reason: str,
+                          event: AuditEvent) -> None: ...
+    def add_approval(self, record: ApprovalRecord, event: AuditEvent) -> None: ...
+    def list_approvals(self, request_id: str) -> list[ApprovalRecord]: ...
+    def record_releases(self, request_id: str, released: Sequence[tuple[int, int, str]],
+                        event: AuditEvent) -> None:
+        """Note shares released to a request; audits only the ones not released before."""
+        ...
 
     def append_audit(self, event: AuditEvent) -> AuditRecord: ...
     def audit_records(self) -> list[AuditRecord]: ...

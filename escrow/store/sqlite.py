@@ -14,16 +14,20 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 from escrow import audit
 from escrow.audit import AuditEvent, AuditRecord
 from escrow.errors import Conflict, NotFound, StoreError
 from escrow.policy import Policy
 from escrow.store import (
+    ApprovalRecord,
     ClusterRecord,
     CustodianRecord,
     KeyVersionRecord,
     MakeShares,
+    NodeRecord,
+    RequestRecord,
     ShareRecord,
 )
 
@@ -53,6 +57,25 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         " BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END",
         "CREATE TRIGGER audit_no_delete BEFORE DELETE ON audit"
         " BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END",
+    ),
+    (
+        "CREATE TABLE meta (name TEXT PRIMARY KEY, value BLOB NOT NULL)",
+        "CREATE TABLE nodes (cluster_id TEXT NOT NULL REFERENCES clusters(cluster_id),"
+        " node_id TEXT NOT NULL, agent_public_key_pem TEXT NOT NULL, hostname TEXT NOT NULL,"
+        " enrolled_at TEXT NOT NULL, status TEXT NOT NULL, PRIMARY KEY (cluster_id, node_id))",
+        "CREATE TABLE requests (request_id TEXT PRIMARY KEY, cluster_id TEXT NOT NULL,"
+        " node_id TEXT NOT NULL, hostname TEXT NOT NULL, boot_id TEXT NOT NULL,"
+        " source TEXT NOT NULL, cert_pem TEXT NOT NULL, ephemeral_key BLOB NOT NULL,"
+        " kek_version TEXT NOT NULL, created_at TEXT NOT NULL, expires_at TEXT NOT NULL,"
+        " state TEXT NOT NULL, reason TEXT NOT NULL)",
+        "CREATE INDEX requests_by_node ON requests (cluster_id, node_id, created_at)",
+        "CREATE INDEX requests_by_state ON requests (state)",
+        "CREATE TABLE approvals (request_id TEXT NOT NULL REFERENCES requests(request_id),"
+        " custodian TEXT NOT NULL, decision TEXT NOT NULL, signature TEXT NOT NULL,"
+        " reason TEXT NOT NULL, created_at TEXT NOT NULL, PRIMARY KEY (request_id, custodian))",
+        "CREATE TABLE releases (request_id TEXT NOT NULL REFERENCES requests(request_id),"
+        " version INTEGER NOT NULL, slot INTEGER NOT NULL, holder TEXT NOT NULL,"
+        " released_at TEXT NOT NULL, PRIMARY KEY (request_id, version, slot))",
     ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -286,6 +309,125 @@ class SqliteStore:
                            (cluster_id, version))
             self._append(db, event)
 
+    # -- meta, nodes, requests --------------------------------------------------------------
+
+    def get_meta(self, name: str) -> bytes | None:
+        row = self._db.execute("SELECT value FROM meta WHERE name = ?", (name,)).fetchone()
+        return bytes(row[0]) if row else None
+
+    def put_meta(self, name: str, value: bytes, event: AuditEvent) -> None:
+        with self._write() as db:
+            db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (name, value))
+            self._append(db, event)
+
+    def enroll_node(self, record: NodeRecord, event: AuditEvent) -> None:
+        with self._write() as db:
+            db.execute(
+                "INSERT INTO nodes VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (cluster_id, node_id)"
+                " DO UPDATE SET agent_public_key_pem = excluded.agent_public_key_pem,"
+                " hostname = excluded.hostname, enrolled_at = excluded.enrolled_at",
+                (record.cluster_id, record.node_id, record.agent_public_key_pem,
+                 record.hostname, record.enrolled_at, record.status))
+            self._append(db, event)
+
+    def get_node(self, cluster_id: str, node_id: str) -> NodeRecord | None:
+        row = self._db.execute("SELECT * FROM nodes WHERE cluster_id = ? AND node_id = ?",
+                               (cluster_id, node_id)).fetchone()
+        return NodeRecord(*row) if row else None
+
+    def list_nodes(self) -> list[NodeRecord]:
+        rows = self._db.execute("SELECT * FROM nodes ORDER BY cluster_id, hostname, node_id")
+        return [NodeRecord(*row) for row in rows]
+
+    def set_node_status(self, cluster_id: str, node_id: str, status: str,
+                        event: AuditEvent) -> None:
+        with self._write() as db:
+            cursor = db.execute("UPDATE nodes SET status = ? WHERE cluster_id = ? AND node_id = ?",
+                                (status, cluster_id, node_id))
+            if cursor.rowcount == 0:
+                raise NotFound(f"node {node_id} of cluster {cluster_id} is not enrolled",
+                               "see `escrow node list`")
+            if status == "revoked":
+                db.execute("UPDATE requests SET state = 'revoked', reason = 'node revoked'"
+                           " WHERE cluster_id = ? AND node_id = ? AND state = 'pending'",
+                           (cluster_id, node_id))
+            self._append(db, event)
+
+    def create_request(self, record: RequestRecord, event: AuditEvent) -> list[str]:
+        with self._write() as db:
+            superseded = [row[0] for row in db.execute(
+                "SELECT request_id FROM requests WHERE cluster_id = ? AND node_id = ?"
+                " AND state = 'pending'", (record.cluster_id, record.node_id))]
+            db.execute("UPDATE requests SET state = 'superseded', reason = ? WHERE"
+                       " cluster_id = ? AND node_id = ? AND state = 'pending'",
+                       (f"superseded by {record.request_id}", record.cluster_id, record.node_id))
+            db.execute("INSERT INTO requests VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                       (record.request_id, record.cluster_id, record.node_id, record.hostname,
+                        record.boot_id, record.source, record.cert_pem, record.ephemeral_key,
+                        record.kek_version, record.created_at, record.expires_at, record.state,
+                        record.reason))
+            self._append(db, replace(event, details={**event.details,
+                                                     "superseded": superseded}))
+            return superseded
+
+    def count_requests_since(self, cluster_id: str, node_id: str, since: str) -> int:
+        row = self._db.execute("SELECT COUNT(*) FROM requests WHERE cluster_id = ? AND"
+                               " node_id = ? AND created_at >= ?",
+                               (cluster_id, node_id, since)).fetchone()
+        return int(row[0])
+
+    def get_request(self, request_id: str) -> RequestRecord | None:
+        row = self._db.execute("SELECT * FROM requests WHERE request_id = ?",
+                               (request_id,)).fetchone()
+        return _request(row) if row else None
+
+    def list_requests(self, state: str) -> list[RequestRecord]:
+        rows = self._db.execute("SELECT * FROM requests WHERE state = ? ORDER BY created_at",
+                                (state,))
+        return [_request(row) for row in rows]
+
+    def set_request_state(self, request_id: str, state: str, reason: str,
+                          event: AuditEvent) -> None:
+        with self._write() as db:
+            db.execute("UPDATE requests SET state = ?, reason = ? WHERE request_id = ?",
+                       (state, reason, request_id))
+            self._append(db, event)
+
+    def add_approval(self, record: ApprovalRecord, event: AuditEvent) -> None:
+        with self._write() as db:
+            if db.execute("SELECT 1 FROM approvals WHERE request_id = ? AND custodian = ?",
+                          (record.request_id, record.custodian)).fetchone():
+                raise Conflict(f"{record.custodian} has already decided on {record.request_id}",
+                               "each custodian decides once per request")
+            db.execute("INSERT INTO approvals VALUES (?, ?, ?, ?, ?, ?)",
+                       (record.request_id, record.custodian, record.decision, record.signature,
+                        record.reason, record.created_at))
+            if record.decision == "deny":
+                db.execute("UPDATE requests SET state = 'denied', reason = ? WHERE"
+                           " request_id = ?", (f"denied by {record.custodian}: {record.reason}",
+                                               record.request_id))
+            self._append(db, event)
+
+    def list_approvals(self, request_id: str) -> list[ApprovalRecord]:
+        rows = self._db.execute("SELECT * FROM approvals WHERE request_id = ? ORDER BY"
+                                " created_at", (request_id,))
+        return [ApprovalRecord(*row) for row in rows]
+
+    def record_releases(self, request_id: str, released: Sequence[tuple[int, int, str]],
+                        event: AuditEvent) -> None:
+        with self._write() as db:
+            fresh = [(version, slot, holder) for version, slot, holder in released
+                     if not db.execute("SELECT 1 FROM releases WHERE request_id = ? AND"
+                                       " version = ? AND slot = ?",
+                                       (request_id, version, slot)).fetchone()]
+            if not fresh:
+                return
+            db.executemany("INSERT INTO releases VALUES (?, ?, ?, ?, ?)",
+                           [(request_id, v, s, h, self._now()) for v, s, h in fresh])
+            self._append(db, replace(event, details={
+                **event.details, "shares": [{"version": v, "slot": s, "holder": h}
+                                            for v, s, h in fresh]}))
+
     # -- audit ------------------------------------------------------------------------------
 
     def append_audit(self, event: AuditEvent) -> AuditRecord:
@@ -296,6 +438,13 @@ class SqliteStore:
         rows = self._db.execute("SELECT seq, ts, event, actor, cluster_id, details, prev_hash, "
                                 "hash FROM audit ORDER BY seq")
         return [AuditRecord(*row) for row in rows]
+
+
+def _request(row: tuple[Any, ...]) -> RequestRecord:
+    (request_id, cluster_id, node_id, hostname, boot_id, source, cert_pem, ephemeral_key,
+     kek_version, created_at, expires_at, state, reason) = row
+    return RequestRecord(request_id, cluster_id, node_id, hostname, boot_id, source, cert_pem,
+                         bytes(ephemeral_key), kek_version, created_at, expires_at, state, reason)
 
 
 def _no_cluster(cluster_id: str) -> NotFound:

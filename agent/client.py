@@ -1,0 +1,157 @@
+"""The agent's client of the escrow API: TLS pinned to the escrow's CA, every message signed.
+
+Signatures are made over escrow.protocol's canonical payloads; the unseal request carries a
+fresh X25519 key to which the escrow encrypts every released share.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import TracebackType
+from typing import Any, TypeVar
+
+import aiohttp
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.x509 import load_pem_x509_certificate
+from pydantic import BaseModel, ValidationError
+
+from agent.errors import EscrowRejected, EscrowUnavailable
+from escrow import protocol
+from escrow.protocol import (
+    HPKE,
+    DepositResponse,
+    EnrollResponse,
+    InfoResponse,
+    NonceResponse,
+    RequestStatus,
+)
+from escrow.tls import client_context
+from escrow.unlockkey import UnlockKey
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def _cert_der(cert_pem: str) -> bytes:
+    return load_pem_x509_certificate(cert_pem.encode("ascii")).public_bytes(
+        serialization.Encoding.DER)
+
+
+class EscrowClient:
+    def __init__(self, url: str, ca: Path, *, timeout: float = 30.0, connections: int = 4,
+                 ) -> None:
+        self.url = url.rstrip("/")
+        self._ssl = client_context(ca)
+        self._timeout = aiohttp.ClientTimeout(total=timeout)
+        self._connections = connections
+        self._session: aiohttp.ClientSession | None = None
+
+    async def __aenter__(self) -> EscrowClient:
+        self._session = aiohttp.ClientSession(
+            timeout=self._timeout,
+            connector=aiohttp.TCPConnector(ssl=self._ssl, limit=self._connections))
+        return self
+
+    async def __aexit__(self, kind: type[BaseException] | None, value: BaseException | None,
+                        trace: TracebackType | None) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+    async def _call(self, method: str, path: str, model: type[M], body: BaseModel | None = None,
+                    timeout: float | None = None) -> M:
+        if self._session is None:
+            raise RuntimeError("use `async with EscrowClient(...)`")
+        data = body.model_dump_json() if body is not None else None
+        extra: dict[str, Any] = {}
+        if timeout is not None:
+            extra["timeout"] = aiohttp.ClientTimeout(total=timeout)
+        try:
+            async with self._session.request(
+                    method, self.url + path, data=data,
+                    headers={"Content-Type": "application/json"}, **extra) as response:
+                text = await response.text()
+                status = response.status
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            raise EscrowUnavailable(f"the escrow at {self.url} is unreachable: "
+                                    f"{type(exc).__name__}: {exc}",
+                                    "check the escrow service and the network") from None
+        if status >= 500:
+            raise EscrowUnavailable(f"the escrow answered {status}: {text[:200]}",
+                                    "it retries by itself once the escrow recovers")
+        if status >= 400:
+            try:
+                error = json.loads(text)
+                raise EscrowRejected(status, str(error.get("error", "")),
+                                     str(error.get("message", "")), str(error.get("hint", "")))
+            except (ValueError, AttributeError):
+                raise EscrowRejected(status, "unknown", text[:200]) from None
+        try:
+            return model.model_validate_json(text)
+        except ValidationError:
+            raise EscrowUnavailable("the escrow's answer does not match the protocol",
+                                    "check that agent and escrow versions match") from None
+
+    async def info(self) -> InfoResponse:
+        return await self._call("GET", "/v1/info", InfoResponse)
+
+    async def nonce(self) -> bytes:
+        return protocol.b64d((await self._call("POST", "/v1/nonce", NonceResponse)).nonce)
+
+    async def enroll(self, cluster_id: str, node_id: str, node_cert_pem: str,
+                     swarm_key: ec.EllipticCurvePrivateKey, agent_key: ec.EllipticCurvePrivateKey,
+                     hostname: str) -> EnrollResponse:
+        nonce = await self.nonce()
+        payload = protocol.enroll_payload(cluster_id, node_id, _cert_der(node_cert_pem),
+                                          protocol.public_der(agent_key.public_key()), hostname,
+                                          nonce)
+        body = protocol.EnrollRequest(
+            cluster_id=cluster_id, node_id=node_id, node_cert=node_cert_pem,
+            agent_public_key=protocol.public_pem(agent_key.public_key()), hostname=hostname,
+            nonce=protocol.b64e(nonce), swarm_signature=protocol.sign(swarm_key, payload),
+            agent_signature=protocol.sign(agent_key, payload))
+        return await self._call("POST", "/v1/enroll", EnrollResponse, body)
+
+    async def deposit(self, cluster_id: str, node_id: str, agent_key: ec.EllipticCurvePrivateKey,
+                      key: UnlockKey) -> DepositResponse:
+        info = await self.info()
+        nonce = await self.nonce()
+        server_key = X25519PublicKey.from_public_bytes(protocol.b64d(info.deposit_public_key))
+        sealed = HPKE.encrypt(key.swmkey().encode("ascii"), server_key,
+                              info=protocol.deposit_info(cluster_id, node_id, nonce))
+        body = protocol.DepositRequest(
+            cluster_id=cluster_id, node_id=node_id, nonce=protocol.b64e(nonce),
+            sealed_key=protocol.b64e(sealed),
+            signature=protocol.sign(agent_key, protocol.deposit_payload(cluster_id, node_id,
+                                                                        nonce, sealed)))
+        return await self._call("POST", "/v1/deposit", DepositResponse, body)
+
+    async def unseal(self, cluster_id: str, node_id: str, node_cert_pem: str,
+                     agent_key: ec.EllipticCurvePrivateKey, hostname: str, boot_id: str,
+                     kek_version: str = "") -> tuple[RequestStatus, X25519PrivateKey]:
+        """Send an unseal request; the returned private key opens the released shares."""
+        ephemeral = X25519PrivateKey.generate()
+        raw = ephemeral.public_key().public_bytes_raw()
+        nonce = await self.nonce()
+        payload = protocol.unseal_payload(cluster_id, node_id, _cert_der(node_cert_pem), raw,
+                                          hostname, boot_id, kek_version, nonce)
+        body = protocol.UnsealRequest(
+            cluster_id=cluster_id, node_id=node_id, node_cert=node_cert_pem,
+            ephemeral_public_key=protocol.b64e(raw), hostname=hostname, boot_id=boot_id,
+            kek_version=kek_version, nonce=protocol.b64e(nonce),
+            signature=protocol.sign(agent_key, payload))
+        return await self._call("POST", "/v1/unseal", RequestStatus, body), ephemeral
+
+    async def poll(self, request_id: str, wait: float = 0.0) -> RequestStatus:
+        return await self._call("GET", f"/v1/unseal/{request_id}?wait={wait:g}", RequestStatus,
+                                timeout=wait + 30)
+
+    async def report(self, request_id: str, node_id: str, agent_key: ec.EllipticCurvePrivateKey,
+                     outcome: str, version: int) -> None:
+        body = protocol.ResultReport(
+            node_id=node_id, outcome=outcome,  # type: ignore[arg-type]
+            version=version, signature=protocol.sign(agent_key, protocol.result_payload(
+                request_id, node_id, outcome, version)))
+        await self._call("POST", f"/v1/unseal/{request_id}/result", protocol.ResultResponse,
+                         body)

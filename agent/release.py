@@ -1,0 +1,47 @@
+"""Opening released shares and combining them into candidate keys (pure).
+
+The combined key exists only in the list this returns; callers try each candidate, newest
+version first, and drop them all as soon as the manager is unlocked.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+from agent.errors import SharesUnusable
+from escrow import protocol, shares
+from escrow.errors import RecoveryError
+from escrow.protocol import HPKE, RequestStatus
+from escrow.unlockkey import UnlockKey
+
+
+def candidate_keys(status: RequestStatus,
+                   ephemeral: X25519PrivateKey) -> list[tuple[int, UnlockKey]]:
+    """(version, key) for every version with enough shares, newest version first."""
+    by_version: dict[int, list[str]] = defaultdict(list)
+    fingerprints: dict[int, str] = {}
+    for release in status.releases:
+        info = protocol.share_info(status.request_id, status.cluster_id, release.version,
+                                   release.slot)
+        try:
+            plain = HPKE.decrypt(protocol.b64d(release.sealed_share), ephemeral, info=info)
+        except (InvalidTag, ValueError):
+            raise SharesUnusable(f"a share of version {release.version} (slot {release.slot}) "
+                                 "did not decrypt with this request's key",
+                                 "the answer was altered or belongs to another request") from None
+        by_version[release.version].append(plain.decode("ascii"))
+        fingerprints[release.version] = release.fingerprint
+    candidates = []
+    for version in sorted(by_version, reverse=True):
+        try:
+            key = shares.combine(by_version[version])
+        except RecoveryError:
+            continue  # not enough shares of this version yet
+        if key.fingerprint(status.cluster_id) != fingerprints[version]:
+            raise SharesUnusable(f"the shares of version {version} combine to a key whose "
+                                 "fingerprint does not match", "report this to the escrow admin")
+        candidates.append((version, key))
+    return candidates

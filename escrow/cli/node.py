@@ -1,0 +1,62 @@
+"""``escrow node ...``: enrolled managers, and revoking or re-admitting them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from escrow.audit import AuditEvent
+from escrow.cli.context import data_dir_option, json_option, open_vault, print_json, table
+
+_cluster = click.option("--cluster", "cluster_id", required=True, help="Swarm cluster id.")
+
+
+@click.group()
+def node() -> None:
+    """Enrolled manager nodes."""
+
+
+@node.command(name="list")
+@data_dir_option
+@json_option
+def list_(data_dir: Path, as_json: bool) -> None:
+    """List enrolled nodes."""
+    with open_vault(data_dir) as (_, vault):
+        nodes = vault.store.list_nodes()
+    rows = [{"cluster_id": n.cluster_id, "node_id": n.node_id, "hostname": n.hostname,
+             "status": n.status, "enrolled_at": n.enrolled_at} for n in nodes]
+    if as_json:
+        print_json(rows)
+    else:
+        table("Nodes", ["cluster", "node", "hostname", "status", "enrolled"],
+              [list(r.values()) for r in rows])
+
+
+def _set(data_dir: Path, cluster_id: str, node_id: str, status: str, reason: str) -> None:
+    with open_vault(data_dir) as (_, vault):
+        vault.store.set_node_status(cluster_id, node_id, status, AuditEvent(
+            f"node.{'revoke' if status == 'revoked' else 'allow'}", vault.actor, cluster_id,
+            {"node_id": node_id, "reason": reason}))
+
+
+@node.command()
+@data_dir_option
+@_cluster
+@click.argument("node_id")
+@click.option("--reason", default="", help="Why, for the audit log.")
+def revoke(data_dir: Path, cluster_id: str, node_id: str, reason: str) -> None:
+    """Revoke NODE_ID: it gets nothing, and its pending requests end."""
+    _set(data_dir, cluster_id, node_id, "revoked", reason)
+    click.echo(f"node {node_id} revoked; rotate the unlock key if the node may be compromised")
+
+
+@node.command()
+@data_dir_option
+@_cluster
+@click.argument("node_id")
+@click.option("--reason", default="", help="Why, for the audit log.")
+def allow(data_dir: Path, cluster_id: str, node_id: str, reason: str) -> None:
+    """Re-admit a revoked NODE_ID."""
+    _set(data_dir, cluster_id, node_id, "active", reason)
+    click.echo(f"node {node_id} re-admitted")

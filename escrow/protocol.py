@@ -1,0 +1,261 @@
+"""Wire messages of the /v1 API and the ONE canonical encoding every signature covers.
+
+Messages are pydantic models that forbid unknown fields and coerce nothing, so a body is either
+exactly what the schema says or a 400; the same models produce the OpenAPI document. What a
+signature covers is never "the JSON": it is :func:`escrow.encoding.encode` of named fields under
+a domain tag, built only by the ``*_payload`` functions below.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+from typing import Annotated, Literal
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, hpke, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from pydantic import BaseModel, ConfigDict, Field
+
+from escrow.encoding import encode
+
+API_VERSION = "v1"
+MAX_PEM = 16 * 1024
+HPKE_INFO_SHARE = "swarm-unseal/v1/share-release"
+HPKE_INFO_DEPOSIT = "swarm-unseal/v1/deposit"
+# RFC 9180 suite for released shares and deposits; `info` binds each ciphertext to its place.
+HPKE = hpke.Suite(hpke.KEM.X25519, hpke.KDF.HKDF_SHA256, hpke.AEAD.AES_256_GCM)
+
+SwarmId = Annotated[str, Field(pattern=r"^[a-z0-9]{25}$")]
+B64 = Annotated[str, Field(max_length=4096, pattern=r"^[A-Za-z0-9+/]*={0,2}$")]
+Pem = Annotated[str, Field(max_length=MAX_PEM)]
+Short = Annotated[str, Field(min_length=1, max_length=253)]
+RequestId = Annotated[str, Field(pattern=r"^r-[a-z0-9]{20}$")]
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+# -- agent <-> escrow ---------------------------------------------------------------------
+
+class NonceResponse(Message):
+    nonce: B64
+    expires_at: str
+
+
+class InfoResponse(Message):
+    api: str
+    deposit_public_key: B64 = Field(description="X25519 key that deposits are encrypted to")
+    server_time: str
+
+
+class EnrollRequest(Message):
+    cluster_id: SwarmId
+    node_id: SwarmId
+    node_cert: Pem = Field(description="swarm-node.crt (PEM)")
+    agent_public_key: Pem = Field(description="P-256 public key of the agent (PEM)")
+    hostname: Short
+    nonce: B64
+    swarm_signature: B64 = Field(description="ECDSA/SHA-256 by the swarm node key, DER")
+    agent_signature: B64 = Field(description="ECDSA/SHA-256 by the agent key, DER")
+
+
+class EnrollResponse(Message):
+    cluster_id: str
+    node_id: str
+    enrolled_at: str
+    key_fingerprints: list[str] = Field(description="fingerprints of retained versions, newest "
+                                                    "first")
+
+
+class DepositRequest(Message):
+    cluster_id: SwarmId
+    node_id: SwarmId
+    nonce: B64
+    sealed_key: B64 = Field(description="HPKE ciphertext of the unlock key to the deposit key")
+    signature: B64
+
+
+class DepositResponse(Message):
+    version: int
+    created: bool
+    fingerprint: str
+
+
+class UnsealRequest(Message):
+    cluster_id: SwarmId
+    node_id: SwarmId
+    node_cert: Pem
+    ephemeral_public_key: B64 = Field(description="X25519 public key (raw, 32 bytes)")
+    hostname: Short
+    boot_id: Short
+    kek_version: Annotated[str, Field(max_length=32)] = ""
+    nonce: B64
+    signature: B64
+
+
+class ReleasedShare(Message):
+    version: int
+    fingerprint: str
+    slot: int
+    holder: str
+    sealed_share: B64 = Field(description="HPKE ciphertext of the SLIP-39 mnemonic")
+
+
+RequestState = Literal["pending", "ready", "denied", "expired", "superseded", "completed",
+                       "revoked"]
+
+
+class RequestStatus(Message):
+    request_id: str
+    cluster_id: str
+    node_id: str
+    state: RequestState
+    created_at: str
+    expires_at: str
+    threshold: int
+    needed: int = Field(description="shares still missing for the newest version")
+    approvals: list[str]
+    denial_reason: str = ""
+    releases: list[ReleasedShare]
+
+
+class ResultReport(Message):
+    node_id: SwarmId
+    outcome: Literal["unlocked", "invalid_key", "failed"]
+    version: int
+    signature: B64
+
+
+class ResultResponse(Message):
+    recorded: bool
+
+
+# -- custodians ---------------------------------------------------------------------------
+
+class PendingRequest(Message):
+    request_id: str
+    cluster_id: str
+    node_id: str
+    hostname: str
+    boot_id: str
+    source: str
+    created_at: str
+    expires_at: str
+    approvals: list[str]
+    threshold: int
+    needed: int
+    cert_not_after: str
+    cert_sha256: str
+    ephemeral_public_key: str
+    eligible: bool = Field(description="whether the calling custodian holds a slot")
+
+
+class ApproveRequest(Message):
+    signature: B64 = Field(description="custodian's signature over approval_payload(...)")
+
+
+class DenyRequest(Message):
+    reason: Annotated[str, Field(min_length=1, max_length=500)]
+    signature: B64
+
+
+class DecisionResponse(Message):
+    request_id: str
+    state: RequestState
+    approvals: list[str]
+
+
+class ShareExportRequest(Message):
+    cluster_id: SwarmId
+    ephemeral_public_key: B64
+
+
+class ErrorResponse(Message):
+    error: str
+    message: str
+    hint: str = ""
+
+
+# -- what signatures cover ----------------------------------------------------------------
+
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def enroll_payload(cluster_id: str, node_id: str, cert_der: bytes, agent_key_der: bytes,
+                   hostname: str, nonce: bytes) -> bytes:
+    return encode("swarm-unseal/v1/enroll", cluster_id, node_id, cert_der, agent_key_der,
+                  hostname, nonce)
+
+
+def deposit_payload(cluster_id: str, node_id: str, nonce: bytes, sealed_key: bytes) -> bytes:
+    return encode("swarm-unseal/v1/deposit", cluster_id, node_id, nonce, sealed_key)
+
+
+def unseal_payload(cluster_id: str, node_id: str, cert_der: bytes, ephemeral_key: bytes,
+                   hostname: str, boot_id: str, kek_version: str, nonce: bytes) -> bytes:
+    return encode("swarm-unseal/v1/unseal", cluster_id, node_id, cert_der, ephemeral_key,
+                  hostname, boot_id, kek_version, nonce)
+
+
+def result_payload(request_id: str, node_id: str, outcome: str, version: int) -> bytes:
+    return encode("swarm-unseal/v1/result", request_id, node_id, outcome, version)
+
+
+def approval_payload(decision: str, request: PendingRequest, reason: str = "") -> bytes:
+    """What a custodian signs: every fact shown to them about the request."""
+    return encode("swarm-unseal/v1/approval", decision, request.request_id, request.cluster_id,
+                  request.node_id, request.hostname, request.boot_id, request.cert_sha256,
+                  request.ephemeral_public_key, reason)
+
+
+def custodian_http_payload(method: str, path: str, date: str, body: bytes) -> bytes:
+    return encode("swarm-unseal/v1/custodian-http", method.upper(), path, date,
+                  hashlib.sha256(body).digest())
+
+
+def share_info(request_id: str, cluster_id: str, version: int, slot: int) -> bytes:
+    return encode(HPKE_INFO_SHARE, request_id, cluster_id, version, slot)
+
+
+def deposit_info(cluster_id: str, node_id: str, nonce: bytes) -> bytes:
+    return encode(HPKE_INFO_DEPOSIT, cluster_id, node_id, nonce)
+
+
+# -- helpers both sides use ---------------------------------------------------------------
+
+def b64e(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def b64d(text: str) -> bytes:
+    """Decode base64; raises ValueError on anything else."""
+    try:
+        return base64.b64decode(text, validate=True)
+    except binascii.Error as exc:
+        raise ValueError("not base64") from exc
+
+
+def sign(key: ec.EllipticCurvePrivateKey, payload: bytes) -> str:
+    return b64e(key.sign(payload, ec.ECDSA(hashes.SHA256())))
+
+
+def verify(public_key: ec.EllipticCurvePublicKey, signature_b64: str, payload: bytes) -> bool:
+    try:
+        public_key.verify(b64d(signature_b64), payload, ec.ECDSA(hashes.SHA256()))
+    except (InvalidSignature, ValueError):
+        return False
+    return True
+
+
+def public_der(key: ec.EllipticCurvePublicKey) -> bytes:
+    return key.public_bytes(serialization.Encoding.DER,
+                            serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+def public_pem(key: ec.EllipticCurvePublicKey) -> str:
+    return key.public_bytes(serialization.Encoding.PEM,
+                            serialization.PublicFormat.SubjectPublicKeyInfo).decode("ascii")

@@ -1,0 +1,103 @@
+"""The OpenAPI 3.1 document of /v1, generated from the protocol's pydantic models."""
+
+from __future__ import annotations
+
+from functools import cache
+from typing import Any
+
+from pydantic import BaseModel
+from pydantic.json_schema import models_json_schema
+
+from escrow import protocol as p
+
+_CUSTODIAN: list[dict[str, list[str]]] = [{"custodianSignature": []}]
+_ERRORS = {str(code): {"description": text, "content": {"application/json": {
+    "schema": {"$ref": "#/components/schemas/ErrorResponse"}}}}
+    for code, text in ((400, "malformed request"), (401, "authentication failed"),
+                       (403, "refused by identity or policy checks"), (404, "unknown"),
+                       (409, "conflicting state"), (413, "body too large"),
+                       (429, "rate limited"), (503, "HSM or database unavailable"))}
+
+
+def _ref(model: type[BaseModel]) -> dict[str, Any]:
+    return {"$ref": f"#/components/schemas/{model.__name__}"}
+
+
+def _op(summary: str, response: type[BaseModel] | None, body: type[BaseModel] | None = None,
+        *, status: str = "200", custodian: bool = False, array: bool = False,
+        params: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    schema: dict[str, Any] = (
+        {"type": "array", "items": _ref(response)} if array and response
+        else _ref(response) if response else {"type": "object"})
+    operation: dict[str, Any] = {
+        "summary": summary,
+        "responses": {status: {"description": "success",
+                               "content": {"application/json": {"schema": schema}}},
+                      **_ERRORS},
+    }
+    if body is not None:
+        operation["requestBody"] = {"required": True,
+                                    "content": {"application/json": {"schema": _ref(body)}}}
+    if custodian:
+        operation["security"] = _CUSTODIAN
+    if params:
+        operation["parameters"] = params
+    return operation
+
+
+_REQUEST_ID = {"name": "request_id", "in": "path", "required": True,
+               "schema": {"type": "string", "pattern": "^r-[a-z0-9]{20}$"}}
+_WAIT = {"name": "wait", "in": "query", "required": False,
+         "schema": {"type": "number", "minimum": 0, "maximum": 60}}
+
+
+@cache
+def openapi_document() -> dict[str, Any]:
+    models: list[type[BaseModel]] = [
+        p.NonceResponse, p.InfoResponse, p.EnrollRequest, p.EnrollResponse, p.DepositRequest,
+        p.DepositResponse, p.UnsealRequest, p.RequestStatus, p.ReleasedShare, p.ResultReport,
+        p.ResultResponse, p.PendingRequest, p.ApproveRequest, p.DenyRequest,
+        p.DecisionResponse, p.ShareExportRequest, p.ErrorResponse]
+    _, schemas = models_json_schema([(m, "validation") for m in models],
+                                    ref_template="#/components/schemas/{model}")
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "swarm-unseal escrow", "version": p.API_VERSION,
+                 "description": "Unlock-key escrow for Docker Swarm managers. Signatures cover "
+                                "the encodings in escrow/protocol.py, never the JSON."},
+        "paths": {
+            "/healthz": {"get": _op("HSM and database reachable", None)},
+            "/v1/info": {"get": _op("Server facts and the deposit key", p.InfoResponse)},
+            "/v1/nonce": {"post": _op("A fresh single-use nonce", p.NonceResponse)},
+            "/v1/enroll": {"post": _op("Enroll a manager's agent", p.EnrollResponse,
+                                       p.EnrollRequest)},
+            "/v1/deposit": {"post": _op("Deposit an unlock key", p.DepositResponse,
+                                        p.DepositRequest, status="201")},
+            "/v1/unseal": {"post": _op("Request shares for a locked manager", p.RequestStatus,
+                                       p.UnsealRequest, status="201")},
+            "/v1/unseal/{request_id}": {"get": _op(
+                "Long-poll a request", p.RequestStatus, params=[_REQUEST_ID, _WAIT])},
+            "/v1/unseal/{request_id}/result": {"post": _op(
+                "Report the unlock result", p.ResultResponse, p.ResultReport,
+                params=[_REQUEST_ID])},
+            "/v1/requests": {"get": _op("Pending requests", p.PendingRequest, custodian=True,
+                                        array=True)},
+            "/v1/requests/{request_id}/approve": {"post": _op(
+                "Approve a request", p.DecisionResponse, p.ApproveRequest, custodian=True,
+                params=[_REQUEST_ID])},
+            "/v1/requests/{request_id}/deny": {"post": _op(
+                "Deny a request", p.DecisionResponse, p.DenyRequest, custodian=True,
+                params=[_REQUEST_ID])},
+            "/v1/shares/export": {"post": _op("Export one's own share for paper backup",
+                                              p.ReleasedShare, p.ShareExportRequest,
+                                              custodian=True)},
+        },
+        "components": {
+            "schemas": schemas["$defs"],
+            "securitySchemes": {"custodianSignature": {
+                "type": "apiKey", "in": "header", "name": "X-Escrow-Signature",
+                "description": "ECDSA P-256 signature over custodian_http_payload(method, path, "
+                               "X-Escrow-Date, body), with X-Escrow-Key-Id the SHA-256 "
+                               "of the custodian's public key (DER)"}},
+        },
+    }

@@ -1,0 +1,151 @@
+"""A real `escrow serve` on loopback over TLS, set up through the real CLI."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from escrow import custodian_keys
+from tests.conftest import REPO, run_escrow
+from tests.helpers.certs import Issued, make_node_cert, make_root_ca
+
+PASSPHRASE = "correct horse battery staple"
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def swarm_id() -> str:
+    alphabet = "abcdefghijklmnopqrstuvwxyz0123456789"
+    return "".join(secrets.choice(alphabet) for _ in range(25))
+
+
+@dataclass
+class Node:
+    cluster_id: str
+    node_id: str
+    cert: Issued
+    agent_key: ec.EllipticCurvePrivateKey = field(
+        default_factory=lambda: ec.generate_private_key(ec.SECP256R1()))
+    hostname: str = "manager-1"
+
+    @property
+    def cert_pem(self) -> str:
+        return self.cert.pem.decode("ascii")
+
+
+@dataclass
+class Cluster:
+    cluster_id: str
+    ca: Issued
+
+    def node(self, role: str = "swarm-manager", **kwargs: object) -> Node:
+        node_id = swarm_id()
+        return Node(self.cluster_id, node_id,
+                    make_node_cert(self.ca, node_id, self.cluster_id, role, **kwargs))  # type: ignore[arg-type]
+
+
+@dataclass
+class EscrowProcess:
+    base: Path
+    port: int
+    env: dict[str, str]
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def data_dir(self) -> Path:
+        return self.base / "data"
+
+    @property
+    def url(self) -> str:
+        return f"https://localhost:{self.port}"
+
+    @property
+    def ca(self) -> Path:
+        return self.data_dir / "tls" / "ca.pem"
+
+    def cli(self, *args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
+        return run_escrow(*args, data_dir=self.data_dir, stdin=stdin)
+
+    def custodian(self, name: str) -> Path:
+        """Make and register a custodian; return their private key path."""
+        private, public = custodian_keys.generate(PASSPHRASE.encode())
+        key = self.base / name
+        key.write_bytes(private)
+        key.chmod(0o600)
+        (self.base / f"{name}.pub").write_bytes(public)
+        result = self.cli("custodian", "add", name, "--public-key", str(self.base / f"{name}.pub"))
+        assert result.returncode == 0, result.stderr
+        return key
+
+    def as_custodian(self, name: str, *args: str) -> subprocess.CompletedProcess[str]:
+        return run_escrow(*args, "--url", self.url, "--ca", str(self.ca), "--key",
+                          str(self.base / name), "--passphrase-file", str(self.base / "pass"))
+
+    def cluster(self, threshold: int, slots: str, *extra: str) -> Cluster:
+        cluster = Cluster(swarm_id(), make_root_ca())
+        path = self.base / f"{cluster.cluster_id}.pem"
+        path.write_bytes(cluster.ca.pem)
+        result = self.cli("cluster", "add", cluster.cluster_id, "--root-ca", str(path),
+                          "--threshold", str(threshold), "--slots", slots, *extra)
+        assert result.returncode == 0, result.stderr
+        return cluster
+
+    def start(self) -> None:
+        env = {k: v for k, v in os.environ.items() if k != "SOFTHSM2_CONF"}
+        env.update(self.env)
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "escrow", "serve", "--data-dir", str(self.data_dir),
+             "--listen", f"127.0.0.1:{self.port}"], cwd=REPO, env=env,
+            stdout=subprocess.DEVNULL, stderr=(self.base / "serve.log").open("ab"))
+        context = ssl.create_default_context(cafile=str(self.ca))
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError("escrow serve exited:\n" + self.log())
+            try:
+                with urllib.request.urlopen(self.url + "/healthz", context=context,  # noqa: S310
+                                            timeout=2) as answer:
+                    if answer.status == 200:
+                        return
+            except OSError:
+                time.sleep(0.1)
+        raise RuntimeError("escrow serve did not become healthy:\n" + self.log())
+
+    def stop(self) -> int:
+        if self.process is None:
+            return 0
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            code = self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            code = self.process.wait()
+        self.process = None
+        return code
+
+    def log(self) -> str:
+        path = self.base / "serve.log"
+        return path.read_text() if path.exists() else ""
+
+
+def make_escrow(base: Path, **env: str) -> EscrowProcess:
+    escrow = EscrowProcess(base, free_port(), env)
+    result = run_escrow("init", "--data-dir", str(escrow.data_dir))
+    assert result.returncode == 0, result.stderr
+    (base / "pass").write_text(PASSPHRASE + "\n")
+    return escrow
