@@ -56,9 +56,10 @@ class Dockerd:
                 raise RuntimeError("dockerd exited:\n" + self.log())
             try:
                 self.api(timeout=5).ping()
-                return
-            except Exception:  # noqa: BLE001 - not up yet, whatever the error
+            except Exception:  # not up yet, whatever the error  # noqa: S112
                 time.sleep(0.1)
+                continue
+            return
         raise RuntimeError("dockerd did not answer:\n" + self.log())
 
     def state(self) -> str:
