@@ -56,7 +56,7 @@ class Dockerd:
                 raise RuntimeError("dockerd exited:\n" + self.log())
             try:
                 self.api(timeout=5).ping()
-            except Exception:  # not up yet, whatever the error  # noqa: S112
+            except Exception:  # not up yet, whatever the error
                 time.sleep(0.1)
                 continue
             return
