@@ -18,6 +18,7 @@ import pytest
 from agent.client import EscrowClient
 from agent.errors import EscrowRejected
 from agent.release import candidate_keys
+from escrow import protocol
 from escrow.unlockkey import UnlockKey
 from tests.helpers.server import Cluster, EscrowProcess, Node, make_escrow
 
@@ -419,3 +420,71 @@ def test_sigterm_answers_long_polls_and_exits_cleanly(tmp_path: Path) -> None:
         run(scenario())
     finally:
         server.stop()
+
+
+@pytest.mark.parametrize("case", ["wrong_root_ca", "bad_swarm_signature", "bad_agent_signature",
+                                  "garbage_nonce", "revoked", "unknown_cluster"])
+def test_enrollment_rejections_are_specific_and_audited(escrow: EscrowProcess,
+                                                        case: str) -> None:
+    from cryptography.hazmat.primitives.asymmetric import ec  # noqa: PLC0415
+
+    cluster = escrow.cluster(1, "alice")
+    node = cluster.node()
+    cluster_id, cert_pem, swarm_key, agent_key = (node.cluster_id, node.cert_pem, node.cert.key,
+                                                  node.agent_key)
+    expected = {"wrong_root_ca": (403, "wrong_root_ca"),
+                "bad_swarm_signature": (401, "bad_signature"),
+                "bad_agent_signature": (401, "bad_signature"),
+                "garbage_nonce": (401, "stale_nonce"), "revoked": (403, "revoked"),
+                "unknown_cluster": (404, "NotFound")}[case]
+    if case == "wrong_root_ca":
+        cert_pem = escrow.cluster(1, "alice").node().cert_pem
+    elif case == "bad_swarm_signature":
+        swarm_key = ec.generate_private_key(ec.SECP256R1())
+    elif case == "revoked":
+        run(enroll(escrow, node))
+        assert escrow.cli("node", "revoke", "--cluster", cluster_id, node.node_id,
+                          "--reason", "test").returncode == 0
+    elif case == "unknown_cluster":
+        cluster_id = "unknown000000000000000000"
+
+    async def attempt() -> None:
+        async with client(escrow) as c:
+            if case == "garbage_nonce":
+                async def garbage() -> bytes:
+                    return os.urandom(32)
+                c.nonce = garbage  # type: ignore[method-assign]
+            if case == "bad_agent_signature":
+                real_sign = protocol.sign
+
+                def wrong_agent(key: ec.EllipticCurvePrivateKey, payload: bytes) -> str:
+                    return real_sign(ec.generate_private_key(ec.SECP256R1())
+                                     if key is agent_key else key, payload)
+                with pytest.MonkeyPatch.context() as patch:
+                    patch.setattr(protocol, "sign", wrong_agent)
+                    await c.enroll(cluster_id, node.node_id, cert_pem, swarm_key, agent_key, "h")
+                return
+            await c.enroll(cluster_id, node.node_id, cert_pem, swarm_key, agent_key, "h")
+
+    with pytest.raises(EscrowRejected) as caught:
+        run(attempt())
+    assert (caught.value.status, caught.value.reason) == expected
+    refused = audit(escrow, 1)[0]
+    assert refused["event"] == "enroll.refused"
+    assert refused["details"]["reason"] == expected[1]  # type: ignore[index]
+
+
+def test_deposits_from_unknown_or_forged_agents_store_nothing(escrow: EscrowProcess) -> None:
+    from cryptography.hazmat.primitives.asymmetric import ec  # noqa: PLC0415
+
+    cluster, node, _ = enrolled(escrow)
+    stranger = cluster.node()
+    forged = Node(node.cluster_id, node.node_id, node.cert,
+                  ec.generate_private_key(ec.SECP256R1()))
+    for sender, reason in ((stranger, "unknown_node"), (forged, "bad_signature")):
+        with pytest.raises(EscrowRejected) as caught:
+            run(deposit(escrow, sender, UnlockKey(os.urandom(32))))
+        assert caught.value.reason == reason
+        assert audit(escrow, 1)[0]["event"] == "deposit.refused"
+    listed = escrow.cli("key", "list", "--cluster", cluster.cluster_id, "--json")
+    assert [v["version"] for v in json.loads(listed.stdout)] == [1]
