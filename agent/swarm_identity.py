@@ -8,6 +8,7 @@ swarm-node.key is PKCS#8 encrypted under the unlock key (DESIGN section 2), with
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -94,5 +95,20 @@ def read_identity(docker_root: Path) -> NodeIdentity:
         cert_pem=cert_pem.decode("ascii"), kek_version=kek_version(key_pem))
 
 
-def read_node_key(docker_root: Path, key: UnlockKey) -> ec.EllipticCurvePrivateKey:
-    return decrypt_node_key((docker_root / CERT_DIR / "swarm-node.key").read_bytes(), key)
+def read_signing_identity(docker_root: Path, key: UnlockKey, attempts: int = 10,
+                          ) -> tuple[NodeIdentity, ec.EllipticCurvePrivateKey]:
+    """The node's certificate and its decrypted key, guaranteed to belong together.
+
+    Swarm renews a manager's certificate on its own (right after `swarm init`, and before
+    expiry) by rewriting both files, so a certificate read a moment before the key may not
+    match it: read both, compare public keys, and read again on a mismatch.
+    """
+    for _ in range(attempts):
+        identity = read_identity(docker_root)
+        private = decrypt_node_key((docker_root / CERT_DIR / "swarm-node.key").read_bytes(), key)
+        cert_key = x509.load_pem_x509_certificate(identity.cert_pem.encode()).public_key()
+        if cert_key == private.public_key():
+            return identity, private
+        time.sleep(0.2)
+    raise AgentError("swarm-node.crt and swarm-node.key keep changing under us",
+                     "the manager is renewing its certificate; try again in a minute")

@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from agent.client import EscrowClient
 from agent.errors import EscrowRejected
 from agent.release import candidate_keys
-from agent.swarm_identity import CERT_DIR, read_identity, read_node_key
+from agent.swarm_identity import CERT_DIR, read_identity, read_signing_identity
 from escrow import unlockkey
 from tests.helpers.dockerd import Dockerd, new_dockerd
 from tests.helpers.server import EscrowProcess, make_escrow
@@ -56,7 +56,7 @@ def test_a_real_autolocked_manager_enrolls_and_is_unlocked_from_escrowed_shares(
                        "2", "--slots", "auto,auto,alice,bob")
     assert added.returncode == 0, added.stderr
     agent_key = ec.generate_private_key(ec.SECP256R1())
-    swarm_key = read_node_key(dockerd.data_root, unlock_key)
+    identity, swarm_key = read_signing_identity(dockerd.data_root, unlock_key)
 
     async def enroll_and_deposit() -> None:
         async with EscrowClient(escrow.url, escrow.ca) as client:
