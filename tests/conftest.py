@@ -26,6 +26,7 @@ from escrow.softhsm import create_token, default_module
 from escrow.store.sqlite import SqliteStore
 from escrow.vault import Vault, timestamp
 from tests.helpers.certs import make_root_ca
+from tests.helpers.dockerd import Dockerd, new_dockerd
 
 SESSION_TOKEN = "tests"
 SESSION_PIN = "test-pin-5521"
@@ -124,3 +125,14 @@ def data_dir(tmp_path: Path, hsm_settings: HsmSettings, token: Token) -> Path:
     config.write(directory, hsm_settings, config.DEFAULT_RETENTION_DAYS)
     SqliteStore.open(directory / config.DB_NAME, lambda: "init", create=True).close()
     return directory
+
+
+@pytest.fixture
+def dockerd() -> Iterator[Dockerd]:
+    """A started dockerd of this test's own, removed with everything it mounted afterwards."""
+    daemon = new_dockerd()
+    try:
+        daemon.start()
+        yield daemon
+    finally:
+        daemon.remove()

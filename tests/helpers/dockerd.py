@@ -20,7 +20,7 @@ from typing import Any
 
 import docker
 
-from tests.helpers.server import free_port
+from tests.helpers.net import free_port
 
 
 @dataclass

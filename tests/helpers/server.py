@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import secrets
 import signal
-import socket
 import ssl
 import subprocess
 import sys
@@ -19,14 +18,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from escrow import custodian_keys
 from tests.conftest import REPO, run_escrow
 from tests.helpers.certs import Issued, make_node_cert, make_root_ca
+from tests.helpers.net import free_port
 
 PASSPHRASE = "correct horse battery staple"
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def swarm_id() -> str:

@@ -13,20 +13,11 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO
-from tests.helpers.dockerd import Dockerd, new_dockerd
-from tests.helpers.server import EscrowProcess, free_port, make_escrow
+from tests.helpers.dockerd import Dockerd
+from tests.helpers.net import free_port
+from tests.helpers.server import EscrowProcess, make_escrow
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture
-def dockerd() -> Iterator[Dockerd]:
-    daemon = new_dockerd()
-    try:
-        daemon.start()
-        yield daemon
-    finally:
-        daemon.remove()
 
 
 @pytest.fixture

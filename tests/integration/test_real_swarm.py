@@ -17,20 +17,10 @@ from agent.errors import EscrowRejected
 from agent.release import candidate_keys
 from agent.swarm_identity import CERT_DIR, read_identity, read_signing_identity
 from escrow import unlockkey
-from tests.helpers.dockerd import Dockerd, new_dockerd
+from tests.helpers.dockerd import Dockerd
 from tests.helpers.server import EscrowProcess, make_escrow
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture
-def dockerd() -> Iterator[Dockerd]:
-    daemon = new_dockerd()
-    try:
-        daemon.start()
-        yield daemon
-    finally:
-        daemon.remove()
 
 
 @pytest.fixture
