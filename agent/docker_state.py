@@ -21,13 +21,17 @@ class Docker:
     def __init__(self, host: str, timeout: int = 30) -> None:
         self.host = host
         self._timeout = timeout
+        self._client: Any = None
 
     def _api(self) -> Any:
-        try:
-            return docker.APIClient(base_url=self.host, version="1.41", timeout=self._timeout)
-        except docker.errors.DockerException as exc:
-            raise DockerUnavailable(f"cannot reach dockerd at {self.host}: {exc}",
-                                    "is docker running? is docker_host right?") from None
+        if self._client is None:
+            try:
+                self._client = docker.APIClient(base_url=self.host, version="1.41",
+                                                timeout=self._timeout)
+            except docker.errors.DockerException as exc:
+                raise DockerUnavailable(f"cannot reach dockerd at {self.host}: {exc}",
+                                        "is docker running? is docker_host right?") from None
+        return self._client
 
     def swarm(self) -> dict[str, Any]:
         try:

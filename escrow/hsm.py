@@ -12,11 +12,10 @@ from __future__ import annotations
 
 import os
 import stat
-import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pkcs11
 from pkcs11 import Attribute, KeyType, Mechanism, ObjectClass
@@ -38,7 +37,6 @@ TAG_BITS = 128
 PIN_CREDENTIAL = "hsm-pin"
 PIN_ENV = "ESCROW_HSM_PIN"
 
-_T = TypeVar("_T")
 
 
 @dataclass(frozen=True)
@@ -146,7 +144,6 @@ class Token:
             raise HsmError(f"could not open a session on token {settings.token!r}: "
                            f"{type(exc).__name__}", "check the token and its module") from None
         self._key: Any = None
-        self.last_latency = 0.0
 
     def close(self) -> None:
         self._session.close()
@@ -215,20 +212,12 @@ class Token:
         """Raise unless the wrapping key is present and usable."""
         self._wrapping_key()
 
-    def _timed(self, call: Callable[[], _T]) -> _T:
-        started = time.perf_counter()
-        try:
-            return call()
-        finally:
-            self.last_latency = time.perf_counter() - started
-
     def seal(self, plaintext: bytes, aad: bytes) -> bytes:
         key = self._wrapping_key()
         iv = self._session.generate_random(IV_BYTES * 8)
         params = GCMParams(iv, aad, TAG_BITS)
         try:
-            ct = self._timed(lambda: key.encrypt(plaintext, mechanism=Mechanism.AES_GCM,
-                                                 mechanism_param=params))
+            ct = key.encrypt(plaintext, mechanism=Mechanism.AES_GCM, mechanism_param=params)
         except pkcs11.PKCS11Error as exc:
             raise HsmError(f"the token failed to encrypt: {type(exc).__name__}",
                            "check the token's health") from None
@@ -242,8 +231,7 @@ class Token:
         params = GCMParams(sealed[1:1 + IV_BYTES], aad, TAG_BITS)
         body = sealed[1 + IV_BYTES:]
         try:
-            return bytes(self._timed(lambda: key.decrypt(body, mechanism=Mechanism.AES_GCM,
-                                                         mechanism_param=params)))
+            return bytes(key.decrypt(body, mechanism=Mechanism.AES_GCM, mechanism_param=params))
         except pkcs11.PKCS11Error:
             # SoftHSM reports a bad GCM tag as a bare GeneralError; other tokens use
             # EncryptedDataInvalid. Either way the row is not what was sealed for this place.

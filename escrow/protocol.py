@@ -31,7 +31,6 @@ SwarmId = Annotated[str, Field(pattern=r"^[a-z0-9]{25}$")]
 B64 = Annotated[str, Field(max_length=4096, pattern=r"^[A-Za-z0-9+/]*={0,2}$")]
 Pem = Annotated[str, Field(max_length=MAX_PEM)]
 Short = Annotated[str, Field(min_length=1, max_length=253)]
-RequestId = Annotated[str, Field(pattern=r"^r-[a-z0-9]{20}$")]
 
 
 class Message(BaseModel):

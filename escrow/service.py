@@ -117,8 +117,10 @@ class Release:
 
 
 class Escrow:
-    def __init__(self, vault: Vault, settings: ServerSettings) -> None:
+    def __init__(self, vault: Vault, settings: ServerSettings,
+                 on_release: Callable[[int], None] = lambda count: None) -> None:
         self.vault = vault
+        self.on_release = on_release  # gets the count of shares released for the first time
         self.store = vault.store
         self.settings = settings
         self.clock = vault.clock
@@ -344,10 +346,10 @@ class Escrow:
                         sealed_share=protocol.b64e(HPKE.encrypt(mnemonic, peer, info=info))))
                     del mnemonic
             if releases:
-                self.store.record_releases(
+                self.on_release(self.store.record_releases(
                     request_id, [(r.version, r.slot, r.holder) for r in releases],
                     AuditEvent("unseal.release", "escrow", request.cluster_id,
-                               {"request_id": request_id, "node_id": request.node_id}))
+                               {"request_id": request_id, "node_id": request.node_id})))
             if needed == 0:
                 state = "ready"
         return RequestStatus(

@@ -42,6 +42,7 @@ from escrow.protocol import (
     ErrorResponse,
     InfoResponse,
     NonceResponse,
+    RequestStatus,
     ResultReport,
     ResultResponse,
     ShareExportRequest,
@@ -136,7 +137,7 @@ class EscrowServer:
         self._token.check()
         vault = Vault(self._store, TimedToken(self._token, self.metrics.hsm),
                       lambda: datetime.now(UTC), "escrow")
-        self.escrow = Escrow(vault, self.settings.server)
+        self.escrow = Escrow(vault, self.settings.server, self.metrics.released.inc)
 
     def _close(self) -> None:
         if self._token is not None:
@@ -251,9 +252,6 @@ class EscrowServer:
         if event is not None:
             event.set()
 
-    def _count_released(self, shares: int) -> None:
-        self.metrics.released.inc(shares)
-
     # -- public endpoints -------------------------------------------------------------------
 
     async def healthz(self, request: web.Request) -> web.Response:
@@ -302,7 +300,6 @@ class EscrowServer:
         body, _ = await self._body(request, UnsealRequest)
         escrow, source = self._escrow, self._source(request)
         status = await self.run(lambda: escrow.unseal(body, source))
-        self._count_released(len(status.releases))
         if status.needed > 0 and self.settings.server.webhook_url:
             task = asyncio.create_task(self._webhook(status.request_id, body.hostname,
                                                      status.needed, status.expires_at,
@@ -318,13 +315,19 @@ class EscrowServer:
         except ValueError:
             raise _bad("bad_wait", "wait must be a number of seconds") from None
         escrow = self._escrow
+        # Registered before the first look, so an approval in between still wakes us.
         event = self._waiters.setdefault(request_id, asyncio.Event())
-        status = await self.run(lambda: escrow.status(request_id))
-        if status.state == "pending" and wait > 0 and not self._closing:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(event.wait(), timeout=wait)
+        status: RequestStatus | None = None
+        try:
             status = await self.run(lambda: escrow.status(request_id))
-        self._count_released(len(status.releases))
+            if status.state == "pending" and wait > 0 and not self._closing:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(event.wait(), timeout=wait)
+                status = await self.run(lambda: escrow.status(request_id))
+        finally:
+            # Unknown ids (anyone can poll any id) and finished requests keep no entry.
+            if status is None or status.state != "pending":
+                self._waiters.pop(request_id, None)
         return _json(status)
 
     async def result(self, request: web.Request) -> web.Response:

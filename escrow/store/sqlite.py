@@ -414,19 +414,20 @@ class SqliteStore:
         return [ApprovalRecord(*row) for row in rows]
 
     def record_releases(self, request_id: str, released: Sequence[tuple[int, int, str]],
-                        event: AuditEvent) -> None:
+                        event: AuditEvent) -> int:
         with self._write() as db:
             fresh = [(version, slot, holder) for version, slot, holder in released
                      if not db.execute("SELECT 1 FROM releases WHERE request_id = ? AND"
                                        " version = ? AND slot = ?",
                                        (request_id, version, slot)).fetchone()]
             if not fresh:
-                return
+                return 0
             db.executemany("INSERT INTO releases VALUES (?, ?, ?, ?, ?)",
                            [(request_id, v, s, h, self._now()) for v, s, h in fresh])
             self._append(db, replace(event, details={
                 **event.details, "shares": [{"version": v, "slot": s, "holder": h}
                                             for v, s, h in fresh]}))
+            return len(fresh)
 
     # -- audit ------------------------------------------------------------------------------
 
