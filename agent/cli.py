@@ -1,17 +1,29 @@
-"""``unseal-agent``: the node agent's commands. Exit codes: 0 ok, 1 failure, 2 usage error."""
+"""``unseal-agent``: the node agent's commands.
+
+Exit codes: 0 ok, 1 failure, 2 usage error, 78 (EX_CONFIG) when `run` cannot start because of
+its configuration, so systemd's RestartPreventExitStatus=78 stops a restart loop that no
+restart can fix.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import json
+from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import click
 
 from agent import config as agent_config
+from agent import daemon, log, status
 from agent.enroll import enroll as do_enroll
 from agent.errors import AgentError
+from agent.rotate import rotate as do_rotate
 from escrow.errors import EscrowError
+
+EX_CONFIG = 78
 
 
 class AgentGroup(click.Group):
@@ -28,26 +40,94 @@ def cli() -> None:
     """Auto-unseal agent for a Docker Swarm manager with autolock."""
 
 
-def _config(config: Path | None, **flags: Any) -> agent_config.AgentConfig:
+def config_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """--config plus one flag per setting of the config file."""
+    options = [click.option("--config", type=click.Path(path_type=Path),
+                            help=f"Config file (default {agent_config.DEFAULT_CONFIG}).")]
+    for name, kind in (("escrow_url", str), ("escrow_ca", str), ("docker_host", str),
+                       ("docker_root", str), ("state_dir", str),
+                       ("docker_poll_seconds", float), ("key_check_seconds", float),
+                       ("approval_wait_seconds", float), ("retry_max_seconds", float),
+                       ("refused_retry_seconds", float)):
+        options.append(click.option("--" + name.replace("_", "-"), name, type=kind,
+                                    help=f"Overrides {name} of the config file."))
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def _config(config: Path | None, flags: dict[str, Any]) -> agent_config.AgentConfig:
     return agent_config.load(config, flags)
 
 
 @cli.command()
-@click.option("--config", type=click.Path(path_type=Path),
-              help=f"Config file (default {agent_config.DEFAULT_CONFIG}).")
-@click.option("--escrow-url")
-@click.option("--escrow-ca")
-@click.option("--docker-host")
-@click.option("--docker-root")
-@click.option("--state-dir")
+@config_options
 def enroll(config: Path | None, **flags: Any) -> None:
     """Enroll this unlocked manager and escrow its current unlock key if needed."""
-    result = asyncio.run(do_enroll(_config(config, **flags)))
+    result = asyncio.run(do_enroll(_config(config, flags)))
     click.echo(f"enrolled node {result.node_id} of cluster {result.cluster_id}")
-    if result.deposited_version is None:
-        click.echo("the escrow already holds the current unlock key")
+    if result.deposited:
+        click.echo(f"deposited the current unlock key as version {result.version}")
     else:
-        click.echo(f"deposited the current unlock key as version {result.deposited_version}")
+        click.echo(f"the escrow already holds the current unlock key (version {result.version})")
+
+
+@cli.command()
+@config_options
+def run(config: Path | None, **flags: Any) -> None:
+    """Watch this manager and unlock it from the escrow whenever it is locked (the daemon)."""
+    logger = log.setup()
+    try:
+        settings = _config(config, flags)
+        # Checked before READY=1, so a wrong path fails the start instead of every unlock.
+        daemon.check_startup(settings)
+    except (AgentError, EscrowError) as exc:
+        # No traceback: the message names the setting, and a trace would bury it.
+        logger.error("cannot start: %s%s",  # noqa: TRY400
+                     exc.message, f" ({exc.hint})" if exc.hint else "")
+        raise SystemExit(EX_CONFIG) from None
+    asyncio.run(daemon.run(settings, logger))
+
+
+@cli.command()
+@config_options
+def rotate(config: Path | None, **flags: Any) -> None:
+    """Rotate the swarm's unlock key and escrow the new one (fails loudly if it cannot)."""
+    logger = log.setup(journal_too=True)
+    result = asyncio.run(do_rotate(_config(config, flags), logger))
+    click.echo(f"rotated the unlock key of cluster {result.cluster_id}: the escrow holds the "
+               f"new key as version {result.new_version} (old: version {result.old_version})")
+
+
+@cli.command(name="status")
+@config_options
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def status_command(config: Path | None, as_json: bool, **flags: Any) -> None:
+    """Show node, cluster, lock state, enrollment, escrow reachability and key versions.
+    Exits 1 if anything needs attention."""
+    report = asyncio.run(status.gather(_config(config, flags)))
+    if as_json:
+        click.echo(json.dumps(asdict(report), indent=2))
+    else:
+        last = report.last_unlock
+        rows = [
+            ("node", f"{report.node_id or '?'} ({report.role or 'unknown role'})"),
+            ("cluster", report.cluster_id or "?"),
+            ("lock state", report.lock_state),
+            ("enrolled", f"yes, at {report.enrolled_at}" if report.enrolled else "no"),
+            ("escrow", f"{report.escrow_url} "
+                       f"({'reachable' if report.escrow_reachable else 'UNREACHABLE'})"),
+            ("escrowed keys", ", ".join(f"v{v}" for v in report.escrowed_versions) or "none"),
+            ("key generation", report.kek_version or "?"),
+            ("last unlock", f"{last.at}, key version {last.version}, request "
+                            f"{last.request_id}, {last.seconds:.2f} s" if last else "never"),
+        ]
+        for label, value in rows:
+            click.echo(f"{label + ':':<16}{value}")
+        for problem in report.problems:
+            click.echo(f"problem: {problem}", err=True)
+    if report.problems:
+        raise SystemExit(1)
 
 
 def main() -> None:

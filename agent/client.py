@@ -93,6 +93,10 @@ class EscrowClient:
             raise EscrowUnavailable("the escrow's answer does not match the protocol",
                                     "check that agent and escrow versions match") from None
 
+    async def health(self) -> None:
+        """Raise EscrowUnavailable unless the escrow can reach its database and token."""
+        await self._call("GET", "/healthz", protocol.HealthResponse)
+
     async def info(self) -> InfoResponse:
         return await self._call("GET", "/v1/info", InfoResponse)
 

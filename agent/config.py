@@ -1,10 +1,15 @@
 """The agent's settings: /etc/unseal-agent/config.toml, each key also a command-line flag.
 
-    escrow_url   https://escrow.example:8443       (required)
-    escrow_ca    the escrow's CA certificate        (required)
-    docker_host  unix:///var/run/docker.sock
-    docker_root  /var/lib/docker                    (for swarm/certificates/)
-    state_dir    /var/lib/unseal-agent              (agent key, 0600)
+    escrow_url              https://escrow.example:8443  (required)
+    escrow_ca               the escrow's CA certificate   (required)
+    docker_host             unix:///var/run/docker.sock
+    docker_root             /var/lib/docker               (for swarm/certificates/)
+    state_dir               /var/lib/unseal-agent         (agent key, 0600; state.json)
+    docker_poll_seconds     0.25   how often to look for dockerd while it does not answer
+    key_check_seconds       10     how often an unlocked manager's key is checked for rotation
+    approval_wait_seconds   20     length of one long poll while custodians decide
+    retry_max_seconds       60     cap of the back-off while the escrow is unreachable
+    refused_retry_seconds   300    wait before asking again after a refusal or a denial
 """
 
 from __future__ import annotations
@@ -27,13 +32,44 @@ class AgentConfig:
     docker_host: str = "unix:///var/run/docker.sock"
     docker_root: Path = Path("/var/lib/docker")
     state_dir: Path = Path("/var/lib/unseal-agent")
+    docker_poll_seconds: float = 0.25
+    key_check_seconds: float = 10.0
+    approval_wait_seconds: float = 20.0
+    retry_max_seconds: float = 60.0
+    refused_retry_seconds: float = 300.0
 
     @property
     def agent_key_path(self) -> Path:
         return self.state_dir / "agent-key.pem"
 
+    @property
+    def state_path(self) -> Path:
+        return self.state_dir / "state.json"
+
 
 _KNOWN = {f.name: f for f in fields(AgentConfig)}
+_SECONDS = {name for name in _KNOWN if name.endswith("_seconds")}
+# The server holds a long poll for at most 60 s; anything longer is a typo, not a choice.
+_LIMITS = {"docker_poll_seconds": (0.05, 10.0), "key_check_seconds": (1.0, 3600.0),
+           "approval_wait_seconds": (1.0, 60.0), "retry_max_seconds": (1.0, 3600.0),
+           "refused_retry_seconds": (1.0, 86400.0)}
+
+
+def _check(source: str, key: str, value: Any) -> Any:
+    if key not in _KNOWN:
+        raise AgentError(f"{source}: unknown setting {key!r}",
+                         f"known settings: {', '.join(_KNOWN)}")
+    if key in _SECONDS:
+        low, high = _LIMITS[key]
+        if isinstance(value, bool) or not isinstance(value, int | float) or not (
+                low <= value <= high):
+            raise AgentError(f"{source}: {key} must be a number of seconds from {low:g} to "
+                             f"{high:g}, not {value!r}", f"for example {key} = {low * 4:g}")
+        return float(value)
+    if not isinstance(value, str) or not value:
+        raise AgentError(f"{source}: {key} must be a non-empty string",
+                         f'for example {key} = "..."')
+    return value
 
 
 def load(path: Path | None, overrides: Mapping[str, Any]) -> AgentConfig:
@@ -46,17 +82,14 @@ def load(path: Path | None, overrides: Mapping[str, Any]) -> AgentConfig:
         except FileNotFoundError:
             raise AgentError(f"the config file {source} does not exist",
                              "create it or drop --config") from None
+        except PermissionError:
+            raise AgentError(f"cannot read the config file {source}: permission denied",
+                             "run as root or fix its permissions") from None
         except tomllib.TOMLDecodeError as exc:
             raise AgentError(f"{source} is not valid TOML: {exc}", "fix the file") from None
-        for key, value in raw.items():
-            if key not in _KNOWN:
-                raise AgentError(f"{source}: unknown setting {key!r}",
-                                 f"known settings: {', '.join(_KNOWN)}")
-            if not isinstance(value, str) or not value:
-                raise AgentError(f"{source}: {key} must be a non-empty string",
-                                 f'for example {key} = "..."')
-            values[key] = value
-    values.update({k: v for k, v in overrides.items() if v is not None})
+        values = {key: _check(str(source), key, value) for key, value in raw.items()}
+    values.update({key: _check("--" + key.replace("_", "-"), key, value)
+                   for key, value in overrides.items() if value is not None})
     for required in ("escrow_url", "escrow_ca"):
         if required not in values:
             raise AgentError(f"{required} is not set",

@@ -7,10 +7,13 @@ import socket
 from dataclasses import dataclass
 
 from agent import keys
+from agent import state as agent_state
 from agent.client import EscrowClient
 from agent.config import AgentConfig
+from agent.deposit import ensure_escrowed
 from agent.docker_state import Docker
 from agent.errors import AgentError
+from agent.state import AgentState
 from agent.swarm_identity import read_signing_identity
 
 
@@ -18,34 +21,31 @@ from agent.swarm_identity import read_signing_identity
 class Enrolled:
     cluster_id: str
     node_id: str
-    deposited_version: int | None  # None: the escrow already held the current key
+    version: int  # of the current unlock key in the escrow
+    deposited: bool  # False: the escrow already held it
 
 
 async def enroll(config: AgentConfig) -> Enrolled:
     docker = Docker(config.docker_host)
-    swarm = docker.swarm()
-    state = swarm.get("LocalNodeState")
-    if state == "locked":
-        raise AgentError("this manager is locked", "unlock it first (`docker swarm unlock`, or "
-                         "`escrow recover` from paper shares), then enroll")
-    if state != "active":
-        raise AgentError(f"this node is not in a swarm (state {state!r})",
-                         "enroll managers of a swarm: `docker swarm init --autolock` or join one")
-    if not swarm.get("ControlAvailable"):
-        raise AgentError("this node is a worker, not a manager",
-                         "only managers are locked by autolock; run the agent on managers")
-    if not docker.autolock():
-        raise AgentError("autolock is off for this swarm: there is nothing to escrow",
-                         "turn it on with `docker swarm update --autolock=true`, then enroll")
+    docker.require_autolocked_manager()
     key = docker.unlock_key()
     identity, swarm_key = read_signing_identity(config.docker_root, key)
     agent_key = keys.load_or_create(config.agent_key_path)
+    try:
+        previous = agent_state.load(config.state_path)
+    except AgentError:
+        previous = AgentState()  # enrolling writes a fresh one
     async with EscrowClient(config.escrow_url, config.escrow_ca) as client:
         response = await client.enroll(identity.cluster_id, identity.node_id, identity.cert_pem,
                                        swarm_key, agent_key, socket.gethostname())
         del swarm_key
-        version = None
-        if key.fingerprint(identity.cluster_id) not in response.key_fingerprints:
-            version = (await client.deposit(identity.cluster_id, identity.node_id, agent_key,
-                                            key)).version
-    return Enrolled(identity.cluster_id, identity.node_id, version)
+        state = AgentState(
+            node_id=identity.node_id, cluster_id=identity.cluster_id,
+            escrow_url=config.escrow_url, enrolled_at=response.enrolled_at,
+            escrowed={k.fingerprint: k.version for k in response.keys},
+            checked_kek_version=identity.kek_version,
+            last_unlock=previous.last_unlock if previous.knows(identity.node_id,
+                                                               identity.cluster_id) else None)
+        version, deposited = await ensure_escrowed(client, state, agent_key, key)
+    agent_state.save(config.state_path, state)
+    return Enrolled(identity.cluster_id, identity.node_id, version, deposited)

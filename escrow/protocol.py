@@ -44,6 +44,10 @@ class NonceResponse(Message):
     expires_at: str
 
 
+class HealthResponse(Message):
+    status: Literal["ok"]
+
+
 class InfoResponse(Message):
     api: str
     deposit_public_key: B64 = Field(description="X25519 key that deposits are encrypted to")
@@ -61,12 +65,16 @@ class EnrollRequest(Message):
     agent_signature: B64 = Field(description="ECDSA/SHA-256 by the agent key, DER")
 
 
+class EscrowedKey(Message):
+    version: int
+    fingerprint: str
+
+
 class EnrollResponse(Message):
     cluster_id: str
     node_id: str
     enrolled_at: str
-    key_fingerprints: list[str] = Field(description="fingerprints of retained versions, newest "
-                                                    "first")
+    keys: list[EscrowedKey] = Field(description="retained key versions, newest first")
 
 
 class DepositRequest(Message):

@@ -225,7 +225,9 @@ class Escrow:
                         "reenrolled": existing is not None}))
         versions = self.store.list_key_versions(body.cluster_id)
         return EnrollResponse(cluster_id=body.cluster_id, node_id=body.node_id, enrolled_at=now,
-                              key_fingerprints=[v.fingerprint for v in versions])
+                              keys=[protocol.EscrowedKey(version=v.version,
+                                                         fingerprint=v.fingerprint)
+                                    for v in versions])
 
     def deposit(self, body: DepositRequest, source: str) -> tuple[int, bool, str]:
         result: list[tuple[int, bool, str]] = []

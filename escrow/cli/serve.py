@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
+import signal
+import ssl
 from dataclasses import replace
 from pathlib import Path
 
@@ -14,6 +17,7 @@ from escrow import config
 from escrow.cli.context import data_dir_option
 from escrow.errors import ConfigError
 from escrow.hsm import resolve_pin
+from escrow.notify import Notifier
 from escrow.server.app import EscrowServer
 from escrow.tls import server_context
 
@@ -41,7 +45,24 @@ def serve(data_dir: Path, listen: str | None, hsm_pin_file: Path | None) -> None
     context = server_context(settings.server.tls_cert, settings.server.tls_key)
     pin = resolve_pin(hsm_pin_file, settings.hsm.pin_file, os.environ)
     server = EscrowServer(settings, pin)
-    click.echo(f"escrow serving https://{settings.server.listen} from {settings.data_dir}",
-               err=True)
-    web.run_app(server.app(), host=host, port=port, ssl_context=context, print=None,
-                shutdown_timeout=10, access_log=None, handle_signals=True)
+    asyncio.run(_serve(server, host, port, context, settings.server.listen))
+
+
+async def _serve(server: EscrowServer, host: str, port: int, context: ssl.SSLContext,
+                 listen: str) -> None:
+    # READY=1 goes to systemd only once the socket listens, so `active` means serving.
+    runner = web.AppRunner(server.app(), access_log=None, shutdown_timeout=10)
+    await runner.setup()
+    notifier = Notifier()
+    try:
+        await web.TCPSite(runner, host, port, ssl_context=context).start()
+        click.echo(f"escrow serving https://{listen} from {server.settings.data_dir}", err=True)
+        notifier.ready(f"serving https://{listen}")
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop.set)
+        await stop.wait()
+        notifier.stopping()
+    finally:
+        await runner.cleanup()

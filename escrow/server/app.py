@@ -40,6 +40,7 @@ from escrow.protocol import (
     DepositResponse,
     EnrollRequest,
     ErrorResponse,
+    HealthResponse,
     InfoResponse,
     NonceResponse,
     RequestStatus,
@@ -260,7 +261,7 @@ class EscrowServer:
             await self.run(escrow.check_health)
         except EscrowError as exc:
             return _error(503, "unhealthy", exc.message, exc.hint)
-        return web.json_response({"status": "ok"})
+        return _json(HealthResponse(status="ok"))
 
     async def metrics_endpoint(self, request: web.Request) -> web.Response:
         escrow = self._escrow

@@ -1,0 +1,66 @@
+"""What the agent remembers between runs, in `state_dir/state.json` (no secrets: key
+fingerprints are keyed hashes the escrow shows too).
+
+It is a cache and a record for `unseal-agent status`, never an authority: the escrow decides
+what this node may have. A damaged file is reported and replaced, not trusted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from agent.errors import AgentError
+
+
+@dataclass
+class LastUnlock:
+    at: str
+    version: int
+    request_id: str
+    seconds: float  # from seeing `locked` to the unlock call returning
+
+
+@dataclass
+class AgentState:
+    node_id: str = ""
+    cluster_id: str = ""
+    escrow_url: str = ""
+    enrolled_at: str = ""
+    escrowed: dict[str, int] = field(default_factory=dict)  # key fingerprint -> version
+    checked_kek_version: str = ""  # swarm-node.key's kek-version when the key was last checked
+    last_unlock: LastUnlock | None = None
+
+    def knows(self, node_id: str, cluster_id: str) -> bool:
+        return (self.node_id, self.cluster_id) == (node_id, cluster_id)
+
+    def versions(self) -> list[int]:
+        return sorted(set(self.escrowed.values()), reverse=True)
+
+
+def load(path: Path) -> AgentState:
+    try:
+        raw = json.loads(path.read_text())
+        last = raw.pop("last_unlock", None)
+        return AgentState(**raw, last_unlock=LastUnlock(**last) if last else None)
+    except FileNotFoundError:
+        return AgentState()
+    except (OSError, ValueError, TypeError) as exc:
+        raise AgentError(f"the agent state file {path} is unreadable or damaged "
+                         f"({type(exc).__name__})",
+                         "remove it and run `unseal-agent enroll` again; it holds no secret"
+                         ) from None
+
+
+def save(path: Path, state: AgentState) -> None:
+    """Write atomically: a crash leaves the old file or the new one, never half of one."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    temporary = path.with_suffix(".tmp")
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        json.dump(asdict(state), handle, indent=2, sort_keys=True)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)

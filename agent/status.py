@@ -1,0 +1,66 @@
+"""`unseal-agent status`: what this manager, its agent and the escrow look like from here."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from agent import keys
+from agent import state as agent_state
+from agent.client import EscrowClient
+from agent.config import AgentConfig
+from agent.docker_state import Docker
+from agent.errors import AgentError
+from agent.state import LastUnlock
+from agent.swarm_identity import read_identity
+from escrow.errors import EscrowError
+
+
+@dataclass
+class Status:
+    node_id: str = ""
+    cluster_id: str = ""
+    role: str = ""
+    kek_version: str = ""
+    lock_state: str = "unknown"  # locked, active, inactive, ... or "docker unreachable"
+    enrolled: bool = False
+    enrolled_at: str = ""
+    escrow_url: str = ""
+    escrow_reachable: bool = False
+    escrowed_versions: list[int] = field(default_factory=list)
+    last_unlock: LastUnlock | None = None
+    problems: list[str] = field(default_factory=list)
+
+
+async def gather(config: AgentConfig) -> Status:
+    status = Status(escrow_url=config.escrow_url)
+    try:
+        identity = read_identity(config.docker_root)
+        status.node_id, status.cluster_id = identity.node_id, identity.cluster_id
+        status.role, status.kek_version = identity.role, identity.kek_version
+    except AgentError as exc:
+        status.problems.append(exc.message)
+    try:
+        status.lock_state = str(Docker(config.docker_host, timeout=10).swarm().get(
+            "LocalNodeState", "unknown"))
+    except AgentError as exc:
+        status.lock_state = "docker unreachable"
+        status.problems.append(exc.message)
+    try:
+        saved = agent_state.load(config.state_path)
+        keys.load(config.agent_key_path)
+        status.enrolled = saved.knows(status.node_id, status.cluster_id) and bool(
+            status.node_id)
+        if not status.enrolled:
+            status.problems.append("this node is not enrolled: run `unseal-agent enroll`")
+        status.enrolled_at = saved.enrolled_at
+        status.escrowed_versions = saved.versions()
+        status.last_unlock = saved.last_unlock
+    except AgentError as exc:
+        status.problems.append(exc.message)
+    try:
+        async with EscrowClient(config.escrow_url, config.escrow_ca, timeout=10) as client:
+            await client.health()
+        status.escrow_reachable = True
+    except (AgentError, EscrowError) as exc:
+        status.problems.append(exc.message)
+    return status

@@ -1,0 +1,168 @@
+"""The real `unseal-agent` in a subprocess, with a notify socket of the test's own.
+
+The host's PID 1 is not systemd, so the test plays systemd's part of the notify protocol: it
+binds an AF_UNIX datagram socket, passes it as NOTIFY_SOCKET, and reads what the agent sends.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tests.conftest import REPO
+from tests.helpers.dockerd import Dockerd
+from tests.helpers.server import EscrowProcess
+
+
+class NotifySocket:
+    """What a service manager would receive: (monotonic time, message) pairs."""
+
+    def __init__(self) -> None:
+        # Short path: AF_UNIX paths must stay below 108 characters.
+        self.directory = Path(tempfile.mkdtemp(prefix="nfy-", dir="/tmp"))
+        self.path = self.directory / "notify"
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(self.path))
+        self.sock.settimeout(0.2)
+        self.messages: list[tuple[float, str]] = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        while not self._stop.is_set():
+            try:
+                data = self.sock.recv(65536)
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            with self._lock:
+                self.messages.extend((time.monotonic(), line)
+                                     for line in data.decode().splitlines())
+
+    def lines(self, prefix: str = "") -> list[str]:
+        with self._lock:
+            return [line for _, line in self.messages if line.startswith(prefix)]
+
+    def statuses(self) -> list[str]:
+        return [line.removeprefix("STATUS=") for line in self.lines("STATUS=")]
+
+    def wait_for(self, predicate: Callable[[str], bool], timeout: float = 60.0,
+                 after: float = 0.0) -> tuple[float, str]:
+        """The first message after `after` (a monotonic time) that satisfies predicate."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self._lock:
+                for when, line in self.messages:
+                    if when >= after and predicate(line):
+                        return when, line
+            time.sleep(0.05)
+        raise AssertionError(f"no matching notify message in {timeout} s; got "
+                             f"{self.lines()[-20:]}")
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.sock.close()
+        self.path.unlink(missing_ok=True)
+        self.directory.rmdir()
+
+
+def agent_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("SOFTHSM2_CONF", "NOTIFY_SOCKET", "WATCHDOG_USEC", "JOURNAL_STREAM")}
+    env.update(extra)
+    return env
+
+
+@dataclass
+class AgentNode:
+    """One manager as the agent sees it: its dockerd, config and state directory."""
+    base: Path
+    daemon: Dockerd
+    escrow: EscrowProcess
+    settings: dict[str, float] = field(default_factory=dict)
+    process: subprocess.Popen[bytes] | None = None
+    notify: NotifySocket | None = None
+
+    @property
+    def config(self) -> Path:
+        return self.base / "agent.toml"
+
+    @property
+    def state_dir(self) -> Path:
+        return self.base / "agent-state"
+
+    @property
+    def log_path(self) -> Path:
+        return self.base / "agent.log"
+
+    def write_config(self) -> None:
+        self.base.mkdir(parents=True, exist_ok=True)
+        lines = [f'escrow_url = "{self.escrow.url}"', f'escrow_ca = "{self.escrow.ca}"',
+                 f'docker_host = "{self.daemon.socket}"',
+                 f'docker_root = "{self.daemon.data_root}"', f'state_dir = "{self.state_dir}"']
+        lines += [f"{key} = {value}" for key, value in self.settings.items()]
+        self.config.write_text("\n".join(lines) + "\n")
+
+    def command(self, *args: str) -> subprocess.CompletedProcess[str]:
+        self.write_config()
+        return subprocess.run([sys.executable, "-m", "agent", *args, "--config",
+                               str(self.config)], capture_output=True, text=True, cwd=REPO,
+                              env=agent_env(), timeout=180, check=False)
+
+    def enroll(self) -> None:
+        result = self.command("enroll")
+        assert result.returncode == 0, result.stderr
+
+    def start(self, watchdog_usec: int = 2_000_000) -> NotifySocket:
+        self.write_config()
+        self.notify = NotifySocket()
+        env = agent_env(NOTIFY_SOCKET=str(self.notify.path), WATCHDOG_USEC=str(watchdog_usec))
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "agent", "run", "--config", str(self.config)], cwd=REPO,
+            env=env, stdout=subprocess.DEVNULL, stderr=self.log_path.open("ab"))
+        self.notify.wait_for(lambda line: line == "READY=1", timeout=30)
+        return self.notify
+
+    def stop(self) -> int | None:
+        code = None
+        if self.process is not None:
+            if self.process.poll() is None:
+                self.process.send_signal(signal.SIGTERM)
+            try:
+                code = self.process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+            self.process = None
+        if self.notify is not None:
+            self.notify.close()
+            self.notify = None
+        return code
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def wait_state(self, wanted: str, timeout: float = 60.0) -> float:
+        """Seconds until dockerd reports the wanted swarm state."""
+        started = time.monotonic()
+        while time.monotonic() - started < timeout:
+            with contextlib.suppress(Exception):  # dockerd busy or restarting: look again
+                if self.daemon.state() == wanted:
+                    return time.monotonic() - started
+            time.sleep(0.1)
+        raise AssertionError(f"swarm state never became {wanted!r}; agent log:\n"
+                             + self.log()[-3000:])
