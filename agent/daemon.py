@@ -95,11 +95,12 @@ class Agent:
     def _error(self, message: str, *args: Any, **fields: str) -> None:
         self.log.error(message, *args, extra={**self.fields, **fields})
 
-    def _once(self, topic: str, log: Callable[..., None], message: str, *args: Any) -> None:
+    def _once(self, topic: str, log: Callable[..., None], message: str, *args: Any,
+              **fields: str) -> None:
         """Log a lasting problem when it starts, not on every retry."""
         if topic not in self._quiet:
             self._quiet.add(topic)
-            log(message, *args)
+            log(message, *args, **fields)
 
     def _clear(self, topic: str) -> None:
         self._quiet.discard(topic)
@@ -310,7 +311,7 @@ class Agent:
         delay = self.config.refused_retry_seconds
         if exc.status == 429:
             delay = min(delay, self._escrow_backoff.next_delay())
-        self._once("refused", self._error, "the escrow refused to unseal this node: %s%s",
+        self._once("refused", self._error, "cannot unseal: %s%s",
                    exc.message, f" ({exc.hint})" if exc.hint else "")
         self.notifier.status(f"locked; the escrow refused this node ({exc.reason}); asking "
                              f"again in {delay:.0f} s")
@@ -341,7 +342,7 @@ class Agent:
                                  f"{'s' if need != 1 else ''} (request {request_id}, expires "
                                  f"{status.expires_at})")
             self._once(f"waiting-{request_id}", self._info, "waiting for %d more approval(s) "
-                       "of request %s", need)
+                       "of request %s", need, request_id, **fields)
             try:
                 self._beat()
                 status = await self.client.poll(request_id, self.config.approval_wait_seconds)

@@ -27,6 +27,7 @@ from escrow.store.sqlite import SqliteStore
 from escrow.vault import Vault, timestamp
 from tests.helpers.certs import make_root_ca
 from tests.helpers.dockerd import Dockerd, new_dockerd
+from tests.helpers.netlab import NetLab
 
 SESSION_TOKEN = "tests"
 SESSION_PIN = "test-pin-5521"
@@ -136,3 +137,11 @@ def dockerd() -> Iterator[Dockerd]:
         yield daemon
     finally:
         daemon.remove()
+
+
+@pytest.fixture
+def three_managers() -> Iterator[list[Dockerd]]:
+    """Three dockerd managers of one autolocked swarm, each in a network namespace of its own;
+    afterwards nothing of them is left (teardown fails otherwise)."""
+    with NetLab(nodes=3) as lab:
+        yield lab.managers(3)

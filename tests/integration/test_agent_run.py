@@ -4,6 +4,7 @@ real notify socket (issue 4's single-manager scenarios)."""
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers.agent import AgentNode
-from tests.helpers.dockerd import Dockerd
+from tests.helpers.dockerd import Dockerd, new_dockerd
 from tests.helpers.server import EscrowProcess, make_escrow
 
 pytestmark = pytest.mark.slow
@@ -76,3 +77,96 @@ def test_running_agent_unlocks_a_restarted_manager_and_speaks_the_notify_protoco
     assert "unlocked the manager with key version 1" in log
     assert key not in log
     assert key.removeprefix("SWMKEY-1-") not in log
+
+
+def test_agent_waits_for_a_custodian_approval_and_says_so_in_its_status(
+        dockerd: Dockerd, escrow: EscrowProcess, tmp_path: Path) -> None:
+    node = manager(dockerd, escrow, tmp_path / "node", "auto,alice,bob")
+    notify = node.start()
+    try:
+        dockerd.restart()
+        _, line = notify.wait_for(
+            lambda line: line.startswith("STATUS=locked, waiting for 1 more approval"))
+        request_id = line.split("(request ")[1].split(",")[0]
+        assert dockerd.state() == "locked"
+        approved = escrow.as_custodian("bob", "approve", request_id, "--yes")
+        assert approved.returncode == 0, approved.stderr
+        seconds = node.wait_state("active")
+        notify.wait_for(lambda line: line.startswith("STATUS=unlocked at"))
+    finally:
+        node.stop()
+    assert seconds < 20
+    assert f"waiting for 1 more approval(s) of request {request_id}" in node.log()
+
+
+def test_agent_retries_while_the_escrow_is_down_and_unlocks_once_it_is_back(
+        dockerd: Dockerd, escrow: EscrowProcess, tmp_path: Path) -> None:
+    node = manager(dockerd, escrow, tmp_path / "node", "auto,auto,alice,bob",
+                   retry_max_seconds=4)
+    notify = node.start()
+    try:
+        escrow.stop()
+        dockerd.restart()
+        notify.wait_for(lambda line: line.startswith("STATUS=locked; escrow unreachable, "
+                                                     "retrying in"))
+        time.sleep(8)  # several attempts, each refused at the TCP level
+        assert dockerd.state() == "locked"
+        attempts = [s for s in notify.statuses() if "escrow unreachable" in s]
+        escrow.start()
+        back = time.monotonic()
+        node.wait_state("active")
+        seconds = time.monotonic() - back
+    finally:
+        node.stop()
+    assert len(attempts) >= 3
+    assert seconds < 10  # the back-off is capped at 4 s here
+    log = node.log()
+    assert log.count("is unreachable") == 1  # logged when it starts, not on every retry
+    assert "unlocked the manager with key version 1" in log
+
+
+def test_revoked_node_and_node_of_another_cluster_stay_locked_with_audit_records(
+        escrow: EscrowProcess, tmp_path: Path) -> None:
+    revoked_daemon, foreign_daemon = new_dockerd(), new_dockerd()
+    nodes: list[AgentNode] = []
+    try:
+        revoked_daemon.start()
+        foreign_daemon.start()
+        revoked = manager(revoked_daemon, escrow, tmp_path / "revoked", "auto,auto,alice,bob")
+        node_id = revoked_daemon.api().info()["Swarm"]["NodeID"]
+        cluster_id = revoked_daemon.api().info()["Swarm"]["Cluster"]["ID"]
+        result = escrow.cli("node", "revoke", node_id, "--cluster", cluster_id, "--reason",
+                            "decommissioned")
+        assert result.returncode == 0, result.stderr
+        # The foreign manager's cluster is registered, but this node borrows the enrolled
+        # node's agent key and state instead of enrolling itself.
+        foreign_cluster = foreign_daemon.init_swarm()["Cluster"]["ID"]
+        foreign_ca = foreign_daemon.data_root / "swarm" / "certificates" / "swarm-root-ca.crt"
+        added = escrow.cli("cluster", "add", foreign_cluster, "--root-ca", str(foreign_ca),
+                           "--threshold", "2", "--slots", "auto,auto,alice,bob")
+        assert added.returncode == 0, added.stderr
+        foreign = AgentNode(tmp_path / "foreign", foreign_daemon, escrow)
+        foreign.base.mkdir()
+        shutil.copytree(revoked.state_dir, foreign.state_dir)
+        nodes = [revoked, foreign]
+        for node in nodes:
+            node.start()
+            node.daemon.restart()
+        for node in nodes:
+            assert node.notify is not None
+            node.notify.wait_for(lambda line: line.startswith(
+                "STATUS=locked; the escrow refused this node"))
+        time.sleep(2)
+        assert revoked_daemon.state() == "locked"
+        assert foreign_daemon.state() == "locked"
+    finally:
+        for node in nodes:
+            node.stop()
+        revoked_daemon.remove()
+        foreign_daemon.remove()
+    assert "node " + node_id + " is revoked" in revoked.log()
+    assert "cannot unseal: the escrow refused (403 unknown_node)" in foreign.log()
+    refusals = audit(escrow, "unseal.refused")
+    assert {str(details.get("reason")) for _, details in refusals} >= {"revoked",
+                                                                      "unknown_node"}
+    assert not audit(escrow, "unseal.release")
