@@ -1,0 +1,56 @@
+"""The unit files under systemd/: they parse cleanly and keep the settings the agent's
+behaviour depends on. (Issue 7's booted box proves what they do under a real systemd.)"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from agent.cli import EX_CONFIG
+from tests.conftest import REPO
+
+UNITS = REPO / "systemd"
+BIN = REPO / ".venv" / "bin"
+
+
+def settings(unit: str) -> dict[str, list[str]]:
+    found: dict[str, list[str]] = {}
+    for line in (UNITS / unit).read_text().splitlines():
+        if "=" in line and not line.startswith(("#", "[")):
+            key, _, value = line.partition("=")
+            found.setdefault(key, []).append(value)
+    return found
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="needs systemd-analyze")
+def test_units_pass_systemd_analyze_verify_without_a_single_warning(tmp_path: Path) -> None:
+    # verify checks that ExecStart exists, so point it at this checkout's installed commands.
+    for unit in ("escrow.service", "unseal-agent.service"):
+        text = (UNITS / unit).read_text().replace("/opt/swarm-unseal/bin/", f"{BIN}/")
+        (tmp_path / unit).write_text(text)
+    result = subprocess.run(["systemd-analyze", "verify", *map(str, tmp_path.iterdir())],
+                            capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout + result.stderr == ""  # unknown keys are only warnings: none allowed
+
+
+def test_agent_unit_follows_docker_through_restarts_crashes_and_stop_start() -> None:
+    agent = settings("unseal-agent.service")
+    assert agent["BindsTo"] == ["docker.service"]
+    assert "docker.service" in agent["After"][0].split()
+    assert agent["WantedBy"] == ["docker.service"]  # without it a docker crash strands it
+    assert agent["Type"] == ["notify"]
+    assert agent["WatchdogSec"]
+    assert agent["RestartPreventExitStatus"] == [str(EX_CONFIG)]
+    assert agent["CapabilityBoundingSet"] == [""]
+
+
+def test_escrow_unit_runs_unprivileged_with_its_pin_as_a_credential() -> None:
+    escrow = settings("escrow.service")
+    assert escrow["User"] == ["escrow"]
+    assert escrow["Type"] == ["notify"]
+    assert escrow["LoadCredential"] == ["hsm-pin:/etc/escrow/hsm-pin"]
+    assert "u escrow" in (UNITS / "escrow.sysusers").read_text()
