@@ -9,8 +9,9 @@ One task does the work, in this order on every turn: ask dockerd for the node's 
   when dockerd stops (or after `key_check_seconds`), so an idle agent does not poll.
 A second task pings systemd's watchdog while the first keeps making progress.
 
-The combined key lives in a local list from `candidate_keys` to the unlock call and is dropped
-right after; it is never logged, written, or passed on a command line.
+A combined key exists from `candidate_keys` combining it to the unlock call and is dropped
+right after; it is never logged, written, or passed on a command line. Older versions are
+combined only if the newer one does not unlock.
 """
 
 from __future__ import annotations
@@ -18,11 +19,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import itertools
 import logging
 import signal
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -163,12 +165,21 @@ class Agent:
             elif state == "locked":
                 outcome = await self._unseal()
                 if outcome.retry_in:
-                    await self._sleep(outcome.retry_in)
+                    await self._wait_while_locked(outcome.retry_in)
             elif state == "active":
                 await self._while_unlocked()
             else:
                 self.notifier.status(f"swarm state {state!r}: nothing to unlock; watching")
                 await self._watch_docker()
+
+    async def _wait_while_locked(self, seconds: float) -> None:
+        """Wait before asking again, but stop waiting as soon as the node is not locked any
+        more (unlocked by hand, or dockerd restarted), looking every few seconds."""
+        deadline = time.monotonic() + seconds
+        while (rest := deadline - time.monotonic()) > 0:
+            await self._sleep(min(rest, 5.0))
+            if await self._node_state() != "locked":
+                return
 
     async def _watch_docker(self) -> None:
         """Wait until dockerd stops or `key_check_seconds` pass, without polling it."""
@@ -326,14 +337,15 @@ class Agent:
         while True:
             try:
                 candidates = candidate_keys(status, ephemeral)
+                first = next(candidates, None)
             except SharesUnusable as exc:
                 self._error("%s (%s)", exc.message, exc.hint, **fields)
                 self.notifier.status(f"locked; the escrow's shares were unusable (request "
                                      f"{request_id}), asking again later")
                 return Outcome(False, self._escrow_backoff.next_delay())
-            if candidates:
-                return await self._unlock(identity, agent_key, request_id, candidates,
-                                          seen_locked)
+            if first is not None:
+                return await self._unlock(identity, agent_key, request_id,
+                                          itertools.chain([first], candidates), seen_locked)
             ended = self._ended(status)
             if ended is not None:
                 return ended
@@ -382,13 +394,14 @@ class Agent:
         return None
 
     async def _unlock(self, identity: NodeIdentity, agent_key: ec.EllipticCurvePrivateKey,
-                      request_id: str, candidates: list[tuple[int, UnlockKey]],
+                      request_id: str, candidates: Iterator[tuple[int, UnlockKey]],
                       seen_locked: float) -> Outcome:
         fields = {"REQUEST_ID": request_id}
         tried: list[int] = []
         try:
             for version, key in candidates:
                 unlocked = await self._docker(functools.partial(self.docker.unlock, key))
+                del key
                 if unlocked:
                     break
                 tried.append(version)
@@ -403,11 +416,9 @@ class Agent:
                 self.notifier.status(f"locked; no escrowed key version unlocks this manager "
                                      f"(request {request_id})")
                 return Outcome(False, self.config.refused_retry_seconds)
-        except DockerUnavailable as exc:
-            self._warn("dockerd went away during the unlock (%s)", exc.message, **fields)
+        except (DockerUnavailable, SharesUnusable) as exc:
+            self._warn("unlock abandoned: %s", exc.message, **fields)
             return Outcome(False)
-        finally:
-            candidates.clear()
         seconds = time.monotonic() - seen_locked
         self._report(request_id, identity.node_id, agent_key, "unlocked", version)
         self._info("unlocked the manager with key version %d (request %s) %.2f s after "

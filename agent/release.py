@@ -1,12 +1,15 @@
 """Opening released shares and combining them into candidate keys (pure).
 
-The combined key exists only in the list this returns; callers try each candidate, newest
-version first, and drop them all as soon as the manager is unlocked.
+Every share is decrypted (and so checked) at once; keys are combined one version at a time,
+newest first, only as the caller asks for the next one. A manager that unlocks with the newest
+version never has an older key combined, and each combined key exists only until the caller
+moves on.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Iterator
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
@@ -19,8 +22,9 @@ from escrow.unlockkey import UnlockKey
 
 
 def candidate_keys(status: RequestStatus,
-                   ephemeral: X25519PrivateKey) -> list[tuple[int, UnlockKey]]:
-    """(version, key) for every version with enough shares, newest version first."""
+                   ephemeral: X25519PrivateKey) -> Iterator[tuple[int, UnlockKey]]:
+    """(version, key) for every version with enough shares, newest version first. Raises
+    SharesUnusable at once if any share does not decrypt."""
     by_version: dict[int, list[str]] = defaultdict(list)
     fingerprints: dict[int, str] = {}
     for release in status.releases:
@@ -34,14 +38,18 @@ def candidate_keys(status: RequestStatus,
                                  "the answer was altered or belongs to another request") from None
         by_version[release.version].append(plain.decode("ascii"))
         fingerprints[release.version] = release.fingerprint
-    candidates = []
+    return _combined(status.cluster_id, by_version, fingerprints)
+
+
+def _combined(cluster_id: str, by_version: dict[int, list[str]], fingerprints: dict[int, str],
+              ) -> Iterator[tuple[int, UnlockKey]]:
     for version in sorted(by_version, reverse=True):
         try:
             key = shares.combine(by_version[version])
         except RecoveryError:
             continue  # not enough shares of this version yet
-        if key.fingerprint(status.cluster_id) != fingerprints[version]:
+        if key.fingerprint(cluster_id) != fingerprints[version]:
             raise SharesUnusable(f"the shares of version {version} combine to a key whose "
                                  "fingerprint does not match", "report this to the escrow admin")
-        candidates.append((version, key))
-    return candidates
+        yield version, key
+        del key

@@ -31,6 +31,10 @@ class Status:
     problems: list[str] = field(default_factory=list)
 
 
+def _problem(exc: AgentError | EscrowError) -> str:
+    return exc.message + (f" ({exc.hint})" if exc.hint else "")
+
+
 async def gather(config: AgentConfig) -> Status:
     status = Status(escrow_url=config.escrow_url)
     try:
@@ -38,13 +42,13 @@ async def gather(config: AgentConfig) -> Status:
         status.node_id, status.cluster_id = identity.node_id, identity.cluster_id
         status.role, status.kek_version = identity.role, identity.kek_version
     except AgentError as exc:
-        status.problems.append(exc.message)
+        status.problems.append(_problem(exc))
     try:
         status.lock_state = str(Docker(config.docker_host, timeout=10).swarm().get(
             "LocalNodeState", "unknown"))
     except AgentError as exc:
         status.lock_state = "docker unreachable"
-        status.problems.append(exc.message)
+        status.problems.append(_problem(exc))
     try:
         saved = agent_state.load(config.state_path)
         keys.load(config.agent_key_path)
@@ -56,11 +60,11 @@ async def gather(config: AgentConfig) -> Status:
         status.escrowed_versions = saved.versions()
         status.last_unlock = saved.last_unlock
     except AgentError as exc:
-        status.problems.append(exc.message)
+        status.problems.append(_problem(exc))
     try:
         async with EscrowClient(config.escrow_url, config.escrow_ca, timeout=10) as client:
             await client.health()
         status.escrow_reachable = True
     except (AgentError, EscrowError) as exc:
-        status.problems.append(exc.message)
+        status.problems.append(_problem(exc))
     return status

@@ -26,7 +26,7 @@ from escrow.softhsm import create_token, default_module
 from escrow.store.sqlite import SqliteStore
 from escrow.vault import Vault, timestamp
 from tests.helpers.certs import make_root_ca
-from tests.helpers.dockerd import Dockerd, new_dockerd
+from tests.helpers.dockerd import Dockerd
 from tests.helpers.netlab import NetLab
 
 SESSION_TOKEN = "tests"
@@ -130,13 +130,18 @@ def data_dir(tmp_path: Path, hsm_settings: HsmSettings, token: Token) -> Path:
 
 @pytest.fixture
 def dockerd() -> Iterator[Dockerd]:
-    """A started dockerd of this test's own, removed with everything it mounted afterwards."""
-    daemon = new_dockerd()
-    try:
-        daemon.start()
-        yield daemon
-    finally:
-        daemon.remove()
+    """A started dockerd of this test's own in a network namespace of its own (swarm init
+    creates docker_gwbridge and an ingress sandbox, which must not land in the host's
+    namespace); afterwards nothing of it is left."""
+    with NetLab(nodes=1) as lab:
+        yield lab.start_daemon(0)
+
+
+@pytest.fixture
+def two_dockerds() -> Iterator[list[Dockerd]]:
+    """Two started, unrelated dockerd, each in a namespace of its own (for two swarms)."""
+    with NetLab(nodes=2) as lab:
+        yield [lab.start_daemon(0), lab.start_daemon(1)]
 
 
 @pytest.fixture

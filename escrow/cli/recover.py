@@ -1,7 +1,8 @@
 """``escrow recover``: rebuild an unlock key from paper shares, with no server, database or HSM.
 
 Mnemonics are read one per line from standard input, or prompted for without echo on a
-terminal until enough have been typed. The key is printed on standard output and nowhere else.
+terminal until enough have been typed. The key is printed on standard output and nowhere else,
+or, with --unlock, handed straight to the local dockerd's API and not shown at all.
 """
 
 from __future__ import annotations
@@ -10,9 +11,13 @@ import getpass
 import sys
 
 import click
+import docker
+import docker.errors
+import requests
 
 from escrow import shares
 from escrow.errors import RecoveryError
+from escrow.unlockkey import UnlockKey
 
 
 def _from_terminal() -> shares.ShareSet:
@@ -40,11 +45,36 @@ def _from_stdin() -> shares.ShareSet:
     return state
 
 
+def _unlock(key: UnlockKey, docker_host: str) -> None:
+    try:
+        docker.APIClient(base_url=docker_host, version="1.41", timeout=60).unlock_swarm(
+            key.swmkey())
+    except docker.errors.APIError as exc:
+        if exc.status_code == 401 or "invalid key" in str(exc.explanation):
+            raise RecoveryError("the rebuilt key does not unlock this manager",
+                                "these shares belong to another key version or cluster; try "
+                                "the shares of an older version") from None
+        raise RecoveryError(f"dockerd refused the unlock: {exc.explanation}",
+                            "is this node a locked manager? (`docker info`)") from None
+    except (docker.errors.DockerException, requests.RequestException) as exc:
+        raise RecoveryError(f"cannot reach dockerd at {docker_host}: {type(exc).__name__}",
+                            "is docker running? give --docker-host") from None
+
+
 @click.command()
-def recover() -> None:
+@click.option("--unlock", is_flag=True,
+              help="Unlock the local manager with the rebuilt key instead of printing it.")
+@click.option("--docker-host", default="unix:///var/run/docker.sock", show_default=True,
+              help="dockerd's API socket, for --unlock.")
+def recover(unlock: bool, docker_host: str) -> None:
     """Rebuild the SWMKEY-1-... key from SLIP-39 shares (offline disaster recovery)."""
     state = _from_terminal() if sys.stdin.isatty() else _from_stdin()
     key = shares.combine_set(state)
+    if unlock:
+        _unlock(key, docker_host)
+        click.echo("the manager accepted the rebuilt key and is unlocking; rotate the key once "
+                   "the escrow is back (`unseal-agent rotate`)", err=True)
+        return
     click.echo(key.swmkey())
     click.echo("unlock with `docker swarm unlock` and paste the key at its prompt; then rotate "
                "the key, since it has been on screen", err=True)

@@ -26,7 +26,6 @@ import docker
 
 from tests.helpers.net import free_port
 
-
 SWARM_PORT = 2377
 
 
@@ -42,6 +41,12 @@ class Dockerd:
     hostname: str | None = None
     # The swarm's listen and advertise address; None means 127.0.0.1 on a free port.
     advertise_addr: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.hostname is not None and self.netns is None:
+            raise ValueError("a hostname of its own needs a network namespace (netns)")
+        if self.hostname is None:
+            self.hostname = self.netns
 
     @property
     def data_root(self) -> Path:
@@ -140,8 +145,8 @@ class Dockerd:
                                listen_addr=f"{address}:{self.swarm_port}",
                                advertise_addr=address)
             except docker.errors.APIError as error:
-                # Seen on a first join in a fresh lab; the join then goes on in the background
-                # and may never finish, so start it over.
+                # A first join has been seen to time out (DESIGN section 6). dockerd keeps on
+                # trying in the background, so leave that attempt before making a fresh one.
                 if attempt or "Timeout was reached" not in str(error):
                     raise
                 self.leave(force=True)

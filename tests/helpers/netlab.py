@@ -8,6 +8,8 @@ collide. close() leaves nothing behind and says so, or raises (DESIGN section 6)
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
 import random
 import secrets
@@ -35,11 +37,9 @@ def wait_for(check: Callable[[], bool], timeout: float, what: str) -> float:
     """Seconds until `check()` holds; exceptions count as "not yet"."""
     started = time.monotonic()
     while time.monotonic() - started < timeout:
-        try:
+        with contextlib.suppress(Exception):  # a daemon busy or restarting: look again
             if check():
                 return time.monotonic() - started
-        except Exception:  # a daemon busy or restarting: look again
-            pass
         time.sleep(0.2)
     raise AssertionError(f"{what}: not within {timeout} s")
 
@@ -123,9 +123,7 @@ class NetLab:
         # One at a time: each new manager changes the raft quorum the next join depends on.
         for number, daemon in enumerate(daemons[1:], start=2):
             daemon.join(first)
-            wanted = {d.hostname or d.netns for d in daemons[:number]}
-            wait_for(lambda wanted=wanted: ready_managers(first) >= wanted, 60,
-                     f"{number} managers ready and reachable")
+            _wait_ready(first, daemons[:number])
         return daemons
 
     def leftovers(self) -> list[str]:
@@ -153,7 +151,8 @@ class NetLab:
         if self._closed:
             return
         self._closed = True
-        errors = _run_all([lambda d=daemon: _remove(d, stop_timeout) for daemon in self.daemons])
+        errors = _run_all([functools.partial(_remove, daemon, stop_timeout)
+                           for daemon in self.daemons])
         for name in reversed(self._created):
             # Anything still in one of these namespaces was started by this lab (the names are
             # its own); a process left there would keep the namespace alive unseen.
@@ -172,6 +171,12 @@ class NetLab:
     def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
                  traceback: TracebackType | None) -> None:
         self.close()
+
+
+def _wait_ready(first: Dockerd, daemons: list[Dockerd]) -> None:
+    wanted = {daemon.hostname for daemon in daemons}
+    wait_for(lambda: ready_managers(first) >= wanted, 60,
+             f"{len(daemons)} managers ready and reachable")
 
 
 def _remove(daemon: Dockerd, stop_timeout: float) -> None:

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO
+from tests.helpers.agent import AgentNode
 from tests.helpers.dockerd import Dockerd
 from tests.helpers.net import free_port
 from tests.helpers.server import EscrowProcess, make_escrow
@@ -86,3 +87,40 @@ def test_bad_agent_config_names_the_setting(tmp_path: Path) -> None:
     assert "unknown setting 'escrow_pin'" in result.stderr
     config.write_text('escrow_url = "http://x"\nescrow_ca = "/ca.pem"\n')
     assert "is not an https:// URL" in agent(config, "enroll").stderr
+
+
+def test_status_reports_node_lock_state_enrollment_escrow_and_versions(
+        dockerd: Dockerd, escrow: EscrowProcess, tmp_path: Path) -> None:
+    swarm = dockerd.init_swarm()
+    root_ca = dockerd.data_root / "swarm" / "certificates" / "swarm-root-ca.crt"
+    added = escrow.cli("cluster", "add", swarm["Cluster"]["ID"], "--root-ca", str(root_ca),
+                       "--threshold", "2", "--slots", "auto,auto,alice,bob")
+    assert added.returncode == 0, added.stderr
+    node = AgentNode(tmp_path / "node", dockerd, escrow)
+    before = node.command("status", "--json")
+    assert before.returncode == 1
+    assert json.loads(before.stdout)["enrolled"] is False
+    assert "run `unseal-agent enroll`" in " ".join(json.loads(before.stdout)["problems"])
+    node.enroll()
+
+    report = node.command("status", "--json")
+    assert report.returncode == 0, report.stderr
+    status = json.loads(report.stdout)
+    assert (status["node_id"], status["cluster_id"], status["role"]) == (
+        swarm["NodeID"], swarm["Cluster"]["ID"], "swarm-manager")
+    assert (status["lock_state"], status["enrolled"], status["escrow_reachable"]) == (
+        "active", True, True)
+    assert status["escrowed_versions"] == [1]
+    assert status["last_unlock"] is None
+    text = node.command("status")
+    assert "lock state:     active" in text.stdout
+    assert "escrowed keys:  v1" in text.stdout
+
+    escrow.stop()
+    dockerd.stop()
+    down = node.command("status", "--json")
+    escrow.start()
+    assert down.returncode == 1
+    status = json.loads(down.stdout)
+    assert (status["lock_state"], status["escrow_reachable"]) == ("docker unreachable", False)
+    assert any("the escrow at" in problem for problem in status["problems"])

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers.agent import AgentNode
-from tests.helpers.dockerd import Dockerd, new_dockerd
+from tests.helpers.dockerd import Dockerd
 from tests.helpers.server import EscrowProcess, make_escrow
 
 pytestmark = pytest.mark.slow
@@ -126,12 +126,10 @@ def test_agent_retries_while_the_escrow_is_down_and_unlocks_once_it_is_back(
 
 
 def test_revoked_node_and_node_of_another_cluster_stay_locked_with_audit_records(
-        escrow: EscrowProcess, tmp_path: Path) -> None:
-    revoked_daemon, foreign_daemon = new_dockerd(), new_dockerd()
+        escrow: EscrowProcess, two_dockerds: list[Dockerd], tmp_path: Path) -> None:
+    revoked_daemon, foreign_daemon = two_dockerds
     nodes: list[AgentNode] = []
     try:
-        revoked_daemon.start()
-        foreign_daemon.start()
         revoked = manager(revoked_daemon, escrow, tmp_path / "revoked", "auto,auto,alice,bob")
         node_id = revoked_daemon.api().info()["Swarm"]["NodeID"]
         cluster_id = revoked_daemon.api().info()["Swarm"]["Cluster"]["ID"]
@@ -162,11 +160,30 @@ def test_revoked_node_and_node_of_another_cluster_stay_locked_with_audit_records
     finally:
         for node in nodes:
             node.stop()
-        revoked_daemon.remove()
-        foreign_daemon.remove()
     assert "node " + node_id + " is revoked" in revoked.log()
     assert "cannot unseal: the escrow refused (403 unknown_node)" in foreign.log()
     refusals = audit(escrow, "unseal.refused")
     assert {str(details.get("reason")) for _, details in refusals} >= {"revoked",
                                                                       "unknown_node"}
     assert not audit(escrow, "unseal.release")
+
+
+def test_paper_shares_unlock_a_locked_manager_directly_when_the_escrow_is_gone(
+        dockerd: Dockerd, escrow: EscrowProcess, tmp_path: Path) -> None:
+    manager(dockerd, escrow, tmp_path / "node", "auto,auto,alice,bob")
+    key = dockerd.api().get_unlock_key()["UnlockKey"]
+    paper = [escrow.as_custodian(name, "share", "export", "--cluster",
+                                 dockerd.api().info()["Swarm"]["Cluster"]["ID"])
+             for name in ("alice", "bob")]
+    assert all(p.returncode == 0 for p in paper), [p.stderr for p in paper]
+    escrow.stop()
+    dockerd.restart()
+    assert dockerd.state() == "locked"
+    wrong = escrow.cli("recover", "--unlock", "--docker-host", dockerd.socket,
+                       stdin=paper[0].stdout)
+    assert wrong.returncode == 1  # one share of two: nothing is combined, nothing unlocked
+    recovered = escrow.cli("recover", "--unlock", "--docker-host", dockerd.socket,
+                           stdin=paper[0].stdout + paper[1].stdout)
+    assert recovered.returncode == 0, recovered.stderr
+    assert key not in recovered.stdout + recovered.stderr
+    AgentNode(tmp_path / "node", dockerd, escrow).wait_state("active")

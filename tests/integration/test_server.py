@@ -104,7 +104,7 @@ def test_deposit_over_the_api_is_idempotent_and_adds_versions(escrow: EscrowProc
             status, ephemeral = await c.unseal(node.cluster_id, node.node_id, node.cert_pem,
                                                node.agent_key, node.hostname, "boot-1")
             assert [v for v, _ in candidate_keys(status, ephemeral)] == [2, 1]
-            assert candidate_keys(status, ephemeral)[1][1] == key
+            assert list(candidate_keys(status, ephemeral))[1][1] == key
             assert [r.version for r in status.releases] == [2, 2, 1, 1]
 
     run(scenario())
@@ -119,7 +119,7 @@ def test_approval_is_needed_shown_to_custodians_and_releases_their_share(
             status, ephemeral = await c.unseal(node.cluster_id, node.node_id, node.cert_pem,
                                                node.agent_key, "mgr-approval", "boot-2")
             assert (status.state, status.needed) == ("pending", 1)
-            assert candidate_keys(status, ephemeral) == []
+            assert list(candidate_keys(status, ephemeral)) == []
             listed = await asyncio.to_thread(escrow.as_custodian, "bob", "requests", "--json")
             assert listed.returncode == 0, listed.stderr
             mine = [r for r in json.loads(listed.stdout) if r["request_id"] == status.request_id]
@@ -138,7 +138,7 @@ def test_approval_is_needed_shown_to_custodians_and_releases_their_share(
             ready = await poll
             assert time.monotonic() - started < 10  # the long poll woke, it did not time out
             assert (ready.state, ready.approvals) == ("ready", ["bob"])
-            assert candidate_keys(ready, ephemeral) == [(1, key)]
+            assert list(candidate_keys(ready, ephemeral)) == [(1, key)]
 
     run(scenario())
     last = audit(escrow, 3)

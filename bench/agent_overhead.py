@@ -1,0 +1,263 @@
+"""The agent's own overhead: from dockerd's /info first answering `locked` to the unlock call
+reaching dockerd, over N restarts, next to a baseline that unlocks with the key read from a
+plain file (the insecure thing users do today). Then the idle agent's RSS and CPU.
+
+Run from the repository root:  .venv/bin/python -m bench.agent_overhead --restarts 20
+
+Both unlockers talk to dockerd through a unix-socket tap that timestamps the first /info
+answer saying `locked` that the unlocker receives and its `POST /swarm/unlock` as it arrives.
+Both poll /info every 50 ms (the agent's docker_poll_seconds, the baseline's sleep); measuring
+from the answer each one received takes that polling phase out, so the difference is what the
+agent does on top:
+nonce, signed unseal request over TLS, HPKE opening, SLIP-39 combining. Auto policy (t=2),
+escrow on loopback. Rounds alternate agent / baseline so both see the same conditions.
+Everything (dockerd, escrow, SoftHSM token) lives in a temporary directory removed at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import platform
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import docker
+
+from bench.unseal_storm import percentile
+from tests.conftest import REPO
+from tests.helpers.agent import agent_env
+from tests.helpers.dockerd import Dockerd
+from tests.helpers.netlab import NetLab
+from tests.helpers.server import EscrowProcess, make_escrow
+
+POLL = 0.05
+BASELINE = '''
+import sys, time, docker
+api = docker.APIClient(base_url=sys.argv[1], version="1.41", timeout=30)
+while True:
+    try:
+        locked = api.info()["Swarm"]["LocalNodeState"] == "locked"
+    except Exception:
+        locked = False
+    if locked:
+        with open(sys.argv[2]) as handle:
+            api.unlock_swarm(handle.read().strip())
+    time.sleep(float(sys.argv[3]))
+'''
+
+
+class UnlockTap:
+    """A unix-socket proxy in front of dockerd that notes when an unlocker is first told
+    `locked` and when its unlock call arrives."""
+
+    LOCKED = b'"LocalNodeState":"locked"'
+
+    def __init__(self, path: Path, upstream: str) -> None:
+        self.path = path
+        self.upstream = upstream.removeprefix("unix://")
+        self.unlocks: list[float] = []
+        self.locked: list[float] = []
+        self.server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.server.bind(str(path))
+        self.server.listen(64)
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.server.accept()
+            except OSError:
+                return
+            upstream = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                upstream.connect(self.upstream)
+            except OSError:
+                client.close()
+                continue
+            threading.Thread(target=self._pump, args=(client, upstream, True),
+                             daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, client, False),
+                             daemon=True).start()
+
+    def _pump(self, source: socket.socket, sink: socket.socket, requests: bool) -> None:
+        tail = b""  # a marker may straddle two reads
+        try:
+            while data := source.recv(65536):
+                seen = tail + data
+                if requests and b"POST /v1.41/swarm/unlock " in seen:
+                    self.unlocks.append(time.monotonic())
+                if not requests and self.LOCKED in seen:
+                    self.locked.append(time.monotonic())
+                tail = seen[-64:]
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for end in (source, sink):
+                with contextlib.suppress(OSError):
+                    end.shutdown(socket.SHUT_RDWR)
+
+    def close(self) -> None:
+        self.server.close()
+
+
+def restart_and_time(daemon: Dockerd, tap: UnlockTap) -> float:
+    """Restart dockerd; seconds from the unlocker first being told `locked` to its unlock
+    call reaching dockerd."""
+    daemon.stop()
+    stopped = time.monotonic()
+    daemon.start()
+    api = docker.APIClient(base_url=daemon.socket, version="1.41", timeout=30)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        locked = [t for t in tap.locked if t >= stopped]
+        unlocks = [t for t in tap.unlocks if locked and t >= locked[0]]
+        if unlocks and api.info()["Swarm"]["LocalNodeState"] == "active":
+            return unlocks[0] - locked[0]
+        time.sleep(0.05)
+    raise RuntimeError("the manager was not unlocked within 60 s")
+
+
+def rss_and_cpu(pid: int, seconds: float) -> tuple[float, float]:
+    def ticks() -> int:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return int(fields[11]) + int(fields[12])  # utime + stime
+
+    before = ticks()
+    time.sleep(seconds)
+    used = (ticks() - before) / os.sysconf("SC_CLK_TCK")
+    rss = next(int(line.split()[1]) for line in Path(f"/proc/{pid}/status").read_text()
+               .splitlines() if line.startswith("VmRSS:")) / 1024
+    return rss, 100 * used / seconds
+
+
+def start(command: list[str], log: Path) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(command, cwd=REPO, env=agent_env(), stdout=subprocess.DEVNULL,
+                            stderr=log.open("ab"))
+
+
+def stop(process: subprocess.Popen[bytes]) -> None:
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+def measure(rounds: int, commands: dict[str, list[str]], daemon: Dockerd, tap: UnlockTap,
+            base: Path) -> dict[str, list[float]]:
+    results: dict[str, list[float]] = {name: [] for name in commands}
+    for round_ in range(rounds):
+        for name, command in commands.items():
+            process = start(command, base / f"{name}.log")
+            time.sleep(1.5)  # let it come up and settle on `active`
+            try:
+                results[name].append(restart_and_time(daemon, tap))
+            except RuntimeError:
+                log = (base / f"{name}.log").read_text(errors="replace")
+                raise RuntimeError(f"{name} did not unlock; its log ends:\n{log[-3000:]}"
+                                   f"\ndockerd's log ends:\n{daemon.log()}") from None
+            finally:
+                stop(process)
+        print(f"round {round_ + 1}: " + ", ".join(
+            f"{name} {values[-1] * 1000:.0f} ms" for name, values in results.items()),
+            file=sys.stderr)
+    return results
+
+
+def report(restarts: int, idle_seconds: float, results: dict[str, list[float]], rss: float,
+           cpu: float) -> str:
+    def ms(values: list[float], fraction: float) -> str:
+        return f"{percentile(values, fraction) * 1000:.0f}"
+
+    overhead = (percentile(results["agent"], 0.5) - percentile(results["baseline"], 0.5)) * 1000
+    return "\n".join([
+        f"# unseal-agent overhead ({datetime.now(UTC):%Y-%m-%d}, {platform.node()}, "
+        f"{os.cpu_count()} CPUs)",
+        "",
+        f"`.venv/bin/python -m bench.agent_overhead --restarts {restarts}`: dockerd restarted "
+        f"{restarts} times per unlocker; time from the unlocker receiving its first /info answer "
+        f"`locked` to its `POST /swarm/unlock` reaching dockerd; both poll every "
+        f"{POLL * 1000:.0f} ms.",
+        "",
+        "| unlocker | p50 ms | p99 ms | min ms | max ms |",
+        "| --- | --- | --- | --- | --- |",
+        *(f"| {name} | {ms(values, 0.5)} | {ms(values, 0.99)} | {min(values) * 1000:.0f} | "
+          f"{max(values) * 1000:.0f} |" for name, values in results.items()),
+        "",
+        f"Agent overhead at p50: {overhead:.0f} ms (goal: at most 50 ms).",
+        "",
+        f"Idle agent over {idle_seconds:.0f} s (manager unlocked, nothing to do): "
+        f"RSS {rss:.1f} MiB, CPU {cpu:.2f} %.",
+        "",
+    ])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--restarts", type=int, default=20)
+    parser.add_argument("--idle-seconds", type=float, default=60.0)
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory(prefix="agent-bench-") as tmp:
+        base = Path(tmp)
+        # Twenty restarts in a few minutes exceed the default 10 unseal requests per 600 s.
+        escrow: EscrowProcess = make_escrow(base / "escrow", ESCROW_REQUESTS_RATE_LIMIT="1000")
+        escrow.custodian("alice")
+        escrow.custodian("bob")
+        escrow.start()
+        lab = NetLab(nodes=1)
+        tap: UnlockTap | None = None
+        try:
+            daemon = lab.start_daemon(0)
+            cluster = daemon.init_swarm()["Cluster"]["ID"]
+            root_ca = daemon.data_root / "swarm" / "certificates" / "swarm-root-ca.crt"
+            added = escrow.cli("cluster", "add", cluster, "--root-ca", str(root_ca),
+                               "--threshold", "2", "--slots", "auto,auto,alice,bob")
+            assert added.returncode == 0, added.stderr
+            tap = UnlockTap(daemon.root / "tap.sock", daemon.socket)
+            config = base / "agent.toml"
+            config.write_text(f'escrow_url = "{escrow.url}"\nescrow_ca = "{escrow.ca}"\n'
+                              f'docker_host = "unix://{tap.path}"\n'
+                              f'docker_root = "{daemon.data_root}"\n'
+                              f'state_dir = "{base / "state"}"\ndocker_poll_seconds = {POLL}\n')
+            enrolled = subprocess.run([sys.executable, "-m", "agent", "enroll", "--config",
+                                       str(config)], cwd=REPO, env=agent_env(),
+                                      capture_output=True, text=True, check=False)
+            assert enrolled.returncode == 0, enrolled.stderr
+            key_file = base / "unlock-key"  # the baseline's plain file, removed with tmp
+            key_file.write_text(daemon.api().get_unlock_key()["UnlockKey"])
+            agent_cmd = [sys.executable, "-m", "agent", "run", "--config", str(config)]
+            baseline_cmd = [sys.executable, "-c", BASELINE, f"unix://{tap.path}",
+                            str(key_file), str(POLL)]
+            results = measure(args.restarts, {"agent": agent_cmd, "baseline": baseline_cmd},
+                              daemon, tap, base)
+            agent = start(agent_cmd, base / "agent.log")
+            time.sleep(5)
+            rss, cpu = rss_and_cpu(agent.pid, args.idle_seconds)
+            stop(agent)
+        finally:
+            if tap is not None:
+                tap.close()
+            lab.close()
+            escrow.stop()
+
+    table = report(args.restarts, args.idle_seconds, results, rss, cpu)
+    print(table)
+    if args.out:
+        args.out.write_text(table)
+
+
+if __name__ == "__main__":
+    main()
