@@ -41,17 +41,19 @@ def _cert_der(cert_pem: str) -> bytes:
 
 class EscrowClient:
     def __init__(self, url: str, ca: Path, *, timeout: float = 30.0, connections: int = 4,
-                 ) -> None:
+                 keepalive: float = 15.0) -> None:
         self.url = url.rstrip("/")
         self._ssl = client_context(ca)
         self._timeout = aiohttp.ClientTimeout(total=timeout)
         self._connections = connections
+        self._keepalive = keepalive
         self._session: aiohttp.ClientSession | None = None
 
     async def __aenter__(self) -> EscrowClient:
         self._session = aiohttp.ClientSession(
             timeout=self._timeout,
-            connector=aiohttp.TCPConnector(ssl=self._ssl, limit=self._connections))
+            connector=aiohttp.TCPConnector(ssl=self._ssl, limit=self._connections,
+                                           keepalive_timeout=self._keepalive))
         return self
 
     async def __aexit__(self, kind: type[BaseException] | None, value: BaseException | None,

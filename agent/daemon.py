@@ -24,7 +24,7 @@ import logging
 import signal
 import socket
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -144,11 +144,25 @@ class Agent:
                 self._docker_was_down = True
                 self._warn("dockerd is not answering at %s; watching for it",
                            self.config.docker_host)
+                self._warm_escrow()
             return None
         if self._docker_was_down:
             self._docker_was_down = False
             self._info("dockerd answers again; the swarm is %s", state)
         return state
+
+    def _in_background(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(work)
+        self.background.add(task)
+        task.add_done_callback(self.background.discard)
+
+    def _warm_escrow(self) -> None:
+        """dockerd went away, so it will most likely come back locked: open the TLS
+        connection to the escrow now, so the unseal request does not wait for a handshake."""
+        async def touch() -> None:
+            with contextlib.suppress(AgentError):
+                await self.client.info()
+        self._in_background(touch())
 
     # -- the loop ---------------------------------------------------------------------------
 
@@ -466,9 +480,7 @@ class Agent:
                     return
             self._warn("could not report the result of request %s to the escrow",
                        request_id, REQUEST_ID=request_id)
-        task = asyncio.create_task(send())
-        self.background.add(task)
-        task.add_done_callback(self.background.discard)
+        self._in_background(send())
 
 
 def _newest(status: RequestStatus) -> int:
@@ -491,7 +503,9 @@ async def run(config: AgentConfig, log: logging.Logger) -> None:
     """Run until SIGTERM or SIGINT."""
     notifier = Notifier()
     docker = Docker(config.docker_host, timeout=30)
-    async with EscrowClient(config.escrow_url, config.escrow_ca) as client:
+    # Connections kept a minute, so one warmed while dockerd restarts is still open when it
+    # comes back locked.
+    async with EscrowClient(config.escrow_url, config.escrow_ca, keepalive=60.0) as client:
         agent = Agent(config, docker, client, notifier, log)
         main = asyncio.current_task()
         loop = asyncio.get_running_loop()

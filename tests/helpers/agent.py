@@ -6,7 +6,6 @@ binds an AF_UNIX datagram socket, passes it as NOTIFY_SOCKET, and reads what the
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import socket
@@ -157,12 +156,21 @@ class AgentNode:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
     def wait_state(self, wanted: str, timeout: float = 60.0) -> float:
-        """Seconds until dockerd reports the wanted swarm state."""
-        started = time.monotonic()
-        while time.monotonic() - started < timeout:
-            with contextlib.suppress(Exception):  # dockerd busy or restarting: look again
-                if self.daemon.state() == wanted:
-                    return time.monotonic() - started
-            time.sleep(0.1)
-        raise AssertionError(f"swarm state never became {wanted!r}; agent log:\n"
-                             + self.log()[-3000:])
+        """Seconds until dockerd reports the wanted swarm state; the agent's log if never."""
+        try:
+            return self.daemon.wait_state(wanted, timeout)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; agent log:\n{self.log()[-3000:]}") from None
+
+
+def enrolled_manager(dockerd: Dockerd, escrow: EscrowProcess, base: Path, slots: str,
+                     threshold: int = 2, **settings: float) -> AgentNode:
+    """An autolocked single-manager swarm, registered with the escrow and enrolled."""
+    cluster_id = dockerd.init_swarm()["Cluster"]["ID"]
+    root_ca = dockerd.data_root / "swarm" / "certificates" / "swarm-root-ca.crt"
+    added = escrow.cli("cluster", "add", cluster_id, "--root-ca", str(root_ca), "--threshold",
+                       str(threshold), "--slots", slots)
+    assert added.returncode == 0, added.stderr
+    node = AgentNode(base, dockerd, escrow, settings)
+    node.enroll()
+    return node

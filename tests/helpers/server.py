@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import signal
@@ -131,6 +132,13 @@ class EscrowProcess:
             code = self.process.wait()
         self.process = None
         return code
+
+    def audit(self, prefix: str = "") -> list[tuple[str, dict[str, object]]]:
+        """(event, details) of every audit record whose event starts with prefix."""
+        result = self.cli("audit", "show", "--json", "--limit", "100000")
+        assert result.returncode == 0, result.stderr
+        return [(r["event"], r["details"]) for r in json.loads(result.stdout)
+                if r["event"].startswith(prefix)]
 
     def log(self) -> str:
         path = self.base / "serve.log"

@@ -7,7 +7,6 @@ import os
 import stat
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -16,19 +15,10 @@ from tests.conftest import REPO
 from tests.helpers.agent import AgentNode
 from tests.helpers.dockerd import Dockerd
 from tests.helpers.net import free_port
-from tests.helpers.server import EscrowProcess, make_escrow
+from tests.helpers.server import EscrowProcess
 
 pytestmark = pytest.mark.slow
 
-
-@pytest.fixture
-def escrow(tmp_path: Path) -> Iterator[EscrowProcess]:
-    server = make_escrow(tmp_path / "escrow")
-    for name in ("alice", "bob"):
-        server.custodian(name)
-    server.start()
-    yield server
-    server.stop()
 
 
 def agent(config: Path, *args: str) -> subprocess.CompletedProcess[str]:

@@ -7,7 +7,6 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -18,21 +17,12 @@ from agent.errors import AgentError
 from agent.rotate import rotate
 from escrow import unlockkey
 from escrow.unlockkey import UnlockKey
+from tests.helpers.agent import enrolled_manager
 from tests.helpers.dockerd import Dockerd
-from tests.helpers.server import EscrowProcess, make_escrow
-from tests.integration.test_agent_run import manager
+from tests.helpers.server import EscrowProcess
 
 pytestmark = pytest.mark.slow
 
-
-@pytest.fixture
-def escrow(tmp_path: Path) -> Iterator[EscrowProcess]:
-    server = make_escrow(tmp_path / "escrow")
-    for name in ("alice", "bob"):
-        server.custodian(name)
-    server.start()
-    yield server
-    server.stop()
 
 
 def versions(escrow: EscrowProcess, cluster_id: str) -> list[tuple[int, str]]:
@@ -47,7 +37,7 @@ def current_key(dockerd: Dockerd) -> UnlockKey:
 
 def test_rotate_refuses_while_the_escrow_is_down_then_rotates_and_escrows_in_one_step(
         dockerd: Dockerd, escrow: EscrowProcess, tmp_path: Path) -> None:
-    node = manager(dockerd, escrow, tmp_path / "node", "auto,auto,alice,bob")
+    node = enrolled_manager(dockerd, escrow, tmp_path / "node", "auto,auto,alice,bob")
     cluster_id = dockerd.api().info()["Swarm"]["Cluster"]["ID"]
     before = current_key(dockerd)
     escrow.stop()
@@ -74,7 +64,7 @@ def test_rotate_refuses_while_the_escrow_is_down_then_rotates_and_escrows_in_one
 def test_a_rotation_the_escrow_missed_fails_loudly_and_the_running_agent_deposits_it(
         dockerd: Dockerd, escrow: EscrowProcess, tmp_path: Path,
         monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
-    node = manager(dockerd, escrow, tmp_path / "node", "auto,auto,alice,bob",
+    node = enrolled_manager(dockerd, escrow, tmp_path / "node", "auto,auto,alice,bob",
                    key_check_seconds=1)
     cluster_id = dockerd.api().info()["Swarm"]["Cluster"]["ID"]
     node.write_config()

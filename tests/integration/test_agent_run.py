@@ -6,52 +6,20 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.helpers.agent import AgentNode
+from tests.helpers.agent import AgentNode, enrolled_manager
 from tests.helpers.dockerd import Dockerd
-from tests.helpers.server import EscrowProcess, make_escrow
+from tests.helpers.server import EscrowProcess
 
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture
-def escrow(tmp_path: Path) -> Iterator[EscrowProcess]:
-    server = make_escrow(tmp_path / "escrow")
-    for name in ("alice", "bob"):
-        server.custodian(name)
-    server.start()
-    yield server
-    server.stop()
-
-
-def manager(dockerd: Dockerd, escrow: EscrowProcess, base: Path, slots: str,
-            threshold: int = 2, **settings: float) -> AgentNode:
-    """An autolocked single-manager swarm, registered with the escrow and enrolled."""
-    cluster_id = dockerd.init_swarm()["Cluster"]["ID"]
-    root_ca = dockerd.data_root / "swarm" / "certificates" / "swarm-root-ca.crt"
-    added = escrow.cli("cluster", "add", cluster_id, "--root-ca", str(root_ca), "--threshold",
-                       str(threshold), "--slots", slots)
-    assert added.returncode == 0, added.stderr
-    node = AgentNode(base, dockerd, escrow, settings)
-    node.enroll()
-    return node
-
-
-def audit(escrow: EscrowProcess, prefix: str = "") -> list[tuple[str, dict[str, object]]]:
-    """(event, details) of every audit record whose event starts with prefix."""
-    result = escrow.cli("audit", "show", "--json", "--limit", "100000")
-    assert result.returncode == 0, result.stderr
-    return [(r["event"], r["details"]) for r in json.loads(result.stdout)
-            if r["event"].startswith(prefix)]
-
-
 def test_running_agent_unlocks_a_restarted_manager_and_speaks_the_notify_protocol(
         dockerd: Dockerd, escrow: EscrowProcess, tmp_path: Path) -> None:
-    node = manager(dockerd, escrow, tmp_path / "node", "auto,auto,alice,bob")
+    node = enrolled_manager(dockerd, escrow, tmp_path / "node", "auto,auto,alice,bob")
     key = dockerd.api().get_unlock_key()["UnlockKey"]
     notify = node.start()
     try:
@@ -72,7 +40,7 @@ def test_running_agent_unlocks_a_restarted_manager_and_speaks_the_notify_protoco
     state = json.loads((node.state_dir / "state.json").read_text())
     assert state["last_unlock"]["version"] == 1
     assert ("unseal.result", {"request_id": state["last_unlock"]["request_id"],
-                              "outcome": "unlocked", "version": 1}) in audit(escrow, "unseal")
+                              "outcome": "unlocked", "version": 1}) in escrow.audit("unseal")
     log = node.log()
     assert "unlocked the manager with key version 1" in log
     assert key not in log
@@ -81,7 +49,7 @@ def test_running_agent_unlocks_a_restarted_manager_and_speaks_the_notify_protoco
 
 def test_agent_waits_for_a_custodian_approval_and_says_so_in_its_status(
         dockerd: Dockerd, escrow: EscrowProcess, tmp_path: Path) -> None:
-    node = manager(dockerd, escrow, tmp_path / "node", "auto,alice,bob")
+    node = enrolled_manager(dockerd, escrow, tmp_path / "node", "auto,alice,bob")
     notify = node.start()
     try:
         dockerd.restart()
@@ -101,7 +69,7 @@ def test_agent_waits_for_a_custodian_approval_and_says_so_in_its_status(
 
 def test_agent_retries_while_the_escrow_is_down_and_unlocks_once_it_is_back(
         dockerd: Dockerd, escrow: EscrowProcess, tmp_path: Path) -> None:
-    node = manager(dockerd, escrow, tmp_path / "node", "auto,auto,alice,bob",
+    node = enrolled_manager(dockerd, escrow, tmp_path / "node", "auto,auto,alice,bob",
                    retry_max_seconds=4)
     notify = node.start()
     try:
@@ -130,7 +98,8 @@ def test_revoked_node_and_node_of_another_cluster_stay_locked_with_audit_records
     revoked_daemon, foreign_daemon = two_dockerds
     nodes: list[AgentNode] = []
     try:
-        revoked = manager(revoked_daemon, escrow, tmp_path / "revoked", "auto,auto,alice,bob")
+        revoked = enrolled_manager(revoked_daemon, escrow, tmp_path / "revoked",
+                                   "auto,auto,alice,bob")
         node_id = revoked_daemon.api().info()["Swarm"]["NodeID"]
         cluster_id = revoked_daemon.api().info()["Swarm"]["Cluster"]["ID"]
         result = escrow.cli("node", "revoke", node_id, "--cluster", cluster_id, "--reason",
@@ -162,15 +131,15 @@ def test_revoked_node_and_node_of_another_cluster_stay_locked_with_audit_records
             node.stop()
     assert "node " + node_id + " is revoked" in revoked.log()
     assert "cannot unseal: the escrow refused (403 unknown_node)" in foreign.log()
-    refusals = audit(escrow, "unseal.refused")
+    refusals = escrow.audit("unseal.refused")
     assert {str(details.get("reason")) for _, details in refusals} >= {"revoked",
                                                                       "unknown_node"}
-    assert not audit(escrow, "unseal.release")
+    assert not escrow.audit("unseal.release")
 
 
 def test_paper_shares_unlock_a_locked_manager_directly_when_the_escrow_is_gone(
         dockerd: Dockerd, escrow: EscrowProcess, tmp_path: Path) -> None:
-    manager(dockerd, escrow, tmp_path / "node", "auto,auto,alice,bob")
+    enrolled_manager(dockerd, escrow, tmp_path / "node", "auto,auto,alice,bob")
     key = dockerd.api().get_unlock_key()["UnlockKey"]
     paper = [escrow.as_custodian(name, "share", "export", "--cluster",
                                  dockerd.api().info()["Swarm"]["Cluster"]["ID"])

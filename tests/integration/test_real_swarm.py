@@ -6,8 +6,6 @@ from __future__ import annotations
 import asyncio
 import socket
 import time
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -18,19 +16,10 @@ from agent.release import candidate_keys
 from agent.swarm_identity import CERT_DIR, read_identity, read_signing_identity
 from escrow import unlockkey
 from tests.helpers.dockerd import Dockerd
-from tests.helpers.server import EscrowProcess, make_escrow
+from tests.helpers.server import EscrowProcess
 
 pytestmark = pytest.mark.slow
 
-
-@pytest.fixture
-def escrow(tmp_path: Path) -> Iterator[EscrowProcess]:
-    server = make_escrow(tmp_path)
-    server.custodian("alice")
-    server.custodian("bob")
-    server.start()
-    yield server
-    server.stop()
 
 
 def test_a_real_autolocked_manager_enrolls_and_is_unlocked_from_escrowed_shares(
