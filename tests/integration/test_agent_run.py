@@ -12,7 +12,7 @@ import pytest
 
 from tests.helpers.agent import AgentNode, enrolled_manager
 from tests.helpers.dockerd import Dockerd
-from tests.helpers.server import EscrowProcess
+from tests.helpers.server import EscrowProcess, make_escrow
 
 pytestmark = pytest.mark.slow
 
@@ -156,3 +156,28 @@ def test_paper_shares_unlock_a_locked_manager_directly_when_the_escrow_is_gone(
     assert recovered.returncode == 0, recovered.stderr
     assert key not in recovered.stdout + recovered.stderr
     AgentNode(tmp_path / "node", dockerd, escrow).wait_state("active")
+
+
+def test_agent_asks_again_when_its_request_expires_unapproved(
+        dockerd: Dockerd, tmp_path: Path) -> None:
+    escrow = make_escrow(tmp_path / "escrow", ESCROW_REQUESTS_TTL_SECONDS="4")
+    for name in ("alice", "bob"):
+        escrow.custodian(name)
+    escrow.start()
+    node = enrolled_manager(dockerd, escrow, tmp_path / "node", "auto,alice,bob",
+                            approval_wait_seconds=2)
+    notify = node.start()
+    try:
+        dockerd.restart()
+        waiting = "STATUS=locked, waiting for 1 more approval (request "
+        _, first = notify.wait_for(lambda line: line.startswith(waiting))
+        _, second = notify.wait_for(lambda line: line.startswith(waiting) and line != first,
+                                    timeout=30)
+        request_id = second.removeprefix(waiting).split(",")[0]
+        approved = escrow.as_custodian("alice", "approve", request_id, "--yes")
+        assert approved.returncode == 0, approved.stderr
+        node.wait_state("active")
+    finally:
+        node.stop()
+        escrow.stop()
+    assert "ended (expired) before a quorum; asking again" in node.log()
