@@ -5,6 +5,11 @@
     docker_host             unix:///var/run/docker.sock
     docker_root             /var/lib/docker               (for swarm/certificates/)
     state_dir               /var/lib/unseal-agent         (agent key, 0600; state.json)
+    agent_key_pkcs11_module  a PKCS#11 module: keep the agent key in a token instead (e.g.
+                             a TPM through tpm2-pkcs11), with
+    agent_key_pkcs11_token   the token's label,
+    agent_key_pkcs11_label   the key pair's label (unseal-agent), and the token's user PIN
+    agent_key_pkcs11_pin_file  in this file or the systemd credential agent-key-pin
     docker_poll_seconds     0.25   how often to look for dockerd while it does not answer
     key_check_seconds       10     how often an unlocked manager's key is checked for rotation
     approval_wait_seconds   20     length of one long poll while custodians decide
@@ -32,6 +37,10 @@ class AgentConfig:
     docker_host: str = "unix:///var/run/docker.sock"
     docker_root: Path = Path("/var/lib/docker")
     state_dir: Path = Path("/var/lib/unseal-agent")
+    agent_key_pkcs11_module: str = ""
+    agent_key_pkcs11_token: str = ""
+    agent_key_pkcs11_label: str = "unseal-agent"
+    agent_key_pkcs11_pin_file: str = ""
     docker_poll_seconds: float = 0.25
     key_check_seconds: float = 10.0
     approval_wait_seconds: float = 20.0
@@ -94,6 +103,9 @@ def load(path: Path | None, overrides: Mapping[str, Any]) -> AgentConfig:
         if required not in values:
             raise AgentError(f"{required} is not set",
                              f"set it in {source} or pass --{required.replace('_', '-')}")
+    if values.get("agent_key_pkcs11_module") and not values.get("agent_key_pkcs11_token"):
+        raise AgentError("agent_key_pkcs11_module is set but agent_key_pkcs11_token is not",
+                         "name the token that holds (or will hold) the agent key")
     if not str(values["escrow_url"]).startswith("https://"):
         raise AgentError(f"escrow_url {values['escrow_url']!r} is not an https:// URL",
                          "the agent talks to the escrow over TLS only")

@@ -44,6 +44,8 @@ from agent.errors import AgentError, EscrowRejected, EscrowUnavailable, SharesUn
 from agent.release import candidate_keys
 from agent.state import AgentState, LastUnlock
 from agent.swarm_identity import CERT_DIR, NodeIdentity, kek_version, read_identity
+from agent.token_key import TokenKey
+from escrow.errors import EscrowError
 from escrow.notify import Notifier, watchdog_interval
 from escrow.protocol import RequestStatus
 from escrow.tls import client_context
@@ -85,6 +87,7 @@ class Agent:
         self._next_key_check = 0.0
         self._quiet: set[str] = set()  # problems already logged once, until they clear
         self.background: set[asyncio.Task[None]] = set()
+        self._key: ec.EllipticCurvePrivateKey | None = None
 
     # -- plumbing ---------------------------------------------------------------------------
 
@@ -236,13 +239,15 @@ class Agent:
             return AgentState()
 
     def _agent_key(self) -> ec.EllipticCurvePrivateKey | None:
-        try:
-            key = keys.load(self.config.agent_key_path)
-        except AgentError as exc:
-            self._once("agent-key", self._error, "%s (%s)", exc.message, exc.hint)
-            return None
-        self._clear("agent-key")
-        return key
+        """The agent key, loaded once (a token session stays open for the agent's life)."""
+        if self._key is None:
+            try:
+                self._key = keys.load(self.config)
+            except (AgentError, EscrowError) as exc:
+                self._once("agent-key", self._error, "%s (%s)", exc.message, exc.hint)
+                return None
+            self._clear("agent-key")
+        return self._key
 
     async def _check_key(self, state: AgentState) -> float:
         """Deposit the manager's current unlock key if the escrow may not hold it (someone
@@ -333,6 +338,10 @@ class Agent:
         return Outcome(False, delay)
 
     def _refused(self, exc: EscrowRejected) -> Outcome:
+        # The node may have been re-enrolled with a new agent key since it was loaded.
+        if isinstance(self._key, TokenKey):
+            self._key.close()
+        self._key = None
         delay = self.config.refused_retry_seconds
         if exc.status == 429:
             delay = min(delay, self._escrow_backoff.next_delay())

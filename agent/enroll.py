@@ -30,7 +30,7 @@ async def enroll(config: AgentConfig) -> Enrolled:
     docker.require_autolocked_manager()
     key = docker.unlock_key()
     identity, swarm_key = read_signing_identity(config.docker_root, key)
-    agent_key = keys.load_or_create(config.agent_key_path)
+    agent_key = keys.load_or_create(config)
     try:
         previous = agent_state.load(config.state_path)
     except AgentError:

@@ -1,5 +1,5 @@
 """The agent key: a P-256 key bound to the node at enrollment, kept in a 0600 file under the
-state directory. (A PKCS#11 token, e.g. a TPM, is the planned alternative.)"""
+state directory, or made inside a PKCS#11 token and never leaving it."""
 
 from __future__ import annotations
 
@@ -9,10 +9,51 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from agent.config import AgentConfig
 from agent.errors import AgentError
+from agent.token_key import TokenKey
+from escrow.hsm import HsmSettings, Pin, read_pin_file
+
+PIN_CREDENTIAL = "agent-key-pin"
 
 
-def load(path: Path) -> ec.EllipticCurvePrivateKey:
+def load(config: AgentConfig) -> ec.EllipticCurvePrivateKey:
+    """The enrolled agent key, from its token or its file."""
+    if config.agent_key_pkcs11_module:
+        return _in_token(config, create=False)
+    return load_file(config.agent_key_path)
+
+
+def load_or_create(config: AgentConfig) -> ec.EllipticCurvePrivateKey:
+    if config.agent_key_pkcs11_module:
+        return _in_token(config, create=True)
+    path = config.agent_key_path
+    if path.exists():
+        return load_file(path)
+    return _create_file(path)
+
+
+def _token_pin(config: AgentConfig) -> Pin:
+    credentials = os.environ.get("CREDENTIALS_DIRECTORY")
+    if credentials and (Path(credentials) / PIN_CREDENTIAL).exists():
+        return read_pin_file(Path(credentials) / PIN_CREDENTIAL,
+                             f"systemd credential {PIN_CREDENTIAL}", "LoadCredential=")
+    if config.agent_key_pkcs11_pin_file:
+        path = Path(config.agent_key_pkcs11_pin_file)
+        return read_pin_file(path, f"file {path}", "agent_key_pkcs11_pin_file")
+    raise AgentError("no PIN for the agent key's token",
+                     f"set agent_key_pkcs11_pin_file, or pass a systemd credential named "
+                     f"{PIN_CREDENTIAL} (LoadCredential={PIN_CREDENTIAL}:/path)")
+
+
+def _in_token(config: AgentConfig, *, create: bool) -> TokenKey:
+    settings = HsmSettings(config.agent_key_pkcs11_module, config.agent_key_pkcs11_token,
+                           key_label=config.agent_key_pkcs11_label)
+    return TokenKey.open(settings, _token_pin(config), config.agent_key_pkcs11_label,
+                         create=create)
+
+
+def load_file(path: Path) -> ec.EllipticCurvePrivateKey:
     """The existing agent key; a missing one means this node was never enrolled."""
     if not path.exists():
         raise AgentError(f"there is no agent key at {path}: this node is not enrolled",
@@ -30,9 +71,7 @@ def load(path: Path) -> ec.EllipticCurvePrivateKey:
     return key
 
 
-def load_or_create(path: Path) -> ec.EllipticCurvePrivateKey:
-    if path.exists():
-        return load(path)
+def _create_file(path: Path) -> ec.EllipticCurvePrivateKey:
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     key = ec.generate_private_key(ec.SECP256R1())
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)

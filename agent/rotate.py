@@ -39,7 +39,7 @@ async def rotate(config: AgentConfig, log: logging.Logger, attempts: int = 6,
     docker = Docker(config.docker_host)
     docker.require_autolocked_manager()
     identity = read_identity(config.docker_root)
-    agent_key = keys.load(config.agent_key_path)
+    agent_key = keys.load(config)
     state = agent_state.load(config.state_path)
     if not state.knows(identity.node_id, identity.cluster_id):
         raise AgentError(f"node {identity.node_id} is not enrolled with the escrow",

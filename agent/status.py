@@ -51,7 +51,7 @@ async def gather(config: AgentConfig) -> Status:
         status.problems.append(_problem(exc))
     try:
         saved = agent_state.load(config.state_path)
-        keys.load(config.agent_key_path)
+        keys.load(config)
         status.enrolled = saved.knows(status.node_id, status.cluster_id) and bool(
             status.node_id)
         if not status.enrolled:
@@ -59,7 +59,7 @@ async def gather(config: AgentConfig) -> Status:
         status.enrolled_at = saved.enrolled_at
         status.escrowed_versions = saved.versions()
         status.last_unlock = saved.last_unlock
-    except AgentError as exc:
+    except (AgentError, EscrowError) as exc:
         status.problems.append(_problem(exc))
     try:
         async with EscrowClient(config.escrow_url, config.escrow_ca, timeout=10) as client:

@@ -20,6 +20,11 @@ from typing import Any
 import pkcs11
 from pkcs11 import Attribute, KeyType, Mechanism, ObjectClass
 from pkcs11.mechanisms import GCMParams
+from pkcs11.util.ec import (
+    encode_ec_public_key,
+    encode_ecdsa_signature,
+    encode_named_curve_parameters,
+)
 
 from escrow.errors import (
     ConfigError,
@@ -57,13 +62,13 @@ class Pin:
         return f"Pin(<redacted>, source={self.source!r})"
 
 
-def _read_pin_file(path: Path, source: str) -> Pin:
+def read_pin_file(path: Path, source: str, setting: str = "--hsm-pin-file") -> Pin:
     try:
         mode = path.stat().st_mode
         text = path.read_text()
     except FileNotFoundError:
         raise ConfigError(f"the HSM PIN file {path} does not exist",
-                          "create it (mode 0600) or point --hsm-pin-file at the right file"
+                          f"create it (mode 0600) or point {setting} at the right file"
                           ) from None
     except PermissionError:
         raise ConfigError(f"the HSM PIN file {path} is not readable by this user",
@@ -83,15 +88,15 @@ def resolve_pin(
     """Find the PIN: an explicit file, then a systemd credential, then the environment, then
     the file named in the config. Never from a command line."""
     if explicit_file is not None:
-        return _read_pin_file(explicit_file, f"file {explicit_file}")
+        return read_pin_file(explicit_file, f"file {explicit_file}")
     creds = env.get("CREDENTIALS_DIRECTORY")
     if creds and (Path(creds) / PIN_CREDENTIAL).exists():
         path = Path(creds) / PIN_CREDENTIAL
-        return _read_pin_file(path, f"systemd credential {PIN_CREDENTIAL}")
+        return read_pin_file(path, f"systemd credential {PIN_CREDENTIAL}")
     if env.get(PIN_ENV):
         return Pin(env[PIN_ENV], f"environment variable {PIN_ENV}")
     if configured_file is not None:
-        return _read_pin_file(configured_file, f"file {configured_file}")
+        return read_pin_file(configured_file, f"file {configured_file}")
     raise ConfigError(
         "no HSM PIN was found",
         f"give --hsm-pin-file, set {PIN_ENV}, pass a systemd credential named "
@@ -207,6 +212,37 @@ class Token:
                 )
             self._key = key
         return self._key
+
+    def signing_key(self, label: str, *, create: bool) -> tuple[Any, bytes]:
+        """A P-256 key pair inside the token, its private half sensitive and never
+        extractable: (private key object, public key as DER SubjectPublicKeyInfo)."""
+        try:
+            private = self._session.get_key(label=label, key_type=KeyType.EC,
+                                            object_class=ObjectClass.PRIVATE_KEY)
+            public = self._session.get_key(label=label, key_type=KeyType.EC,
+                                           object_class=ObjectClass.PUBLIC_KEY)
+        except pkcs11.NoSuchKey:
+            if not create:
+                raise HsmError(f"the token {self.settings.token!r} holds no key pair labelled "
+                               f"{label!r}", "run `unseal-agent enroll` to create it") from None
+            parameters = self._session.create_domain_parameters(
+                KeyType.EC, {Attribute.EC_PARAMS: encode_named_curve_parameters("secp256r1")},
+                local=True)
+            public, private = parameters.generate_keypair(
+                store=True, label=label,
+                private_template={Attribute.SENSITIVE: True, Attribute.EXTRACTABLE: False,
+                                  Attribute.SIGN: True, Attribute.PRIVATE: True})
+        return private, bytes(encode_ec_public_key(public))
+
+    @staticmethod
+    def sign_digest(private: Any, digest: bytes) -> bytes:
+        """ECDSA over a SHA-256 digest (tokens such as SoftHSM lack CKM_ECDSA_SHA256), as DER."""
+        try:
+            raw = private.sign(digest, mechanism=Mechanism.ECDSA)
+        except pkcs11.PKCS11Error as exc:
+            raise HsmError(f"the token failed to sign: {type(exc).__name__}",
+                           "check the token's health") from None
+        return bytes(encode_ecdsa_signature(raw))
 
     def check(self) -> None:
         """Raise unless the wrapping key is present and usable."""

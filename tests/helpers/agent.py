@@ -6,6 +6,7 @@ binds an AF_UNIX datagram socket, passes it as NOTIFY_SOCKET, and reads what the
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -92,7 +93,8 @@ class AgentNode:
     base: Path
     daemon: Dockerd
     escrow: EscrowProcess
-    settings: dict[str, float] = field(default_factory=dict)
+    settings: dict[str, float | str] = field(default_factory=dict)
+    env: dict[str, str] = field(default_factory=dict)
     process: subprocess.Popen[bytes] | None = None
     notify: NotifySocket | None = None
 
@@ -113,14 +115,14 @@ class AgentNode:
         lines = [f'escrow_url = "{self.escrow.url}"', f'escrow_ca = "{self.escrow.ca}"',
                  f'docker_host = "{self.daemon.socket}"',
                  f'docker_root = "{self.daemon.data_root}"', f'state_dir = "{self.state_dir}"']
-        lines += [f"{key} = {value}" for key, value in self.settings.items()]
+        lines += [f"{key} = {json.dumps(value)}" for key, value in self.settings.items()]
         self.config.write_text("\n".join(lines) + "\n")
 
     def command(self, *args: str) -> subprocess.CompletedProcess[str]:
         self.write_config()
         return subprocess.run([sys.executable, "-m", "agent", *args, "--config",
                                str(self.config)], capture_output=True, text=True, cwd=REPO,
-                              env=agent_env(), timeout=180, check=False)
+                              env=agent_env(**self.env), timeout=180, check=False)
 
     def enroll(self) -> None:
         result = self.command("enroll")
@@ -129,7 +131,8 @@ class AgentNode:
     def start(self, watchdog_usec: int = 2_000_000) -> NotifySocket:
         self.write_config()
         self.notify = NotifySocket()
-        env = agent_env(NOTIFY_SOCKET=str(self.notify.path), WATCHDOG_USEC=str(watchdog_usec))
+        env = agent_env(NOTIFY_SOCKET=str(self.notify.path), WATCHDOG_USEC=str(watchdog_usec),
+                        **self.env)
         self.process = subprocess.Popen(
             [sys.executable, "-m", "agent", "run", "--config", str(self.config)], cwd=REPO,
             env=env, stdout=subprocess.DEVNULL, stderr=self.log_path.open("ab"))
@@ -164,13 +167,14 @@ class AgentNode:
 
 
 def enrolled_manager(dockerd: Dockerd, escrow: EscrowProcess, base: Path, slots: str,
-                     threshold: int = 2, **settings: float) -> AgentNode:
+                     threshold: int = 2, env: dict[str, str] | None = None,
+                     **settings: float | str) -> AgentNode:
     """An autolocked single-manager swarm, registered with the escrow and enrolled."""
     cluster_id = dockerd.init_swarm()["Cluster"]["ID"]
     root_ca = dockerd.data_root / "swarm" / "certificates" / "swarm-root-ca.crt"
     added = escrow.cli("cluster", "add", cluster_id, "--root-ca", str(root_ca), "--threshold",
                        str(threshold), "--slots", slots)
     assert added.returncode == 0, added.stderr
-    node = AgentNode(base, dockerd, escrow, settings)
+    node = AgentNode(base, dockerd, escrow, settings, env or {})
     node.enroll()
     return node

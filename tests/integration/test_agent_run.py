@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from escrow.softhsm import create_token, default_module
 from tests.helpers.agent import AgentNode, enrolled_manager
 from tests.helpers.dockerd import Dockerd
 from tests.helpers.server import EscrowProcess, make_escrow
@@ -181,3 +182,29 @@ def test_agent_asks_again_when_its_request_expires_unapproved(
         node.stop()
         escrow.stop()
     assert "ended (expired) before a quorum; asking again" in node.log()
+
+
+def test_an_agent_key_kept_in_a_pkcs11_token_enrolls_and_unlocks(
+        dockerd: Dockerd, escrow: EscrowProcess, tmp_path: Path) -> None:
+    hsm = tmp_path / "agent-token"
+    conf = create_token(hsm, "node-tpm", "agent-pin-7731")
+    (hsm / "pin").write_text("agent-pin-7731\n")
+    (hsm / "pin").chmod(0o600)
+    node = enrolled_manager(
+        dockerd, escrow, tmp_path / "node", "auto,auto,alice,bob",
+        env={"SOFTHSM2_CONF": str(conf)}, agent_key_pkcs11_module=default_module(),
+        agent_key_pkcs11_token="node-tpm", agent_key_pkcs11_pin_file=str(hsm / "pin"))
+    assert not (node.state_dir / "agent-key.pem").exists()
+    node.start()
+    try:
+        dockerd.restart()
+        node.wait_state("active")
+    finally:
+        node.stop()
+    log = node.log()
+    assert "unlocked the manager with key version 1" in log
+    assert "unreachable" not in log  # the token's OpenSSL errors never leak into TLS
+    (hsm / "pin").write_text("wrong-pin\n")
+    refused = node.command("status")
+    assert refused.returncode == 1
+    assert "refused the PIN from file" in refused.stderr
