@@ -56,15 +56,11 @@ def config_options(command: Callable[..., Any]) -> Callable[..., Any]:
     return command
 
 
-def _config(config: Path | None, flags: dict[str, Any]) -> agent_config.AgentConfig:
-    return agent_config.load(config, flags)
-
-
 @cli.command()
 @config_options
 def enroll(config: Path | None, **flags: Any) -> None:
     """Enroll this unlocked manager and escrow its current unlock key if needed."""
-    result = asyncio.run(do_enroll(_config(config, flags)))
+    result = asyncio.run(do_enroll(agent_config.load(config, flags)))
     click.echo(f"enrolled node {result.node_id} of cluster {result.cluster_id}")
     if result.deposited:
         click.echo(f"deposited the current unlock key as version {result.version}")
@@ -78,7 +74,7 @@ def run(config: Path | None, **flags: Any) -> None:
     """Watch this manager and unlock it from the escrow whenever it is locked (the daemon)."""
     logger = log.setup()
     try:
-        settings = _config(config, flags)
+        settings = agent_config.load(config, flags)
         # Checked before READY=1, so a wrong path fails the start instead of every unlock.
         daemon.check_startup(settings)
     except (AgentError, EscrowError) as exc:
@@ -94,7 +90,7 @@ def run(config: Path | None, **flags: Any) -> None:
 def rotate(config: Path | None, **flags: Any) -> None:
     """Rotate the swarm's unlock key and escrow the new one (fails loudly if it cannot)."""
     logger = log.setup(journal_too=True)
-    result = asyncio.run(do_rotate(_config(config, flags), logger))
+    result = asyncio.run(do_rotate(agent_config.load(config, flags), logger))
     click.echo(f"rotated the unlock key of cluster {result.cluster_id}: the escrow holds the "
                f"new key as version {result.new_version} (old: version {result.old_version})")
 
@@ -105,7 +101,7 @@ def rotate(config: Path | None, **flags: Any) -> None:
 def status_command(config: Path | None, as_json: bool, **flags: Any) -> None:
     """Show node, cluster, lock state, enrollment, escrow reachability and key versions.
     Exits 1 if anything needs attention."""
-    report = asyncio.run(status.gather(_config(config, flags)))
+    report = asyncio.run(status.gather(agent_config.load(config, flags)))
     if as_json:
         click.echo(json.dumps(asdict(report), indent=2))
     else:

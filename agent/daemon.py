@@ -25,7 +25,6 @@ import signal
 import socket
 import time
 from collections.abc import Callable, Coroutine, Iterator
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
@@ -64,13 +63,6 @@ def _now() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
-@dataclass(frozen=True)
-class Outcome:
-    """How one unseal attempt ended, and how long to wait before the next one."""
-    unlocked: bool
-    retry_in: float = 0.0
-
-
 class Agent:
     def __init__(self, config: AgentConfig, docker: Docker, client: EscrowClient,
                  notifier: Notifier, log: logging.Logger) -> None:
@@ -88,6 +80,8 @@ class Agent:
         self._quiet: set[str] = set()  # problems already logged once, until they clear
         self.background: set[asyncio.Task[None]] = set()
         self._key: ec.EllipticCurvePrivateKey | None = None
+        self._last_unlock: LastUnlock | None = None
+        self._not_escrowed = ""  # why the current key may not be escrowed, while it may not
 
     # -- plumbing ---------------------------------------------------------------------------
 
@@ -180,9 +174,9 @@ class Agent:
                 self.notifier.status("docker is not answering; watching for it")
                 await self._sleep(self.config.docker_poll_seconds)
             elif state == "locked":
-                outcome = await self._unseal()
-                if outcome.retry_in:
-                    await self._wait_while_locked(outcome.retry_in)
+                retry_in = await self._unseal()
+                if retry_in:
+                    await self._wait_while_locked(retry_in)
             elif state == "active":
                 await self._while_unlocked()
             else:
@@ -221,14 +215,13 @@ class Agent:
     # -- unlocked: rotation watch -----------------------------------------------------------
 
     async def _while_unlocked(self) -> None:
-        state = self._load_state()
-        if state.last_unlock is not None:
-            self.notifier.status(f"unlocked at {state.last_unlock.at} with key version "
-                                 f"{state.last_unlock.version}; watching")
-        else:
-            self.notifier.status("unlocked; watching")
         if time.monotonic() >= self._next_key_check:
-            self._next_key_check = time.monotonic() + await self._check_key(state)
+            self._next_key_check = time.monotonic() + await self._check_key()
+        last = self._last_unlock
+        status = f"unlocked at {last.at} with key version {last.version}" if last else "unlocked"
+        if self._not_escrowed:
+            status += f"; the current unlock key is NOT escrowed yet ({self._not_escrowed})"
+        self.notifier.status(status + "; watching")
         await self._watch_docker()
 
     def _load_state(self) -> AgentState:
@@ -249,7 +242,7 @@ class Agent:
             self._clear("agent-key")
         return self._key
 
-    async def _check_key(self, state: AgentState) -> float:
+    async def _check_key(self) -> float:
         """Deposit the manager's current unlock key if the escrow may not hold it (someone
         rotated it by hand). Reading the `kek-version:` header is free; the key itself is only
         fetched when that header moved. Returns the seconds until the next check."""
@@ -260,6 +253,10 @@ class Agent:
         except (AgentError, OSError):
             return self.config.key_check_seconds
         self.fields = {"NODE_ID": identity.node_id, "CLUSTER_ID": identity.cluster_id}
+        # Read each time: `unseal-agent enroll` runs in another process and writes it.
+        state = self._load_state()
+        if self._last_unlock is None:
+            self._last_unlock = state.last_unlock
         if not state.knows(identity.node_id, identity.cluster_id):
             self._once("not-enrolled", self._warn,
                        "this manager is not enrolled with the escrow (no record in %s): run "
@@ -276,16 +273,16 @@ class Agent:
             key = await self._docker(self.docker.unlock_key)
             version, deposited = await ensure_escrowed(self.client, state, agent_key, key)
             del key
-        except (EscrowUnavailable, EscrowRejected, DockerUnavailable) as exc:
+        except AgentError as exc:  # escrow or dockerd unreachable, or a refusal
             delay = self._escrow_backoff.next_delay()
             self._once("deposit", self._error, "the current unlock key may not be escrowed "
                        "(%s); retrying in %.0f s. Until it is, a restart leaves this manager "
                        "locked", exc.message, delay)
-            self.notifier.status(f"unlocked; the current unlock key is NOT escrowed yet "
-                                 f"({type(exc).__name__}), retrying in {delay:.0f} s")
+            self._not_escrowed = f"{type(exc).__name__}, retrying in {delay:.0f} s"
             return delay
         self._escrow_backoff.reset()
         self._clear("deposit")
+        self._not_escrowed = ""
         state.checked_kek_version = kek
         agent_state.save(self.config.state_path, state)
         if deposited:
@@ -295,21 +292,22 @@ class Agent:
 
     # -- locked: unseal ---------------------------------------------------------------------
 
-    async def _unseal(self) -> Outcome:
+    async def _unseal(self) -> float:
+        """One unseal attempt; the seconds to wait before the next (0: at once)."""
         seen_locked = time.monotonic()
         try:
             identity = read_identity(self.config.docker_root)
         except AgentError as exc:
             self._once("identity", self._error, "locked, but %s", exc.message)
             self.notifier.status(f"locked; cannot read the swarm certificates: {exc.message}")
-            return Outcome(False, self.config.refused_retry_seconds)
+            return self.config.refused_retry_seconds
         self._clear("identity")
         self.fields = {"NODE_ID": identity.node_id, "CLUSTER_ID": identity.cluster_id}
         agent_key = self._agent_key()
         if agent_key is None:
             self.notifier.status("locked; no usable agent key (not enrolled?): unlock by hand, "
                                  "then run `unseal-agent enroll`")
-            return Outcome(False, self.config.refused_retry_seconds)
+            return self.config.refused_retry_seconds
         self.notifier.status("locked; asking the escrow to unseal")
         self._once("locked", self._info, "the manager is locked; asking the escrow to unseal "
                    "(key generation %s)", identity.kek_version or "unknown")
@@ -324,20 +322,21 @@ class Agent:
         self._escrow_backoff.reset()
         self._clear("escrow-down")
         self._clear("refused")
+        newest = max((r.version for r in status.releases), default=0)
         self._info("unseal request %s: %d of %d shares released", status.request_id,
-                   len({r.slot for r in status.releases if r.version == _newest(status)}),
+                   len({r.slot for r in status.releases if r.version == newest}),
                    status.threshold, REQUEST_ID=status.request_id)
         return await self._follow(identity, agent_key, status, ephemeral, seen_locked)
 
-    def _escrow_down(self, exc: AgentError, request_id: str) -> Outcome:
+    def _escrow_down(self, exc: AgentError, request_id: str) -> float:
         delay = self._escrow_backoff.next_delay()
         self._once("escrow-down", self._warn, "%s; retrying with back-off",
                    exc.message)
         waiting = f" (request {request_id})" if request_id else ""
         self.notifier.status(f"locked; escrow unreachable{waiting}, retrying in {delay:.0f} s")
-        return Outcome(False, delay)
+        return delay
 
-    def _refused(self, exc: EscrowRejected) -> Outcome:
+    def _refused(self, exc: EscrowRejected) -> float:
         # The node may have been re-enrolled with a new agent key since it was loaded.
         if isinstance(self._key, TokenKey):
             self._key.close()
@@ -349,11 +348,11 @@ class Agent:
                    exc.message, f" ({exc.hint})" if exc.hint else "")
         self.notifier.status(f"locked; the escrow refused this node ({exc.reason}); asking "
                              f"again in {delay:.0f} s")
-        return Outcome(False, delay)
+        return delay
 
     async def _follow(self, identity: NodeIdentity, agent_key: ec.EllipticCurvePrivateKey,
                       status: RequestStatus, ephemeral: X25519PrivateKey,
-                      seen_locked: float) -> Outcome:
+                      seen_locked: float) -> float:
         """Wait on one request until it yields a key, ends, or the node is no longer locked."""
         request_id = status.request_id
         fields = {"REQUEST_ID": request_id}
@@ -365,7 +364,7 @@ class Agent:
                 self._error("%s (%s)", exc.message, exc.hint, **fields)
                 self.notifier.status(f"locked; the escrow's shares were unusable (request "
                                      f"{request_id}), asking again later")
-                return Outcome(False, self._escrow_backoff.next_delay())
+                return self._escrow_backoff.next_delay()
             if first is not None:
                 return await self._unlock(identity, agent_key, request_id,
                                           itertools.chain([first], candidates), seen_locked)
@@ -384,19 +383,19 @@ class Agent:
                 self._escrow_backoff.reset()
                 self._clear("escrow-down")
             except EscrowUnavailable as exc:
-                outcome = self._escrow_down(exc, request_id)
-                await self._sleep(outcome.retry_in)
+                await self._sleep(self._escrow_down(exc, request_id))
             except EscrowRejected as exc:
                 self._warn("the escrow no longer knows request %s (%s); asking again",
                            request_id, exc.message, **fields)
-                return Outcome(False)
+                return 0.0
             if await self._node_state() != "locked":
                 self._info("the manager is no longer locked; dropping request %s", request_id,
                            **fields)
-                return Outcome(False)
+                return 0.0
 
-    def _ended(self, status: RequestStatus) -> Outcome | None:
-        """The outcome if the request ended without a key, None while it is pending."""
+    def _ended(self, status: RequestStatus) -> float | None:
+        """Seconds before asking again if the request ended without a key, None while it is
+        pending."""
         request_id, fields = status.request_id, {"REQUEST_ID": status.request_id}
         if status.state == "denied":
             delay = self.config.refused_retry_seconds
@@ -404,21 +403,21 @@ class Agent:
                         request_id, status.denial_reason or "no reason given", delay, **fields)
             self.notifier.status(f"locked; request {request_id} was denied, asking again in "
                                  f"{delay:.0f} s")
-            return Outcome(False, delay)
+            return delay
         if status.state in ("expired", "superseded", "completed"):
             self._info("unseal request %s ended (%s) before a quorum; asking again",
                        request_id, status.state, **fields)
-            return Outcome(False)
+            return 0.0
         if status.state == "revoked":
             self._error("the escrow revoked this node while request %s was waiting; an admin "
                         "can re-admit it with `escrow node allow`", request_id, **fields)
             self.notifier.status("locked; this node is revoked at the escrow")
-            return Outcome(False, self.config.refused_retry_seconds)
+            return self.config.refused_retry_seconds
         return None
 
     async def _unlock(self, identity: NodeIdentity, agent_key: ec.EllipticCurvePrivateKey,
                       request_id: str, candidates: Iterator[tuple[int, UnlockKey]],
-                      seen_locked: float) -> Outcome:
+                      seen_locked: float) -> float:
         fields = {"REQUEST_ID": request_id}
         tried: list[int] = []
         try:
@@ -438,10 +437,10 @@ class Agent:
                             "enroll`", ", ".join(map(str, tried)), **fields)
                 self.notifier.status(f"locked; no escrowed key version unlocks this manager "
                                      f"(request {request_id})")
-                return Outcome(False, self.config.refused_retry_seconds)
+                return self.config.refused_retry_seconds
         except (DockerUnavailable, SharesUnusable) as exc:
             self._warn("unlock abandoned: %s", exc.message, **fields)
-            return Outcome(False)
+            return 0.0
         seconds = time.monotonic() - seen_locked
         self._report(request_id, identity.node_id, agent_key, "unlocked", version)
         self._info("unlocked the manager with key version %d (request %s) %.2f s after "
@@ -449,9 +448,10 @@ class Agent:
                    KEY_VERSION=str(version), **fields)
         self._clear("locked")
         self._clear(f"waiting-{request_id}")
+        self._last_unlock = LastUnlock(_now(), version, request_id, round(seconds, 3))
         state = self._load_state()
         if state.knows(identity.node_id, identity.cluster_id):
-            state.last_unlock = LastUnlock(_now(), version, request_id, round(seconds, 3))
+            state.last_unlock = self._last_unlock
             agent_state.save(self.config.state_path, state)
         self.notifier.status(f"unlocked at {_now()} with key version {version}; "
                              "waiting for the manager to become active")
@@ -459,7 +459,7 @@ class Agent:
         # Right after an unlock the node may already be on a newer key (it was down during a
         # rotation, and catches up once unlocked): check at once.
         self._next_key_check = 0.0
-        return Outcome(True)
+        return 0.0
 
     async def _wait_active(self) -> None:
         deadline = time.monotonic() + ACTIVE_TIMEOUT
@@ -490,10 +490,6 @@ class Agent:
             self._warn("could not report the result of request %s to the escrow",
                        request_id, REQUEST_ID=request_id)
         self._in_background(send())
-
-
-def _newest(status: RequestStatus) -> int:
-    return max((r.version for r in status.releases), default=0)
 
 
 def _boot_id() -> str:

@@ -103,4 +103,7 @@ class Docker:
                 return False
             raise DockerUnavailable(f"dockerd refused the unlock: {exc.status_code}",
                                     "see `journalctl -u docker`") from None
+        except (docker.errors.DockerException, requests.RequestException) as exc:
+            raise DockerUnavailable(f"cannot reach dockerd at {self.host} to unlock: "
+                                    f"{type(exc).__name__}", "is docker running?") from None
         return True

@@ -13,6 +13,7 @@ import time
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric import ec
 
@@ -133,9 +134,10 @@ class EscrowProcess:
         self.process = None
         return code
 
-    def audit(self, prefix: str = "") -> list[tuple[str, dict[str, object]]]:
-        """(event, details) of every audit record whose event starts with prefix."""
-        result = self.cli("audit", "show", "--json", "--limit", "100000")
+    def audit(self, prefix: str = "", last: int = 100000) -> list[tuple[str, dict[str, Any]]]:
+        """(event, details) of the `last` newest audit records, oldest first, whose event
+        starts with prefix."""
+        result = self.cli("audit", "show", "--json", "--limit", str(last))
         assert result.returncode == 0, result.stderr
         return [(r["event"], r["details"]) for r in json.loads(result.stdout)
                 if r["event"].startswith(prefix)]

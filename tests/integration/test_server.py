@@ -55,10 +55,10 @@ async def deposit(escrow: EscrowProcess, node: Node, key: UnlockKey) -> int:
         return (await c.deposit(node.cluster_id, node.node_id, node.agent_key, key)).version
 
 
-def audit(escrow: EscrowProcess, limit: int = 5) -> list[dict[str, object]]:
-    result = escrow.cli("audit", "show", "--json", "--limit", str(limit))
-    assert result.returncode == 0, result.stderr
-    return list(json.loads(result.stdout))
+def assert_refused(escrow: EscrowProcess, event: str, reason: str) -> None:
+    """The newest audit record is the refusal of `event` for `reason`."""
+    [(newest, details)] = escrow.audit(last=1)
+    assert (newest, details["reason"]) == (event, reason)
 
 
 def enrolled(escrow: EscrowProcess, threshold: int = 2,
@@ -87,8 +87,7 @@ def test_enrolled_node_gets_auto_shares_at_once_and_rebuilds_the_key(
             assert (await c.poll(status.request_id)).state == "completed"
 
     run(scenario())
-    events = [(e["event"], e["details"].get("request_id"))  # type: ignore[attr-defined]
-              for e in audit(escrow, 3)]
+    events = [(event, details.get("request_id")) for event, details in escrow.audit(last=3)]
     assert [e for e, _ in events] == ["unseal.request", "unseal.release", "unseal.result"]
     assert len({r for _, r in events}) == 1
 
@@ -141,9 +140,8 @@ def test_approval_is_needed_shown_to_custodians_and_releases_their_share(
             assert list(candidate_keys(ready, ephemeral)) == [(1, key)]
 
     run(scenario())
-    last = audit(escrow, 3)
-    approval = next(e for e in last if e["event"] == "custodian.approve")
-    assert approval["details"]["signature"]  # type: ignore[index]
+    approval = next(d for e, d in escrow.audit(last=3) if e == "custodian.approve")
+    assert approval["signature"]
 
 
 def test_a_denied_request_releases_nothing_more(escrow: EscrowProcess) -> None:
@@ -249,9 +247,7 @@ def test_unseal_rejections_have_a_reason_an_audit_record_and_release_nothing(
     with pytest.raises(EscrowRejected) as caught:
         run(attempt())
     assert (caught.value.status, caught.value.reason) == expected
-    refused = audit(escrow, 1)[0]
-    assert refused["event"] == "unseal.refused"
-    assert refused["details"]["reason"] == expected[1]  # type: ignore[index]
+    assert_refused(escrow, "unseal.refused", expected[1])
 
 
 def test_requests_are_rate_limited_per_node_and_one_stays_live(escrow: EscrowProcess) -> None:
@@ -469,9 +465,7 @@ def test_enrollment_rejections_are_specific_and_audited(escrow: EscrowProcess,
     with pytest.raises(EscrowRejected) as caught:
         run(attempt())
     assert (caught.value.status, caught.value.reason) == expected
-    refused = audit(escrow, 1)[0]
-    assert refused["event"] == "enroll.refused"
-    assert refused["details"]["reason"] == expected[1]  # type: ignore[index]
+    assert_refused(escrow, "enroll.refused", expected[1])
 
 
 def test_deposits_from_unknown_or_forged_agents_store_nothing(escrow: EscrowProcess) -> None:
@@ -485,6 +479,6 @@ def test_deposits_from_unknown_or_forged_agents_store_nothing(escrow: EscrowProc
         with pytest.raises(EscrowRejected) as caught:
             run(deposit(escrow, sender, UnlockKey(os.urandom(32))))
         assert caught.value.reason == reason
-        assert audit(escrow, 1)[0]["event"] == "deposit.refused"
+        assert_refused(escrow, "deposit.refused", reason)
     listed = escrow.cli("key", "list", "--cluster", cluster.cluster_id, "--json")
     assert [v["version"] for v in json.loads(listed.stdout)] == [1]
