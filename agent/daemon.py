@@ -59,6 +59,10 @@ ACTIVE_TIMEOUT = 60.0
 STALL_LIMIT = 120.0
 
 
+def _versions(versions: set[int]) -> str:
+    return ", ".join(map(str, sorted(versions, reverse=True)))
+
+
 def _now() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
@@ -356,9 +360,12 @@ class Agent:
         """Wait on one request until it yields a key, ends, or the node is no longer locked."""
         request_id = status.request_id
         fields = {"REQUEST_ID": request_id}
+        # Versions dockerd refused: an older version may be complete (auto shares) while the
+        # newest still waits for custodians; keep waiting for those rather than giving up.
+        refused: set[int] = set()
         while True:
             try:
-                candidates = candidate_keys(status, ephemeral)
+                candidates = candidate_keys(status, ephemeral, frozenset(refused))
                 first = next(candidates, None)
             except SharesUnusable as exc:
                 self._error("%s (%s)", exc.message, exc.hint, **fields)
@@ -366,8 +373,16 @@ class Agent:
                                      f"{request_id}), asking again later")
                 return self._escrow_backoff.next_delay()
             if first is not None:
-                return await self._unlock(identity, agent_key, request_id,
-                                          itertools.chain([first], candidates), seen_locked)
+                delay = await self._unlock(identity, agent_key, request_id,
+                                           itertools.chain([first], candidates), seen_locked,
+                                           refused)
+                if delay is not None:
+                    return delay
+                if status.needed > 0:
+                    self._info("key version(s) %s do not unlock this manager; waiting for "
+                               "approvals of the newest version", _versions(refused), **fields)
+            if refused and status.needed == 0:
+                return self._no_version_unlocks(request_id, refused)
             ended = self._ended(status)
             if ended is not None:
                 return ended
@@ -417,27 +432,22 @@ class Agent:
 
     async def _unlock(self, identity: NodeIdentity, agent_key: ec.EllipticCurvePrivateKey,
                       request_id: str, candidates: Iterator[tuple[int, UnlockKey]],
-                      seen_locked: float) -> float:
+                      seen_locked: float, refused: set[int]) -> float | None:
+        """Try the candidate keys in turn; None if dockerd refused every one (their versions
+        are added to ``refused``), else the seconds to wait before the next turn."""
         fields = {"REQUEST_ID": request_id}
-        tried: list[int] = []
         try:
             for version, key in candidates:
                 unlocked = await self._docker(functools.partial(self.docker.unlock, key))
                 del key
                 if unlocked:
                     break
-                tried.append(version)
-                self._warn("key version %d does not unlock this manager; trying an older one",
-                           version, KEY_VERSION=str(version), **fields)
+                refused.add(version)
+                self._warn("key version %d does not unlock this manager", version,
+                           KEY_VERSION=str(version), **fields)
                 self._report(request_id, identity.node_id, agent_key, "invalid_key", version)
             else:
-                self._error("none of the escrowed key versions (%s) unlocks this manager: the "
-                            "key in use was never escrowed. Unlock by hand or from paper "
-                            "shares (`escrow recover --unlock`), then run `unseal-agent "
-                            "enroll`", ", ".join(map(str, tried)), **fields)
-                self.notifier.status(f"locked; no escrowed key version unlocks this manager "
-                                     f"(request {request_id})")
-                return self.config.refused_retry_seconds
+                return None
         except (DockerUnavailable, SharesUnusable) as exc:
             self._warn("unlock abandoned: %s", exc.message, **fields)
             return 0.0
@@ -460,6 +470,15 @@ class Agent:
         # rotation, and catches up once unlocked): check at once.
         self._next_key_check = 0.0
         return 0.0
+
+    def _no_version_unlocks(self, request_id: str, refused: set[int]) -> float:
+        self._error("none of the escrowed key versions (%s) unlocks this manager: the key in "
+                    "use was never escrowed. Unlock by hand or from paper shares (`escrow "
+                    "recover --unlock`), then run `unseal-agent enroll`", _versions(refused),
+                    REQUEST_ID=request_id)
+        self.notifier.status(f"locked; no escrowed key version unlocks this manager "
+                             f"(request {request_id})")
+        return self.config.refused_retry_seconds
 
     async def _wait_active(self) -> None:
         deadline = time.monotonic() + ACTIVE_TIMEOUT

@@ -21,10 +21,10 @@ from escrow.protocol import HPKE, RequestStatus
 from escrow.unlockkey import UnlockKey
 
 
-def candidate_keys(status: RequestStatus,
-                   ephemeral: X25519PrivateKey) -> Iterator[tuple[int, UnlockKey]]:
-    """(version, key) for every version with enough shares, newest version first. Raises
-    SharesUnusable at once if any share does not decrypt."""
+def candidate_keys(status: RequestStatus, ephemeral: X25519PrivateKey,
+                   skip: frozenset[int] = frozenset()) -> Iterator[tuple[int, UnlockKey]]:
+    """(version, key) for every version with enough shares, newest version first, leaving out
+    the versions in ``skip``. Raises SharesUnusable at once if any share does not decrypt."""
     by_version: dict[int, list[str]] = defaultdict(list)
     fingerprints: dict[int, str] = {}
     for release in status.releases:
@@ -38,6 +38,8 @@ def candidate_keys(status: RequestStatus,
                                  "the answer was altered or belongs to another request") from None
         by_version[release.version].append(plain.decode("ascii"))
         fingerprints[release.version] = release.fingerprint
+    for version in skip:
+        by_version.pop(version, None)
     return _combined(status.cluster_id, by_version, fingerprints)
 
 

@@ -71,7 +71,7 @@ def test_a_manager_down_during_a_rotation_is_unlocked_with_the_older_version_the
     third.daemon.start()
     seconds = third.wait_state("active")
     log = third.log()
-    assert "key version 2 does not unlock this manager; trying an older one" in log
+    assert "key version 2 does not unlock this manager" in log
     assert "unlocked the manager with key version 1" in log
     results = [(d["outcome"], d["version"]) for _, d in escrow.audit("unseal.result")]
     assert results[-2:] == [("invalid_key", 2), ("unlocked", 1)]

@@ -5,19 +5,25 @@ from __future__ import annotations
 
 import logging
 import random
+import secrets
 import socket
 import stat
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from agent import config as agent_config
 from agent import state as agent_state
 from agent.backoff import Backoff
 from agent.errors import AgentError
 from agent.log import StderrFormatter, under_journald
+from agent.release import candidate_keys
 from agent.state import AgentState, LastUnlock
+from escrow import protocol, shares
 from escrow.notify import Notifier, watchdog_interval
+from escrow.protocol import ReleasedShare, RequestStatus
+from escrow.unlockkey import UnlockKey
 
 
 def test_backoff_grows_with_jitter_up_to_its_cap_and_resets() -> None:
@@ -128,3 +134,29 @@ def test_stderr_log_lines_carry_the_structured_fields(monkeypatch: pytest.Monkey
     assert line.endswith("warning: locked x [node_id=n1 request_id=r-1]")
     monkeypatch.setenv("JOURNAL_STREAM", "1:2")
     assert not under_journald()
+
+
+def released(request_id: str, cluster: str, version: int, key: UnlockKey, count: int,
+             peer: X25519PrivateKey) -> list[ReleasedShare]:
+    mnemonics = shares.split(key, 2, 3)[:count]
+    return [ReleasedShare(
+        version=version, fingerprint=key.fingerprint(cluster), slot=slot, holder="auto",
+        sealed_share=protocol.b64e(protocol.HPKE.encrypt(
+            mnemonic.encode(), peer.public_key(),
+            info=protocol.share_info(request_id, cluster, version, slot))))
+        for slot, mnemonic in enumerate(mnemonics)]
+
+
+def test_candidate_keys_come_newest_first_and_leave_out_refused_and_incomplete_versions(
+        ) -> None:
+    ephemeral = X25519PrivateKey.generate()
+    old, new, newest = (UnlockKey(secrets.token_bytes(32)) for _ in range(3))
+    status = RequestStatus(
+        request_id="r-1", cluster_id="c", node_id="n", state="pending", created_at="",
+        expires_at="", threshold=2, needed=1, approvals=[],
+        releases=(released("r-1", "c", 3, newest, 1, ephemeral)  # waits for a custodian
+                  + released("r-1", "c", 2, new, 2, ephemeral)
+                  + released("r-1", "c", 1, old, 2, ephemeral)))
+    assert list(candidate_keys(status, ephemeral)) == [(2, new), (1, old)]
+    assert list(candidate_keys(status, ephemeral, frozenset({2}))) == [(1, old)]
+    assert list(candidate_keys(status, ephemeral, frozenset({1, 2}))) == []
