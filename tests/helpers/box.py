@@ -33,7 +33,8 @@ CACHE_DIR = Path("/var/tmp/swarm-unseal-box")
 DOCKER_DAEMON_JSON = {"bridge": "none", "iptables": False, "ip-forward": False,
                       "ip-masq": False}
 NSPAWN_ENV = {"SYSTEMD_SECCOMP": "0", "SYSTEMD_NSPAWN_UNIFIED_HIERARCHY": "1"}
-HOST_CGROUP_HIERARCHIES = ("systemd", "unified")
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+NSPAWN_RUN = Path("/run/systemd/nspawn")
 
 
 class BoxError(Exception):
@@ -104,7 +105,12 @@ class Box:
 
     @property
     def cgroups(self) -> list[Path]:
-        return [Path("/sys/fs/cgroup") / h / self.name for h in HOST_CGROUP_HIERARCHIES]
+        """The box's own cgroups on the host: in the named systemd and the unified hierarchy
+        of a hybrid host (this machine kind), or in the one hierarchy of a unified host."""
+        if (CGROUP_ROOT / "cgroup.controllers").exists():
+            return [CGROUP_ROOT / self.name]
+        return [CGROUP_ROOT / h / self.name for h in ("systemd", "unified")
+                if (CGROUP_ROOT / h).is_dir()]
 
     def boot(self, timeout: float = 60) -> None:
         self.rootfs.mkdir(parents=True)
@@ -202,14 +208,18 @@ class Box:
                 self.nspawn.wait(timeout=30)
         for cgroup in self.cgroups:
             _remove_cgroup(cgroup)
-        shutil.rmtree(Path("/run/systemd/nspawn/propagate") / self.name, ignore_errors=True)
+        shutil.rmtree(NSPAWN_RUN / "propagate" / self.name, ignore_errors=True)
+        # nspawn makes these for itself; they stay only while another container uses them.
+        for directory in (NSPAWN_RUN / "propagate", NSPAWN_RUN / "locks", NSPAWN_RUN):
+            with contextlib.suppress(OSError):
+                directory.rmdir()
         shutil.rmtree(self.rootfs, ignore_errors=True)
         shutil.rmtree(self.docker_dir, ignore_errors=True)
 
     def leftovers(self) -> list[str]:
         """What the box left on the host; empty after a clean poweroff."""
         found = [str(c) for c in self.cgroups if c.exists()]
-        propagate = Path("/run/systemd/nspawn/propagate") / self.name
+        propagate = NSPAWN_RUN / "propagate" / self.name
         if propagate.exists():
             found.append(str(propagate))
         if self.nspawn is not None and self.nspawn.poll() is None:
@@ -241,8 +251,8 @@ def _remove_cgroup(cgroup: Path) -> None:
 
 
 @contextlib.contextmanager
-def booted(name: str, workdir: Path, binds_ro: dict[Path, str] | None = None) -> Iterator[Box]:
-    box = Box(name, workdir, binds_ro)
+def booted(box: Box) -> Iterator[Box]:
+    """The box, booted, and powered off again however the block ends."""
     try:
         box.boot()
         yield box

@@ -186,7 +186,7 @@ def site(wheels: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sit
     workdir = tmp_path_factory.mktemp("box")
     binds = {wheels: "/root/wheels", ROOT / "systemd": "/root/systemd"}
     started = time.monotonic()
-    with booted(f"unseal-box-{os.getpid()}", workdir, binds) as box:
+    with booted(Box(f"unseal-box-{os.getpid()}", workdir, binds)) as box:
         record("box: unpack the image and boot to running", time.monotonic() - started)
         site = Site(box)
         installed = time.monotonic()
