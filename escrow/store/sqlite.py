@@ -16,7 +16,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from escrow import audit
+from escrow import audit, audit_journal
 from escrow.audit import AuditEvent, AuditRecord
 from escrow.errors import Conflict, NotFound, StoreError
 from escrow.policy import Policy
@@ -91,6 +91,8 @@ class SqliteStore:
     def __init__(self, db: sqlite3.Connection, now: Clock) -> None:
         self._db = db
         self._now = now
+        # Audit records of the open transaction, copied to the journal once it commits.
+        self._uncommitted: list[AuditRecord] = []
 
     @classmethod
     def open(cls, path: Path, now: Clock, *, create: bool = False) -> SqliteStore:
@@ -151,12 +153,16 @@ class SqliteStore:
             yield self._db
             self._db.execute("COMMIT")
         except BaseException as exc:
+            self._uncommitted.clear()
             self._db.execute("ROLLBACK")
             if isinstance(exc, sqlite3.Error):
                 raise StoreError(f"the database refused the change: {exc}",
                                  "check free space and permissions of the data directory"
                                  ) from None
             raise
+        committed, self._uncommitted = self._uncommitted, []
+        for record in committed:
+            audit_journal.send(record)
 
     def _append(self, db: sqlite3.Connection, event: AuditEvent) -> AuditRecord:
         last = db.execute("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1").fetchone()
@@ -168,7 +174,9 @@ class SqliteStore:
             (record.timestamp, record.event, record.actor, record.cluster_id,
              record.details_json, record.prev_hash, record.hash),
         )
-        return replace(record, seq=int(cursor.lastrowid or 0))
+        record = replace(record, seq=int(cursor.lastrowid or 0))
+        self._uncommitted.append(record)
+        return record
 
     # -- custodians -------------------------------------------------------------------------
 

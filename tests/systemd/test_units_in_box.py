@@ -186,6 +186,16 @@ def test_broken_config_fails_once_with_a_line_naming_the_key(site: Site) -> None
         site.box.run(["systemctl", "start", "unseal-agent"])
 
 
+def test_every_audit_record_is_copied_to_the_journal_with_its_hash(site: Site) -> None:
+    records = json.loads(site.escrow_admin("audit", "show", "--json", "--limit", "1000").stdout)
+    copies = [json.loads(line) for line in site.box.run(
+        ["journalctl", "-o", "json", "--no-pager", "SYSLOG_IDENTIFIER=escrow-audit"]
+    ).stdout.splitlines()]
+    assert {r["hash"] for r in records} == {c["AUDIT_HASH"] for c in copies}
+    assert {"unseal.release", "unseal.result", "key.deposit"} <= {
+        c["AUDIT_EVENT"] for c in copies}
+
+
 def test_journal_has_the_agent_fields_and_no_key_material(site: Site) -> None:
     entries = site.journal("unseal-agent")
     assert any(e.get("CLUSTER_ID") == site.cluster_id and e.get("NODE_ID") for e in entries)

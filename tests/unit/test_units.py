@@ -42,6 +42,8 @@ def test_agent_unit_follows_docker_through_restarts_crashes_and_stop_start() -> 
     assert agent["BindsTo"] == ["docker.service"]
     assert "docker.service" in agent["After"][0].split()
     assert agent["WantedBy"] == ["docker.service"]  # without it a docker crash strands it
+    # Started with every docker start: the default start limit stranded it (tests/systemd).
+    assert agent["StartLimitIntervalSec"] == ["0"]
     assert agent["Type"] == ["notify"]
     assert agent["WatchdogSec"]
     assert agent["RestartPreventExitStatus"] == [str(EX_CONFIG)]
