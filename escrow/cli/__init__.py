@@ -12,6 +12,7 @@ import click
 from escrow.cli import (
     approvals,
     audit,
+    backup,
     cluster,
     custodian,
     init,
@@ -39,7 +40,8 @@ def cli() -> None:
 
 for command in (init.init, custodian.custodian, cluster.cluster, keys.deposit, keys.key,
                 audit.audit, recover.recover, serve.serve, node.node, approvals.requests,
-                approvals.approve, approvals.deny, approvals.share):
+                approvals.approve, approvals.deny, approvals.share, backup.backup,
+                backup.restore):
     cli.add_command(command)
 
 

@@ -1,0 +1,189 @@
+"""Backups of a data directory: one tar file with a consistent SQLite snapshot, the config and
+the TLS files, and a manifest of their SHA-256 hashes.
+
+Shares stay wrapped: the token that holds the wrapping key, and its PIN, are never in a backup
+(an embedded SoftHSM token's `softhsm/` directory and `hsm-pin` are left out). Backing the
+token up is the operator's job, apart from this file; a backup without it restores nothing that
+can be unwrapped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import shutil
+import sqlite3
+import tarfile
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path, PurePosixPath
+
+from escrow import audit
+from escrow.audit import AuditEvent
+from escrow.config import CONFIG_NAME, DB_NAME
+from escrow.errors import ConfigError, InputError, StoreError
+from escrow.store.sqlite import SqliteStore
+from escrow.vault import timestamp
+
+FORMAT = 1
+MANIFEST = "MANIFEST.json"
+TLS_DIR = "tls"
+
+
+@dataclass(frozen=True)
+class Manifest:
+    created_at: str
+    audit_records: int
+    audit_head: str
+    files: dict[str, str]  # name in the backup -> SHA-256
+
+    def to_json(self) -> bytes:
+        return json.dumps({"format": FORMAT, "created_at": self.created_at,
+                           "audit_records": self.audit_records, "audit_head": self.audit_head,
+                           "files": self.files}, indent=2, sort_keys=True).encode()
+
+
+def _snapshot(db_path: Path, target: Path) -> None:
+    """A consistent copy of a live database (SQLite's online backup), WAL included."""
+    if not db_path.is_file():
+        raise StoreError(f"the database {db_path} does not exist",
+                         "give the data directory of an initialised escrow")
+    try:
+        source = sqlite3.connect(db_path)
+        try:
+            copy = sqlite3.connect(target)
+            try:
+                source.backup(copy)
+            finally:
+                copy.close()
+        finally:
+            source.close()
+    except sqlite3.Error as exc:
+        raise StoreError(f"cannot snapshot {db_path}: {exc}",
+                         "check that the data directory is readable and the disk not full"
+                         ) from None
+
+
+def _chain(db_path: Path, now: Callable[[], datetime]) -> tuple[int, str]:
+    """The snapshot's audit record count and head hash; refuses a broken chain."""
+    store = SqliteStore.open(db_path, lambda: timestamp(now()))
+    try:
+        records = store.audit_records()
+    finally:
+        store.close()
+    problems = audit.verify(records)
+    if problems:
+        raise StoreError(f"the audit log has {len(problems)} problem(s): {problems[0].message}",
+                         "run `escrow audit verify` and investigate before relying on a backup")
+    return len(records), records[-1].hash if records else audit.GENESIS
+
+
+def create(data_dir: Path, out: Path, now: Callable[[], datetime]) -> Manifest:
+    """Write a backup of ``data_dir`` to ``out`` (created 0600, never overwritten)."""
+    members: dict[str, Path] = {CONFIG_NAME: data_dir / CONFIG_NAME}
+    tls = data_dir / TLS_DIR
+    if tls.is_dir():
+        members |= {f"{TLS_DIR}/{p.name}": p for p in sorted(tls.iterdir()) if p.is_file()}
+    with tempfile.TemporaryDirectory(prefix="escrow-backup-") as tmp:
+        snapshot = Path(tmp) / DB_NAME
+        _snapshot(data_dir / DB_NAME, snapshot)
+        count, head = _chain(snapshot, now)
+        members[DB_NAME] = snapshot
+        contents = {name: path.read_bytes() for name, path in members.items()}
+        manifest = Manifest(now().isoformat(), count, head,
+                            {n: hashlib.sha256(c).hexdigest() for n, c in contents.items()})
+        try:
+            fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            raise InputError(f"{out} already exists", "choose a new file name") from None
+        except OSError as exc:
+            raise InputError(f"cannot create {out}: {exc.strerror}",
+                             "choose a writable place for the backup") from None
+        try:
+            with os.fdopen(fd, "wb") as handle, tarfile.open(fileobj=handle, mode="w:gz") as tar:
+                for name, content in [(MANIFEST, manifest.to_json()), *contents.items()]:
+                    info = tarfile.TarInfo(name)
+                    info.size, info.mode, info.mtime = len(content), 0o600, 0
+                    tar.addfile(info, io.BytesIO(content))
+        except OSError as exc:
+            out.unlink(missing_ok=True)
+            raise InputError(f"writing {out} failed: {exc.strerror}",
+                             "check free space where the backup goes") from None
+    return manifest
+
+
+def _read(backup: Path) -> tuple[Manifest, dict[str, bytes]]:
+    """The backup's files, each checked against the manifest."""
+    try:
+        with tarfile.open(backup, "r:gz") as tar:
+            contents: dict[str, bytes] = {}
+            for member in tar.getmembers():
+                path = PurePosixPath(member.name)
+                if not member.isfile() or path.is_absolute() or ".." in path.parts:
+                    raise InputError(f"{backup} holds an unexpected entry {member.name!r}",
+                                     "restore only backups made by `escrow backup`")
+                extracted = tar.extractfile(member)
+                contents[member.name] = extracted.read() if extracted else b""
+    except (tarfile.TarError, EOFError, OSError) as exc:
+        raise InputError(f"{backup} is not a readable backup: {exc}",
+                         "check the file; it may be truncated") from None
+    try:
+        raw = json.loads(contents.pop(MANIFEST))
+        manifest = Manifest(raw["created_at"], int(raw["audit_records"]), raw["audit_head"],
+                            dict(raw["files"]))
+        if raw["format"] != FORMAT:
+            raise InputError(f"{backup} has backup format {raw['format']}; this escrow reads "
+                             f"format {FORMAT}", "restore with the escrow version that made it")
+    except (KeyError, TypeError, ValueError):
+        raise InputError(f"{backup} has no valid {MANIFEST}",
+                         "restore only backups made by `escrow backup`") from None
+    if set(contents) != set(manifest.files) or DB_NAME not in contents:
+        raise InputError(f"{backup} does not hold the files its manifest lists",
+                         "the backup is incomplete or was altered: use another one")
+    for name, content in contents.items():
+        if hashlib.sha256(content).hexdigest() != manifest.files[name]:
+            raise InputError(f"{name} in {backup} does not match its SHA-256 in the manifest",
+                             "the backup was altered or damaged: use another one")
+    return manifest, contents
+
+
+def restore(backup: Path, data_dir: Path, now: Callable[[], datetime], actor: str) -> Manifest:
+    """Recreate ``data_dir`` from ``backup``: all or nothing, and only into a directory that is
+    not an escrow data directory already (the token's files may already be there)."""
+    if (data_dir / CONFIG_NAME).exists() or (data_dir / DB_NAME).exists():
+        raise ConfigError(f"{data_dir} already holds an escrow",
+                          "restore into a new directory, or move this one away first")
+    manifest, contents = _read(backup)
+    data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".restore-", dir=data_dir))
+    try:
+        for name, content in contents.items():
+            target = staging / name
+            target.parent.mkdir(mode=0o700, exist_ok=True)
+            fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(content)
+                os.fsync(handle.fileno())
+        count, head = _chain(staging / DB_NAME, now)
+        if (count, head) != (manifest.audit_records, manifest.audit_head):
+            raise InputError(f"the audit log in {backup} ends at record {count} ({head[:16]}), "
+                             f"the manifest says {manifest.audit_records} "
+                             f"({manifest.audit_head[:16]})", "use another backup")
+        store = SqliteStore.open(staging / DB_NAME, lambda: timestamp(now()))
+        try:
+            store.append_audit(AuditEvent("escrow.restore", actor, "", {
+                "backup": backup.name, "backup_created_at": manifest.created_at,
+                "backup_audit_head": manifest.audit_head}))
+        finally:
+            store.close()
+        # The config goes last: a directory is an escrow only once everything else is there.
+        for name in [*(n for n in contents if n != CONFIG_NAME), CONFIG_NAME]:
+            (data_dir / name).parent.mkdir(mode=0o700, exist_ok=True)
+            os.replace(staging / name, data_dir / name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return manifest
