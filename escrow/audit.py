@@ -74,6 +74,11 @@ class ChainProblem:
     message: str
 
 
+def head(records: Sequence[AuditRecord]) -> str:
+    """The hash that ends the chain (GENESIS for an empty log)."""
+    return records[-1].hash if records else GENESIS
+
+
 def verify(records: Sequence[AuditRecord]) -> list[ChainProblem]:
     """Check records in stored order; return every problem found, each naming its record."""
     problems: list[ChainProblem] = []

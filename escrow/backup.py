@@ -68,18 +68,18 @@ def _snapshot(db_path: Path, target: Path) -> None:
                          ) from None
 
 
-def _chain(db_path: Path, now: Callable[[], datetime]) -> tuple[int, str]:
-    """The snapshot's audit record count and head hash; refuses a broken chain."""
-    store = SqliteStore.open(db_path, lambda: timestamp(now()))
-    try:
-        records = store.audit_records()
-    finally:
-        store.close()
+def _chain(store: SqliteStore) -> tuple[int, str]:
+    """The audit record count and head hash; refuses a broken chain."""
+    records = store.audit_records()
     problems = audit.verify(records)
     if problems:
         raise StoreError(f"the audit log has {len(problems)} problem(s): {problems[0].message}",
                          "run `escrow audit verify` and investigate before relying on a backup")
-    return len(records), records[-1].hash if records else audit.GENESIS
+    return len(records), audit.head(records)
+
+
+def _open(db_path: Path, now: Callable[[], datetime]) -> SqliteStore:
+    return SqliteStore.open(db_path, lambda: timestamp(now()))
 
 
 def create(data_dir: Path, out: Path, now: Callable[[], datetime]) -> Manifest:
@@ -91,7 +91,11 @@ def create(data_dir: Path, out: Path, now: Callable[[], datetime]) -> Manifest:
     with tempfile.TemporaryDirectory(prefix="escrow-backup-") as tmp:
         snapshot = Path(tmp) / DB_NAME
         _snapshot(data_dir / DB_NAME, snapshot)
-        count, head = _chain(snapshot, now)
+        store = _open(snapshot, now)
+        try:
+            count, head = _chain(store)
+        finally:
+            store.close()
         members[DB_NAME] = snapshot
         contents = {name: path.read_bytes() for name, path in members.items()}
         manifest = Manifest(now().isoformat(), count, head,
@@ -168,13 +172,13 @@ def restore(backup: Path, data_dir: Path, now: Callable[[], datetime], actor: st
             with os.fdopen(fd, "wb") as handle:
                 handle.write(content)
                 os.fsync(handle.fileno())
-        count, head = _chain(staging / DB_NAME, now)
-        if (count, head) != (manifest.audit_records, manifest.audit_head):
-            raise InputError(f"the audit log in {backup} ends at record {count} ({head[:16]}), "
-                             f"the manifest says {manifest.audit_records} "
-                             f"({manifest.audit_head[:16]})", "use another backup")
-        store = SqliteStore.open(staging / DB_NAME, lambda: timestamp(now()))
+        store = _open(staging / DB_NAME, now)
         try:
+            count, head = _chain(store)
+            if (count, head) != (manifest.audit_records, manifest.audit_head):
+                raise InputError(f"the audit log in {backup} ends at record {count} "
+                                 f"({head[:16]}), the manifest says {manifest.audit_records} "
+                                 f"({manifest.audit_head[:16]})", "use another backup")
             store.append_audit(AuditEvent("escrow.restore", actor, "", {
                 "backup": backup.name, "backup_created_at": manifest.created_at,
                 "backup_audit_head": manifest.audit_head}))

@@ -24,7 +24,7 @@ def verify(data_dir: Path, as_json: bool) -> None:
     with open_vault(data_dir) as (_, vault):
         records = vault.store.audit_records()
     problems = chain.verify(records)
-    head = records[-1].hash if records else chain.GENESIS
+    head = chain.head(records)
     if as_json:
         print_json({"records": len(records), "head": head, "ok": not problems,
                     "problems": [{"seq": p.seq, "kind": p.kind, "message": p.message}

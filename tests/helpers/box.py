@@ -172,22 +172,21 @@ class Box:
                 return False
         return False
 
-    def run(self, argv: Sequence[str], *, input: str | None = None, check: bool = True,
-            timeout: float = 120, env: dict[str, str] | None = None,
-            ) -> subprocess.CompletedProcess[str]:
+    def run(self, argv: Sequence[str], *, check: bool = True, timeout: float = 120,
+            env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
         """Run a command inside the box as root (in all its namespaces), in /root."""
         command = ["nsenter", "-t", str(self.pid1), "-a", "--", "sh", "-c",
                    'cd /root && exec "$@"', "sh", *argv]
         result = subprocess.run(
-            command, input=input, capture_output=True, text=True, timeout=timeout, check=False,
+            command, capture_output=True, text=True, timeout=timeout, check=False,
             env={"PATH": self.PATH, "LANG": "C.UTF-8", "HOME": "/root", **(env or {})})
         if check and result.returncode != 0:
             raise BoxError(f"in box {self.name}: {' '.join(argv)} exited {result.returncode}:"
                            f"\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
         return result
 
-    def sh(self, script: str, **kwargs: object) -> subprocess.CompletedProcess[str]:
-        return self.run(["sh", "-ec", script], **kwargs)  # type: ignore[arg-type]
+    def sh(self, script: str) -> subprocess.CompletedProcess[str]:
+        return self.run(["sh", "-ec", script])
 
     def console_tail(self) -> str:
         with contextlib.suppress(OSError):

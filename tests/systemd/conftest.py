@@ -62,8 +62,8 @@ class Site:
         self.cluster_id = ""
         self.unlock_keys: set[str] = set()
 
-    def sh(self, script: str, **kwargs: object) -> subprocess.CompletedProcess[str]:
-        return self.box.sh(script, **kwargs)
+    def sh(self, script: str) -> subprocess.CompletedProcess[str]:
+        return self.box.sh(script)
 
     def escrow_admin(self, *args: str) -> subprocess.CompletedProcess[str]:
         """An escrow administration command, run as the escrow's own user as README says."""
@@ -162,10 +162,12 @@ def _install(site: Site) -> None:
     site.escrow_admin("cluster", "add", site.cluster_id, "--root-ca", "/srv/swarm-root-ca.crt",
                       "--threshold", "2", "--slots", "auto,auto,alice,bob")
     site.remember_unlock_key()
-    assert agent[1].startswith("install -d -m 0755 /etc/unseal-agent"), agent
+    # README leaves writing config.toml and escrow-ca.pem to the operator, after this line.
+    makes_config_dir = "install -d -m 0755 /etc/unseal-agent"
+    assert agent[1].startswith(makes_config_dir), agent
     for line in agent:
         site.sh(line)
-        if line.startswith("install -d -m 0755 /etc/unseal-agent"):
+        if line.startswith(makes_config_dir):
             site.sh(f"""
                 printf '%s' '{AGENT_CONFIG}' > /etc/unseal-agent/config.toml
                 install -m 0644 /var/lib/escrow/tls/ca.pem /etc/unseal-agent/escrow-ca.pem
