@@ -80,8 +80,9 @@ class EscrowClient:
                                     f"{type(exc).__name__}: {exc}",
                                     "check the escrow service and the network") from None
         if status >= 500:
-            raise EscrowUnavailable(f"the escrow answered {status}: {text[:200]}",
-                                    "it retries by itself once the escrow recovers")
+            raise EscrowUnavailable(f"the escrow cannot serve now ({status}): "
+                                    f"{_error_message(text)}",
+                                    "the agent retries by itself once the escrow recovers")
         if status >= 400:
             try:
                 error = json.loads(text)
@@ -161,3 +162,13 @@ class EscrowClient:
                 request_id, node_id, outcome, version)))
         await self._call("POST", f"/v1/unseal/{request_id}/result", protocol.ResultResponse,
                          body)
+
+
+def _error_message(text: str) -> str:
+    """The message of the escrow's JSON error body, or the start of whatever came instead
+    (a proxy's HTML page, say)."""
+    try:
+        error = json.loads(text)
+        return f"{error['error']}: {error['message']}"
+    except (ValueError, TypeError, KeyError):
+        return text[:200]

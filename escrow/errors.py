@@ -43,6 +43,10 @@ class TokenNotFound(HsmError):
     pass
 
 
+class TokenUnavailable(HsmError):
+    """The token stopped answering while in use: removed, its storage gone, or broken."""
+
+
 class WrongPin(HsmError):
     pass
 

@@ -10,6 +10,7 @@ used from one thread at a time; the server gives it a thread of its own.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
 from collections.abc import Mapping
@@ -32,6 +33,7 @@ from escrow.errors import (
     HsmModuleMissing,
     ShareAuthFailed,
     TokenNotFound,
+    TokenUnavailable,
     WrappingKeyMissing,
     WrongPin,
 )
@@ -121,10 +123,15 @@ def load_module(settings: HsmSettings) -> Any:
 class Token:
     """One logged-in session on the escrow's token."""
 
-    def __init__(self, settings: HsmSettings, pin: Pin) -> None:
+    def __init__(self, settings: HsmSettings, pin: Pin, *, reinitialize: bool = False) -> None:
+        """Log in. ``reinitialize`` restarts the module first, which a token that went away
+        and came back needs before it is seen again (every other session of this process is
+        closed by it)."""
         self.settings = settings
         lib = load_module(settings)
         try:
+            if reinitialize:
+                lib.reinitialize()
             token = lib.get_token(token_label=settings.token)
         except pkcs11.NoSuchToken:
             raise TokenNotFound(
@@ -137,6 +144,8 @@ class Token:
                 f"more than one token is labelled {settings.token!r}",
                 "give each token a unique label",
             ) from None
+        except pkcs11.PKCS11Error as exc:
+            raise _unavailable(settings.token, exc) from None
         try:
             self._session = token.open(user_pin=pin.value, rw=True)
         except pkcs11.PinIncorrect:
@@ -148,10 +157,12 @@ class Token:
         except pkcs11.PKCS11Error as exc:
             raise HsmError(f"could not open a session on token {settings.token!r}: "
                            f"{type(exc).__name__}", "check the token and its module") from None
-        self._key: Any = None
+        self._keys: dict[str, WrappingKey] = {}
 
     def close(self) -> None:
-        self._session.close()
+        # A session on a token that went away cannot be closed, only forgotten.
+        with contextlib.suppress(pkcs11.PKCS11Error):
+            self._session.close()
 
     def __enter__(self) -> Token:
         return self
@@ -159,25 +170,29 @@ class Token:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _find_key(self) -> Any:
+    def _find_key(self, label: str) -> Any:
         try:
-            return self._session.get_key(label=self.settings.key_label, key_type=KeyType.AES,
+            return self._session.get_key(label=label, key_type=KeyType.AES,
                                          object_class=ObjectClass.SECRET_KEY)
         except pkcs11.NoSuchKey:
             return None
         except pkcs11.MultipleObjectsReturned:
             raise WrappingKeyMissing(
-                f"the token holds several keys labelled {self.settings.key_label!r}",
+                f"the token holds several keys labelled {label!r}",
                 "remove the duplicates with your HSM's tool; keep the one the shares were made "
                 "with",
             ) from None
+        except pkcs11.PKCS11Error as exc:
+            raise _unavailable(self.settings.token, exc) from None
 
-    def create_wrapping_key(self) -> bool:
-        """Create the wrapping key unless it exists. Returns True when it was created."""
-        if self._find_key() is not None:
+    def create_wrapping_key(self, label: str | None = None) -> bool:
+        """Create a wrapping key (the configured label by default) unless it exists. Returns
+        True when it was created."""
+        label = label or self.settings.key_label
+        if self._find_key(label) is not None:
             return False
         self._session.generate_key(
-            KeyType.AES, 256, label=self.settings.key_label, store=True,
+            KeyType.AES, 256, label=label, store=True,
             template={
                 Attribute.TOKEN: True,
                 Attribute.PRIVATE: True,
@@ -195,23 +210,39 @@ class Token:
         )
         return True
 
-    def _wrapping_key(self) -> Any:
-        if self._key is None:
-            key = self._find_key()
+    def wrapping_key(self, label: str | None = None) -> WrappingKey:
+        """The wrapping key with this label (the configured one by default)."""
+        label = label or self.settings.key_label
+        if label not in self._keys:
+            key = self._find_key(label)
             if key is None:
                 raise WrappingKeyMissing(
                     f"the token {self.settings.token!r} has no wrapping key labelled "
-                    f"{self.settings.key_label!r}",
+                    f"{label!r}",
                     "if this is a new token run `escrow init`; if the key was lost, shares "
                     "wrapped with it are lost too: see docs/runbooks for recovery from paper",
                 )
             if not key[Attribute.SENSITIVE] or key[Attribute.EXTRACTABLE]:
                 raise WrappingKeyMissing(
-                    f"the key {self.settings.key_label!r} is extractable or not sensitive",
+                    f"the key {label!r} is extractable or not sensitive",
                     "the escrow only uses a wrapping key that can never leave the token",
                 )
-            self._key = key
-        return self._key
+            self._keys[label] = WrappingKey(self, label, key)
+        return self._keys[label]
+
+    def destroy_wrapping_key(self, label: str) -> None:
+        """Destroy a wrapping key for ever. Callers check first that nothing needs it."""
+        key = self._find_key(label)
+        if key is None:
+            raise WrappingKeyMissing(f"the token {self.settings.token!r} has no wrapping key "
+                                     f"labelled {label!r}", "check the label")
+        try:
+            key.destroy()
+        except pkcs11.PKCS11Error as exc:
+            raise HsmError(f"the token refused to destroy the key {label!r}: "
+                           f"{type(exc).__name__}", "check the token's policy for key "
+                           "destruction, or destroy it with your HSM vendor's tool") from None
+        self._keys.pop(label, None)
 
     def signing_key(self, label: str, *, create: bool) -> tuple[Any, bytes]:
         """A P-256 key pair inside the token, its private half sensitive and never
@@ -245,35 +276,71 @@ class Token:
         return bytes(encode_ecdsa_signature(raw))
 
     def check(self) -> None:
-        """Raise unless the wrapping key is present and usable."""
-        self._wrapping_key()
+        """Raise unless the configured wrapping key is present and usable."""
+        self.wrapping_key()
 
     def seal(self, plaintext: bytes, aad: bytes) -> bytes:
-        key = self._wrapping_key()
-        iv = self._session.generate_random(IV_BYTES * 8)
+        return self.wrapping_key().seal(plaintext, aad)
+
+    def open(self, sealed: bytes, aad: bytes) -> bytes:
+        return self.wrapping_key().open(sealed, aad)
+
+    def random(self, count: int) -> bytes:
+        try:
+            return bytes(self._session.generate_random(count * 8))
+        except pkcs11.PKCS11Error as exc:
+            raise _unavailable(self.settings.token, exc) from None
+
+
+class WrappingKey:
+    """One AES wrapping key inside the token: seals and opens shares."""
+
+    def __init__(self, token: Token, label: str, key: Any) -> None:
+        self.token = token
+        self.label = label
+        self._key = key
+
+    def seal(self, plaintext: bytes, aad: bytes) -> bytes:
+        iv = self.token.random(IV_BYTES)
         params = GCMParams(iv, aad, TAG_BITS)
         try:
-            ct = key.encrypt(plaintext, mechanism=Mechanism.AES_GCM, mechanism_param=params)
+            ct = self._key.encrypt(plaintext, mechanism=Mechanism.AES_GCM,
+                                   mechanism_param=params)
         except pkcs11.PKCS11Error as exc:
-            raise HsmError(f"the token failed to encrypt: {type(exc).__name__}",
-                           "check the token's health") from None
-        return bytes([SEALED_FORMAT]) + bytes(iv) + bytes(ct)
+            raise _unavailable(self.token.settings.token, exc) from None
+        return bytes([SEALED_FORMAT]) + iv + bytes(ct)
 
     def open(self, sealed: bytes, aad: bytes) -> bytes:
         if len(sealed) < 1 + IV_BYTES + TAG_BITS // 8 or sealed[0] != SEALED_FORMAT:
             raise ShareAuthFailed("a wrapped share is truncated or of an unknown format",
                                   "the database row was altered; restore it from a backup")
-        key = self._wrapping_key()
         params = GCMParams(sealed[1:1 + IV_BYTES], aad, TAG_BITS)
         body = sealed[1 + IV_BYTES:]
         try:
-            return bytes(key.decrypt(body, mechanism=Mechanism.AES_GCM, mechanism_param=params))
-        except pkcs11.PKCS11Error:
+            return bytes(self._key.decrypt(body, mechanism=Mechanism.AES_GCM,
+                                           mechanism_param=params))
+        except _BAD_CIPHERTEXT:
             # SoftHSM reports a bad GCM tag as a bare GeneralError; other tokens use
             # EncryptedDataInvalid. Either way the row is not what was sealed for this place.
             raise ShareAuthFailed(
                 "a wrapped share failed authentication: it was altered, copied from another "
-                "row, or sealed with a different wrapping key",
+                f"row, or sealed with a wrapping key other than {self.label!r}",
                 "restore the database from a backup, or rotate the unlock key to make fresh "
                 "shares",
             ) from None
+        except pkcs11.PKCS11Error as exc:
+            raise _unavailable(self.token.settings.token, exc) from None
+
+
+# What a token says of a ciphertext that fails authentication; any other error means the
+# token itself (its session, its objects, the device) is gone or broken.
+_BAD_CIPHERTEXT = (pkcs11.GeneralError, pkcs11.EncryptedDataInvalid,
+                   pkcs11.EncryptedDataLenRange)
+
+
+def _unavailable(token: str, exc: pkcs11.PKCS11Error) -> TokenUnavailable:
+    return TokenUnavailable(
+        f"the token {token!r} stopped answering ({type(exc).__name__}): it was removed, "
+        "its storage went away, or the device failed",
+        "bring the token back (SoftHSM: its token directory); the escrow reopens it by itself",
+    )

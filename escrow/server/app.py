@@ -31,8 +31,9 @@ from escrow.errors import (
     PolicyError,
     RequestError,
     StoreError,
+    WrongPin,
 )
-from escrow.hsm import Pin, Token
+from escrow.hsm import Pin
 from escrow.protocol import (
     ApproveRequest,
     DecisionResponse,
@@ -49,6 +50,7 @@ from escrow.protocol import (
     ShareExportRequest,
     UnsealRequest,
 )
+from escrow.server.hsmlink import HsmLink
 from escrow.server.openapi import openapi_document
 from escrow.service import Escrow
 from escrow.store.sqlite import SqliteStore
@@ -74,22 +76,6 @@ class Metrics:
         self.hsm = Histogram("escrow_hsm_seconds", "Latency of token operations",
                              buckets=(0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0),
                              registry=self.registry)
-
-
-class TimedToken:
-    """The token, with every operation's latency observed."""
-
-    def __init__(self, token: Token, histogram: Histogram) -> None:
-        self.token = token
-        self.histogram = histogram
-
-    def seal(self, plaintext: bytes, aad: bytes) -> bytes:
-        with self.histogram.time():
-            return self.token.seal(plaintext, aad)
-
-    def open(self, sealed: bytes, aad: bytes) -> bytes:
-        with self.histogram.time():
-            return self.token.open(sealed, aad)
 
 
 def _status_of(error: EscrowError) -> int:
@@ -121,12 +107,11 @@ class EscrowServer:
         self.settings = settings
         self.metrics = Metrics()
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vault")
-        self._pin = pin
         self._waiters: dict[str, asyncio.Event] = {}
         self._closing = False
         self._background: set[asyncio.Task[None]] = set()
         self.escrow: Escrow | None = None
-        self._token: Token | None = None
+        self._hsm = HsmLink(settings.hsm, pin, self.metrics.hsm)
         self._store: SqliteStore | None = None
 
     # -- lifecycle --------------------------------------------------------------------------
@@ -134,15 +119,24 @@ class EscrowServer:
     def _open(self) -> None:
         self._store = SqliteStore.open(self.settings.db_path,
                                        lambda: timestamp(datetime.now(UTC)))
-        self._token = Token(self.settings.hsm, self._pin)
-        self._token.check()
-        vault = Vault(self._store, TimedToken(self._token, self.metrics.hsm),
-                      lambda: datetime.now(UTC), "escrow")
-        self.escrow = Escrow(vault, self.settings.server, self.metrics.released.inc)
+        try:
+            self._service()
+        except WrongPin:
+            raise
+        except HsmError:
+            pass  # logged by the link; the API answers 503 until the token is back
+
+    def _service(self) -> Escrow:
+        """The service, made once the token answers (it unwraps the deposit key)."""
+        if self.escrow is None:
+            if self._store is None:
+                raise StoreError("the escrow is starting", "retry in a moment")
+            vault = Vault(self._store, self._hsm, lambda: datetime.now(UTC), "escrow")
+            self.escrow = Escrow(vault, self.settings.server, self.metrics.released.inc)
+        return self.escrow
 
     def _close(self) -> None:
-        if self._token is not None:
-            self._token.close()
+        self._hsm.close()
         if self._store is not None:
             self._store.close()
 
@@ -232,7 +226,7 @@ class EscrowServer:
         return request.remote or "unknown"
 
     async def _custodian(self, request: web.Request, body: bytes) -> str:
-        escrow = self._escrow
+        escrow = await self._ready()
         key_id = request.headers.get("X-Escrow-Key-Id", "")
         date = request.headers.get("X-Escrow-Date", "")
         signature = request.headers.get("X-Escrow-Signature", "")
@@ -242,11 +236,10 @@ class EscrowServer:
         return await self.run(lambda: escrow.authenticate_custodian(
             key_id, date, signature, request.method, request.path_qs, body))
 
-    @property
-    def _escrow(self) -> Escrow:
-        if self.escrow is None:
-            raise StoreError("the escrow is starting", "retry in a moment")
-        return self.escrow
+    async def _ready(self) -> Escrow:
+        if self.escrow is not None:
+            return self.escrow
+        return await self.run(self._service)
 
     def _wake(self, request_id: str) -> None:
         event = self._waiters.pop(request_id, None)
@@ -256,15 +249,15 @@ class EscrowServer:
     # -- public endpoints -------------------------------------------------------------------
 
     async def healthz(self, request: web.Request) -> web.Response:
-        escrow = self._escrow
         try:
+            escrow = await self._ready()
             await self.run(escrow.check_health)
         except EscrowError as exc:
             return _error(503, "unhealthy", exc.message, exc.hint)
         return _json(HealthResponse(status="ok"))
 
     async def metrics_endpoint(self, request: web.Request) -> web.Response:
-        escrow = self._escrow
+        escrow = await self._ready()
         pending = await self.run(lambda: sum(1 for r in escrow.pending("") if r.needed > 0))
         self.metrics.pending.set(pending)
         return web.Response(body=generate_latest(self.metrics.registry),
@@ -276,30 +269,33 @@ class EscrowServer:
     async def info(self, request: web.Request) -> web.Response:
         return _json(InfoResponse(api=protocol.API_VERSION,
                                   deposit_public_key=protocol.b64e(
-                                      self._escrow.deposit_public_key),
+                                      (await self._ready()).deposit_public_key),
                                   server_time=timestamp(datetime.now(UTC))))
 
     async def nonce(self, request: web.Request) -> web.Response:
-        nonce, expires = self._escrow.nonces.issue()
+        nonce, expires = (await self._ready()).nonces.issue()
         return _json(NonceResponse(nonce=protocol.b64e(nonce), expires_at=timestamp(expires)))
 
     # -- agent endpoints --------------------------------------------------------------------
 
     async def enroll(self, request: web.Request) -> web.Response:
         body, _ = await self._body(request, EnrollRequest)
-        escrow, source = self._escrow, self._source(request)
+        escrow, source = await self._ready(), self._source(request)
         return _json(await self.run(lambda: escrow.enroll(body, source)))
 
     async def deposit(self, request: web.Request) -> web.Response:
         body, _ = await self._body(request, DepositRequest)
-        escrow, source = self._escrow, self._source(request)
+        escrow, source = await self._ready(), self._source(request)
         version, created, fingerprint = await self.run(lambda: escrow.deposit(body, source))
         return _json(DepositResponse(version=version, created=created, fingerprint=fingerprint),
                      201 if created else 200)
 
     async def unseal(self, request: web.Request) -> web.Response:
         body, _ = await self._body(request, UnsealRequest)
-        escrow, source = self._escrow, self._source(request)
+        escrow, source = await self._ready(), self._source(request)
+        # While the token is known to be away, a request would only be recorded to fail, and
+        # count against the node's rate limit.
+        await self.run(self._hsm.token)
         status = await self.run(lambda: escrow.unseal(body, source))
         if status.needed > 0 and self.settings.server.webhook_url:
             task = asyncio.create_task(self._webhook(status.request_id, body.hostname,
@@ -315,7 +311,7 @@ class EscrowServer:
             wait = min(MAX_WAIT, max(0.0, float(request.query.get("wait", "0"))))
         except ValueError:
             raise _bad("bad_wait", "wait must be a number of seconds") from None
-        escrow = self._escrow
+        escrow = await self._ready()
         # Registered before the first look, so an approval in between still wakes us.
         event = self._waiters.setdefault(request_id, asyncio.Event())
         status: RequestStatus | None = None
@@ -334,7 +330,7 @@ class EscrowServer:
     async def result(self, request: web.Request) -> web.Response:
         request_id = request.match_info["request_id"]
         body, _ = await self._body(request, ResultReport)
-        escrow = self._escrow
+        escrow = await self._ready()
         await self.run(lambda: escrow.report(request_id, body))
         return _json(ResultResponse(recorded=True))
 
@@ -342,7 +338,7 @@ class EscrowServer:
 
     async def requests(self, request: web.Request) -> web.Response:
         custodian = await self._custodian(request, await request.read())
-        escrow = self._escrow
+        escrow = await self._ready()
         return _json(await self.run(lambda: escrow.pending(custodian)))
 
     async def _decide(self, request: web.Request, decision: str) -> web.Response:
@@ -352,7 +348,7 @@ class EscrowServer:
         body, raw = await self._body(request, model)
         custodian = await self._custodian(request, raw)
         reason = getattr(body, "reason", "")
-        escrow = self._escrow
+        escrow = await self._ready()
         status = await self.run(lambda: escrow.decide(custodian, request_id, decision,
                                                       body.signature, reason))
         self._wake(request_id)
@@ -368,7 +364,7 @@ class EscrowServer:
     async def export(self, request: web.Request) -> web.Response:
         body, raw = await self._body(request, ShareExportRequest)
         custodian = await self._custodian(request, raw)
-        escrow = self._escrow
+        escrow = await self._ready()
         share = await self.run(lambda: escrow.export_share(custodian, body.cluster_id,
                                                            body.ephemeral_public_key))
         return _json(share)

@@ -10,6 +10,7 @@ import ssl
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -101,26 +102,37 @@ class EscrowProcess:
         assert result.returncode == 0, result.stderr
         return cluster
 
-    def start(self) -> None:
+    def start(self, *, healthy: bool = True) -> None:
+        """Start serving; wait until /healthz says ok, or only until it answers at all."""
         env = {k: v for k, v in os.environ.items() if k != "SOFTHSM2_CONF"}
         env.update(self.env)
         self.process = subprocess.Popen(
             [sys.executable, "-m", "escrow", "serve", "--data-dir", str(self.data_dir),
              "--listen", f"127.0.0.1:{self.port}"], cwd=REPO, env=env,
             stdout=subprocess.DEVNULL, stderr=(self.base / "serve.log").open("ab"))
-        context = ssl.create_default_context(cafile=str(self.ca))
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError("escrow serve exited:\n" + self.log())
             try:
-                with urllib.request.urlopen(self.url + "/healthz", context=context,  # noqa: S310
-                                            timeout=2) as answer:
-                    if answer.status == 200:
-                        return
+                status, _ = self.health()
             except OSError:
                 time.sleep(0.1)
+                continue
+            if status == 200 or not healthy:
+                return
+            time.sleep(0.1)
         raise RuntimeError("escrow serve did not become healthy:\n" + self.log())
+
+    def health(self) -> tuple[int, dict[str, Any]]:
+        """/healthz's status and JSON body; OSError while nothing listens."""
+        context = ssl.create_default_context(cafile=str(self.ca))
+        try:
+            with urllib.request.urlopen(self.url + "/healthz", context=context,  # noqa: S310
+                                        timeout=5) as answer:
+                return answer.status, json.loads(answer.read())
+        except urllib.error.HTTPError as error:
+            return error.code, json.loads(error.read())
 
     def stop(self) -> int:
         if self.process is None:

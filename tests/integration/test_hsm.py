@@ -53,7 +53,7 @@ def test_damaged_ciphertext_fails_authentication(token: Token, damage: str) -> N
 
 def test_wrapping_key_is_sensitive_non_extractable_and_created_once(token: Token) -> None:
     assert token.create_wrapping_key() is False
-    key = token._wrapping_key()
+    key = token._find_key(token.settings.key_label)
     assert key[Attribute.SENSITIVE] is True
     assert key[Attribute.EXTRACTABLE] is False
     assert key[Attribute.NEVER_EXTRACTABLE] is True

@@ -1,0 +1,100 @@
+"""The server's hold on its token, which reopens it by itself after the token went away.
+
+A token can vanish under a running escrow: a SoftHSM token directory on storage that was
+unmounted, a network HSM that lost its link, a module file missing at boot. While it is gone
+every use fails at once with the reason (the API answers 503 with it), and a use at least
+``retry_seconds`` after the last failure logs in again, so the escrow recovers with no restart.
+A refused PIN is the exception: retrying it would lock the token, so it fails for good.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+
+from prometheus_client import Histogram
+
+from escrow.errors import HsmError, TokenUnavailable, WrongPin
+from escrow.hsm import HsmSettings, Pin, Token
+
+log = logging.getLogger("escrow.server")
+
+
+class HsmLink:
+    def __init__(self, settings: HsmSettings, pin: Pin, histogram: Histogram,
+                 retry_seconds: float = 2.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._settings = settings
+        self._pin = pin
+        self._histogram = histogram
+        self._retry_seconds = retry_seconds
+        self._clock = clock
+        self._token: Token | None = None
+        self._error: HsmError | None = None
+        self._next_try = 0.0
+        self._attempts = 0
+
+    def token(self) -> Token:
+        """The logged-in token, opening it again if it was lost. Raises the last HsmError
+        while it stays unavailable."""
+        if self._token is not None:
+            return self._token
+        if self._error is not None and self._clock() < self._next_try:
+            raise self._error
+        self._attempts += 1
+        token: Token | None = None
+        try:
+            # After a first attempt the module is loaded and must be restarted to see a
+            # token that came back.
+            token = Token(self._settings, self._pin, reinitialize=self._attempts > 1)
+            token.check()
+        except WrongPin as exc:
+            self._lost(exc, retry=False)
+            raise
+        except HsmError as exc:
+            if token is not None:
+                token.close()
+            self._lost(exc, retry=True)
+            raise
+        if self._error is not None:
+            log.warning("the token %r answers again; serving", self._settings.token)
+        self._token, self._error = token, None
+        return token
+
+    def _lost(self, error: HsmError, *, retry: bool) -> None:
+        if self._error is None or self._error.message != error.message:
+            log.error("the token is unavailable: %s (%s)", error.message,
+                      "retrying on the next request" if retry else "not retrying")
+        self._error = error
+        self._next_try = self._clock() + self._retry_seconds if retry else math.inf
+
+    def seal(self, plaintext: bytes, aad: bytes) -> bytes:
+        token = self.token()
+        try:
+            with self._histogram.time():
+                return token.seal(plaintext, aad)
+        except TokenUnavailable as exc:
+            self._drop(exc)
+            raise
+
+    def open(self, sealed: bytes, aad: bytes) -> bytes:
+        token = self.token()
+        try:
+            with self._histogram.time():
+                return token.open(sealed, aad)
+        except TokenUnavailable as exc:
+            self._drop(exc)
+            raise
+
+    def _drop(self, error: TokenUnavailable) -> None:
+        if self._token is not None:
+            self._token.close()
+            self._token = None
+        self._lost(error, retry=True)
+
+    def close(self) -> None:
+        if self._token is not None:
+            self._token.close()
+            self._token = None
