@@ -29,7 +29,9 @@ Settings (TOML table.key = environment variable):
 
 from __future__ import annotations
 
+import math
 import os
+import stat
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -108,9 +110,12 @@ def _coerce(table: str, key: str, value: Any, origin: str) -> Any:
             value = "not a number"
         try:
             number = float(value)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             raise ConfigError(f"{origin}: {table}.{key} must be a number",
                               f"for example {table}.{key} = 30") from None
+        if not math.isfinite(number):
+            raise ConfigError(f"{origin}: {table}.{key} must be a finite number, not {number}",
+                              f"for example {table}.{key} = 30")
         if number < 0:
             raise ConfigError(f"{origin}: {table}.{key} must not be negative", "use 0 or more")
         return number
@@ -136,8 +141,17 @@ def load(data_dir: Path, env: Mapping[str, str] | None = None) -> Settings:
         raise ConfigError(f"{data_dir} is not an escrow data directory (no {CONFIG_NAME})",
                           f"run `escrow init --data-dir {data_dir}` first, or give the right "
                           f"--data-dir / {DATA_DIR_ENV}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path} is not UTF-8 text", "save it as UTF-8 (TOML requires it)"
+                          ) from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror}",
+                          "it must be a regular file readable by the escrow's user") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path} is not valid TOML: {exc}", "fix the file") from None
+    except (ValueError, RecursionError):  # tomllib: an integer too long, or too deep nesting
+        raise ConfigError(f"{path} is not usable TOML: a number is too long or values nest too "
+                          "deeply", "fix the file") from None
     _check_known(raw, path)
     values: dict[tuple[str, str], Any] = {}
     for (table, key), (env_name, _) in _SETTINGS.items():
@@ -182,3 +196,25 @@ def write(data_dir: Path, hsm: HsmSettings, retention_days: float) -> Path:
     path = data_dir / CONFIG_NAME
     path.write_text(tomli_w.dumps({"hsm": table, "keys": {"retention_days": retention_days}}))
     return path
+
+
+def update(data_dir: Path, table: str, key: str, value: str) -> None:
+    """Set one setting in escrow.toml, atomically: a crash leaves the old file or the new one.
+    The file is rewritten from its values, so comments in it are not kept."""
+    if (table, key) not in _SETTINGS:
+        raise ConfigError(f"{table}.{key} is not an escrow setting", "this is a bug")
+    path = data_dir / CONFIG_NAME
+    raw = tomllib.loads(path.read_text())
+    raw.setdefault(table, {})[key] = value
+    fresh = path.with_name(path.name + ".new")
+    fd = os.open(fresh, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, stat.S_IMODE(path.stat().st_mode))
+    with os.fdopen(fd, "w") as handle:
+        handle.write(tomli_w.dumps(raw))
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(fresh, path)
+    directory = os.open(data_dir, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)

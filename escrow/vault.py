@@ -6,7 +6,7 @@ in as parameters, so the rules here are tested with a fixed clock.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Protocol
@@ -14,7 +14,7 @@ from typing import Protocol
 from escrow import custodian_keys, identity, shares
 from escrow.audit import AuditEvent
 from escrow.encoding import share_aad
-from escrow.errors import InputError, PolicyError
+from escrow.errors import HsmError, InputError, PolicyError, ShareAuthFailed
 from escrow.policy import Policy, make_policy, validate_custodian_name
 from escrow.store import (
     ClusterRecord,
@@ -178,6 +178,53 @@ class Vault:
         return self.sealer.open(share.sealed,
                                 share_aad(share.cluster_id, share.version, share.slot)
                                 ).decode("ascii")
+
+    # -- wrapping keys ----------------------------------------------------------------------
+
+    def rewrap(self, target: Sealer, sealed_meta: Mapping[str, bytes], **details: object) -> int:
+        """Re-wrap every share, and the meta values named with their associated data, from
+        this vault's sealer to ``target``, in one transaction. A value only ``target`` opens
+        was re-wrapped by an earlier run that stopped before the config named the new key,
+        and is kept. Returns the number of shares."""
+
+        def move(sealed: bytes, aad: bytes) -> bytes:
+            try:
+                plaintext = self.sealer.open(sealed, aad)
+            except ShareAuthFailed:
+                target.open(sealed, aad)  # raises unless the earlier run moved it
+                return sealed
+            moved = target.seal(plaintext, aad)
+            if target.open(moved, aad) != plaintext:
+                raise HsmError("the token re-wrapped a share it then did not open back",
+                               "nothing was changed; check the token's health")
+            return moved
+
+        def mover(aad: bytes) -> Callable[[bytes], bytes]:
+            return lambda sealed: move(sealed, aad)
+
+        return self.store.reseal(
+            lambda row: move(row.sealed, share_aad(row.cluster_id, row.version, row.slot)),
+            {name: mover(aad) for name, aad in sealed_meta.items()},
+            self._event("hsm.rewrap", "", **details))
+
+    def check_all_open(self, sealed_meta: Mapping[str, bytes]) -> int:
+        """Open every share and named meta value with this vault's sealer; ShareAuthFailed
+        names the first that does not open. Returns the number of shares."""
+        count = 0
+        for cluster in self.store.list_clusters():
+            for version in self.store.list_key_versions(cluster.cluster_id):
+                for share in self.store.get_shares(cluster.cluster_id, version.version):
+                    self.open_share(share)
+                    count += 1
+        for name, aad in sealed_meta.items():
+            sealed = self.store.get_meta(name)
+            if sealed is not None:
+                self.sealer.open(sealed, aad)
+        return count
+
+    def record(self, event: str, **details: object) -> None:
+        """An audit record of an action taken outside the store (in the token, say)."""
+        self.store.append_audit(self._event(event, "", **details))
 
     # -- history ----------------------------------------------------------------------------
 

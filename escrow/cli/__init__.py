@@ -15,6 +15,7 @@ from escrow.cli import (
     backup,
     cluster,
     custodian,
+    hsm,
     init,
     keys,
     node,
@@ -41,7 +42,7 @@ def cli() -> None:
 for command in (init.init, custodian.custodian, cluster.cluster, keys.deposit, keys.key,
                 audit.audit, recover.recover, serve.serve, node.node, approvals.requests,
                 approvals.approve, approvals.deny, approvals.share, backup.backup,
-                backup.restore):
+                backup.restore, hsm.hsm):
     cli.add_command(command)
 
 

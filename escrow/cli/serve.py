@@ -17,6 +17,7 @@ from escrow import config
 from escrow.cli.context import data_dir_option
 from escrow.errors import ConfigError
 from escrow.hsm import resolve_pin
+from escrow.lock import DataDirLock
 from escrow.notify import Notifier
 from escrow.server.app import EscrowServer
 from escrow.tls import server_context
@@ -45,7 +46,8 @@ def serve(data_dir: Path, listen: str | None, hsm_pin_file: Path | None) -> None
     context = server_context(settings.server.tls_cert, settings.server.tls_key)
     pin = resolve_pin(hsm_pin_file, settings.hsm.pin_file, os.environ)
     server = EscrowServer(settings, pin)
-    asyncio.run(_serve(server, host, port, context, settings.server.listen))
+    with DataDirLock(data_dir, "escrow serve"):
+        asyncio.run(_serve(server, host, port, context, settings.server.listen))
 
 
 async def _serve(server: EscrowServer, host: str, port: int, context: ssl.SSLContext,

@@ -7,7 +7,7 @@ several escrow replicas implements the same :class:`Store` protocol.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -119,6 +119,9 @@ class Store(Protocol):
     def delete_key_versions(
         self, cluster_id: str, versions: Sequence[int], event: AuditEvent
     ) -> None: ...
+
+    def reseal(self, share: Callable[[ShareRecord], bytes],
+               meta: Mapping[str, Callable[[bytes], bytes]], event: AuditEvent) -> int: ...
 
     def get_meta(self, name: str) -> bytes | None: ...
     def put_meta(self, name: str, value: bytes, event: AuditEvent) -> None: ...

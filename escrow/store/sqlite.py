@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
@@ -316,6 +316,24 @@ class SqliteStore:
                 db.execute("DELETE FROM key_versions WHERE cluster_id = ? AND version = ?",
                            (cluster_id, version))
             self._append(db, event)
+
+    def reseal(self, share: Callable[[ShareRecord], bytes],
+               meta: Mapping[str, Callable[[bytes], bytes]], event: AuditEvent) -> int:
+        """Replace every share's and the named meta values' sealed bytes in one transaction:
+        all are re-wrapped or none. Returns the number of shares."""
+        with self._write() as db:
+            rows = [ShareRecord(r[0], r[1], r[2], r[3], bytes(r[4])) for r in db.execute(
+                "SELECT cluster_id, version, slot, holder, sealed FROM shares").fetchall()]
+            for row in rows:
+                db.execute("UPDATE shares SET sealed = ? WHERE cluster_id = ? AND version = ?"
+                           " AND slot = ?", (share(row), row.cluster_id, row.version, row.slot))
+            for name, reseal in meta.items():
+                found = db.execute("SELECT value FROM meta WHERE name = ?", (name,)).fetchone()
+                if found:
+                    db.execute("UPDATE meta SET value = ? WHERE name = ?",
+                               (reseal(bytes(found[0])), name))
+            self._append(db, replace(event, details={**event.details, "shares": len(rows)}))
+            return len(rows)
 
     # -- meta, nodes, requests --------------------------------------------------------------
 

@@ -7,29 +7,21 @@ import json
 import os
 import ssl
 import time
-from collections.abc import Awaitable, Iterator
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import TypeVar
 
 import aiohttp
 import pytest
 
-from agent.client import EscrowClient
 from agent.errors import EscrowRejected
 from agent.release import candidate_keys
 from escrow import protocol
 from escrow.unlockkey import UnlockKey
+from tests.helpers.api import client, deposit, enroll, enrolled, run
 from tests.helpers.server import Cluster, EscrowProcess, Node, make_escrow
 
 pytestmark = pytest.mark.slow
-T = TypeVar("T")
-
-
-def run(coro: Awaitable[T]) -> T:
-    return asyncio.run(coro)  # type: ignore[arg-type]
-
-
 @pytest.fixture(scope="module")
 def escrow(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EscrowProcess]:
     server = make_escrow(tmp_path_factory.mktemp("server"), ESCROW_REQUESTS_RATE_LIMIT="4")
@@ -40,35 +32,10 @@ def escrow(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EscrowProcess]:
     assert server.stop() == 0
 
 
-def client(escrow: EscrowProcess) -> EscrowClient:
-    return EscrowClient(escrow.url, escrow.ca)
-
-
-async def enroll(escrow: EscrowProcess, node: Node) -> None:
-    async with client(escrow) as c:
-        await c.enroll(node.cluster_id, node.node_id, node.cert_pem, node.cert.key,
-                       node.agent_key, node.hostname)
-
-
-async def deposit(escrow: EscrowProcess, node: Node, key: UnlockKey) -> int:
-    async with client(escrow) as c:
-        return (await c.deposit(node.cluster_id, node.node_id, node.agent_key, key)).version
-
-
 def assert_refused(escrow: EscrowProcess, event: str, reason: str) -> None:
     """The newest audit record is the refusal of `event` for `reason`."""
     [(newest, details)] = escrow.audit(last=1)
     assert (newest, details["reason"]) == (event, reason)
-
-
-def enrolled(escrow: EscrowProcess, threshold: int = 2,
-             slots: str = "auto,auto,alice,bob") -> tuple[Cluster, Node, UnlockKey]:
-    cluster = escrow.cluster(threshold, slots, "--allow-no-paper-recovery")
-    node = cluster.node()
-    key = UnlockKey(os.urandom(32))
-    run(enroll(escrow, node))
-    assert run(deposit(escrow, node, key)) == 1
-    return cluster, node, key
 
 
 def test_enrolled_node_gets_auto_shares_at_once_and_rebuilds_the_key(
