@@ -142,7 +142,7 @@ def _read(backup: Path) -> tuple[Manifest, dict[str, bytes]]:
         if raw["format"] != FORMAT:
             raise InputError(f"{backup} has backup format {raw['format']}; this escrow reads "
                              f"format {FORMAT}", "restore with the escrow version that made it")
-    except (KeyError, TypeError, ValueError):
+    except (KeyError, TypeError, ValueError, OverflowError, RecursionError):
         raise InputError(f"{backup} has no valid {MANIFEST}",
                          "restore only backups made by `escrow backup`") from None
     if set(contents) != set(manifest.files) or DB_NAME not in contents:

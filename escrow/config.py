@@ -4,6 +4,8 @@ Layout of a data directory (mode 0700):
 
     escrow.toml        settings (below); every one can be overridden by an environment variable
     escrow.db          SQLite database (WAL): clusters, custodians, wrapped shares, audit log
+    disk-reserve       `escrow serve` only: space held back for releases (see diskspace.py)
+    serve.lock         held by the serving escrow (see lock.py)
     hsm-pin            embedded default only: the SoftHSM token's PIN (0600)
     softhsm/           embedded default only: SoftHSM config and token files
 
@@ -22,6 +24,8 @@ Settings (TOML table.key = environment variable):
     server.tls_key     ESCROW_SERVER_TLS_KEY    its private key (PEM; tls/server.key)
     server.webhook_url ESCROW_SERVER_WEBHOOK_URL  called when a request needs approvals
     server.max_body_bytes ESCROW_SERVER_MAX_BODY_BYTES  larger request bodies get 413 (65536)
+    server.disk_reserve_bytes ESCROW_SERVER_DISK_RESERVE_BYTES  space kept for releases when the
+                                                disk fills (16 MiB; 0: none), see diskspace.py
     requests.ttl_seconds ESCROW_REQUESTS_TTL_SECONDS  unseal requests expire after (900)
     requests.rate_limit ESCROW_REQUESTS_RATE_LIMIT  unseal requests per node per window (10)
     requests.rate_window_seconds ESCROW_REQUESTS_RATE_WINDOW_SECONDS  that window (600)
@@ -61,6 +65,7 @@ _SETTINGS: dict[tuple[str, str], tuple[str, type]] = {
     ("server", "tls_key"): ("ESCROW_SERVER_TLS_KEY", str),
     ("server", "webhook_url"): ("ESCROW_SERVER_WEBHOOK_URL", str),
     ("server", "max_body_bytes"): ("ESCROW_SERVER_MAX_BODY_BYTES", float),
+    ("server", "disk_reserve_bytes"): ("ESCROW_SERVER_DISK_RESERVE_BYTES", float),
     ("requests", "ttl_seconds"): ("ESCROW_REQUESTS_TTL_SECONDS", float),
     ("requests", "rate_limit"): ("ESCROW_REQUESTS_RATE_LIMIT", float),
     ("requests", "rate_window_seconds"): ("ESCROW_REQUESTS_RATE_WINDOW_SECONDS", float),
@@ -74,6 +79,7 @@ class ServerSettings:
     tls_key: Path = Path("tls/server.key")
     webhook_url: str = ""
     max_body_bytes: int = 65536
+    disk_reserve_bytes: int = 16 * 1024 * 1024
     request_ttl_seconds: float = 900.0
     rate_limit: int = 10
     rate_window_seconds: float = 600.0
@@ -177,6 +183,8 @@ def load(data_dir: Path, env: Mapping[str, str] | None = None) -> Settings:
         tls_key=data_dir / values.get(("server", "tls_key"), defaults.tls_key),
         webhook_url=values.get(("server", "webhook_url"), ""),
         max_body_bytes=int(values.get(("server", "max_body_bytes"), defaults.max_body_bytes)),
+        disk_reserve_bytes=int(values.get(("server", "disk_reserve_bytes"),
+                                          defaults.disk_reserve_bytes)),
         request_ttl_seconds=values.get(("requests", "ttl_seconds"),
                                        defaults.request_ttl_seconds),
         rate_limit=int(values.get(("requests", "rate_limit"), defaults.rate_limit)),

@@ -56,17 +56,23 @@ class CustodianClient:
                               ) from None
         finally:
             connection.close()
-        if status >= 400:
-            try:
-                error = json.loads(text)
-                message, hint = str(error["message"]), str(error.get("hint", ""))
-                reason = str(error.get("error", ""))
-            except (ValueError, KeyError, TypeError):
-                message, hint, reason = text[:200], "", "unknown"
-            raise IdentityError(reason, f"the escrow refused ({status}): {message}", hint, status)
-        adapter = answer if isinstance(answer, TypeAdapter) else TypeAdapter(answer)
+        return parse_answer(status, text, answer)
+
+
+def parse_answer(status: int, text: str, answer: type[T] | TypeAdapter[T]) -> T:
+    """The escrow's answer, or the EscrowError it amounts to. Pure: whatever the escrow (or a
+    proxy in between) sent, nothing else is raised."""
+    if status >= 400:
         try:
-            return adapter.validate_json(text)
-        except ValidationError:
-            raise EscrowError("the escrow's answer does not match the protocol",
-                              "check that the CLI and the escrow versions match") from None
+            error = json.loads(text)
+            message, hint = str(error["message"]), str(error.get("hint", ""))
+            reason = str(error.get("error", ""))
+        except (ValueError, KeyError, TypeError, RecursionError):
+            message, hint, reason = text[:200], "", "unknown"
+        raise IdentityError(reason, f"the escrow refused ({status}): {message}", hint, status)
+    adapter = answer if isinstance(answer, TypeAdapter) else TypeAdapter(answer)
+    try:
+        return adapter.validate_json(text)
+    except ValidationError:
+        raise EscrowError("the escrow's answer does not match the protocol",
+                          "check that the CLI and the escrow versions match") from None

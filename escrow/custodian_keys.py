@@ -6,6 +6,7 @@ ever sees the public key.
 
 from __future__ import annotations
 
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
@@ -36,6 +37,10 @@ def load_public(pem: bytes) -> ec.EllipticCurvePublicKey:
     except (ValueError, TypeError):
         raise InputError("the public key file is not a PEM public key",
                          "give the FILE.pub written by `escrow custodian keygen`") from None
+    except UnsupportedAlgorithm:
+        raise InputError("the public key is of a type or curve this escrow does not support",
+                         "custodian keys are P-256; make one with `escrow custodian keygen`"
+                         ) from None
     if not isinstance(key, ec.EllipticCurvePublicKey) or not isinstance(key.curve, ec.SECP256R1):
         raise InputError("the public key is not an ECDSA P-256 key",
                          "custodian keys are P-256; make one with `escrow custodian keygen`")
@@ -48,6 +53,11 @@ def load_private(pem: bytes, passphrase: bytes) -> ec.EllipticCurvePrivateKey:
     except (ValueError, TypeError):
         raise InputError("the private key could not be opened: wrong passphrase or not a key",
                          "check the passphrase (file) and the --key path") from None
+    except UnsupportedAlgorithm:
+        raise InputError("the private key is of a type or curve this escrow does not support, "
+                         "or encrypted with an unsupported cipher",
+                         "custodian keys are P-256; make one with `escrow custodian keygen`"
+                         ) from None
     if not isinstance(key, ec.EllipticCurvePrivateKey) or not isinstance(key.curve, ec.SECP256R1):
         raise InputError("the private key is not an ECDSA P-256 key",
                          "custodian keys are P-256; make one with `escrow custodian keygen`")

@@ -71,6 +71,14 @@ class NotFound(StoreError):
     pass
 
 
+class DiskFull(StoreError):
+    """The data directory's file system is (nearly) full: new keys are refused, releases go on
+    in the reserve kept for them."""
+
+    reason = "disk_full"
+    status = 507
+
+
 class Conflict(StoreError):
     pass
 

@@ -9,7 +9,7 @@ import re
 from datetime import datetime
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.x509.oid import NameOID
 
 from escrow.errors import IdentityError, InputError
@@ -27,10 +27,11 @@ def validate_cluster_id(cluster_id: str) -> str:
 
 
 def parse_root_ca(pem: bytes) -> x509.Certificate:
-    """Parse the cluster's root CA: exactly one PEM certificate that is a CA."""
+    """Parse the cluster's root CA: exactly one PEM certificate that is a CA, with a public key
+    that can check node certificates. Raises only InputError."""
     try:
         certs = x509.load_pem_x509_certificates(pem)
-    except ValueError:
+    except (ValueError, x509.InvalidVersion):
         raise InputError("the root CA file is not a PEM certificate",
                          "copy /var/lib/docker/swarm/certificates/swarm-root-ca.crt from a "
                          "manager") from None
@@ -42,9 +43,19 @@ def parse_root_ca(pem: bytes) -> x509.Certificate:
         constraints = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
     except x509.ExtensionNotFound:
         constraints = None
+    except ValueError:  # extensions are parsed only now: a damaged one surfaces here
+        raise InputError("the root CA certificate has a malformed extension",
+                         "the file is damaged; copy swarm-root-ca.crt from a manager again"
+                         ) from None
     if constraints is None or not constraints.ca:
         raise InputError("the root CA file holds a certificate that is not a CA",
                          "give swarm-root-ca.crt, not a node certificate (swarm-node.crt)")
+    try:
+        cert.public_key()
+    except (ValueError, UnsupportedAlgorithm):
+        raise InputError("the root CA's public key is of a type or curve this escrow cannot use",
+                         "give the swarm's own root CA (swarm-root-ca.crt, an ECDSA P-256 key)"
+                         ) from None
     return cert
 
 
@@ -66,13 +77,13 @@ def check_node_cert(cert_pem: bytes, root_ca_pem: bytes, cluster_id: str, node_i
     """Check a swarm node certificate as DESIGN section 4 requires, or raise IdentityError."""
     try:
         cert = x509.load_pem_x509_certificate(cert_pem)
-    except ValueError:
+    except (ValueError, x509.InvalidVersion):
         raise IdentityError("bad_certificate", "the node certificate is not a PEM certificate",
                             "send swarm-node.crt as it is on disk", 400) from None
     root = parse_root_ca(root_ca_pem)
     try:
         cert.verify_directly_issued_by(root)
-    except (ValueError, TypeError, InvalidSignature):
+    except (ValueError, TypeError, InvalidSignature, UnsupportedAlgorithm):
         raise IdentityError("wrong_root_ca", "the node certificate does not chain to the root CA "
                             f"pinned for cluster {cluster_id}",
                             "a node of another swarm, or the swarm's CA was rotated: re-register "

@@ -16,7 +16,7 @@ from typing import Annotated, Literal
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, hpke, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from escrow.encoding import encode
 
@@ -29,7 +29,10 @@ HPKE = hpke.Suite(hpke.KEM.X25519, hpke.KDF.HKDF_SHA256, hpke.AEAD.AES_256_GCM)
 
 SwarmId = Annotated[str, Field(pattern=r"^[a-z0-9]{25}$")]
 B64 = Annotated[str, Field(max_length=4096, pattern=r"^[A-Za-z0-9+/]*={0,2}$")]
-Pem = Annotated[str, Field(max_length=MAX_PEM)]
+# PEM is ASCII; the escrow encodes certificates as ASCII before parsing them.
+Pem = Annotated[str, Field(max_length=MAX_PEM, pattern=r"^[\x00-\x7f]*$")]
+# Integers that signatures and HPKE `info` cover travel as 8-byte fields (escrow.encoding).
+Int63 = Annotated[int, Field(ge=0, le=2**63 - 1)]
 Short = Annotated[str, Field(min_length=1, max_length=253)]
 
 
@@ -104,9 +107,9 @@ class UnsealRequest(Message):
 
 
 class ReleasedShare(Message):
-    version: int
+    version: Int63
     fingerprint: str
-    slot: int
+    slot: Int63
     holder: str
     sealed_share: B64 = Field(description="HPKE ciphertext of the SLIP-39 mnemonic")
 
@@ -132,7 +135,7 @@ class RequestStatus(Message):
 class ResultReport(Message):
     node_id: SwarmId
     outcome: Literal["unlocked", "invalid_key", "failed"]
-    version: int
+    version: Int63
     signature: B64
 
 
@@ -180,10 +183,21 @@ class ShareExportRequest(Message):
     ephemeral_public_key: B64
 
 
+def _encodable(value: object) -> object:
+    """Error texts may quote what a client sent (an unknown field's name, say); a lone
+    surrogate from a JSON escape would make the error itself unserialisable."""
+    if isinstance(value, str):
+        return value.encode("utf-8", "backslashreplace").decode("utf-8")
+    return value
+
+
+Text = Annotated[str, BeforeValidator(_encodable)]
+
+
 class ErrorResponse(Message):
-    error: str
-    message: str
-    hint: str = ""
+    error: Text
+    message: Text
+    hint: Text = ""
 
 
 # -- what signatures cover ----------------------------------------------------------------

@@ -118,9 +118,11 @@ class Release:
 
 class Escrow:
     def __init__(self, vault: Vault, settings: ServerSettings,
-                 on_release: Callable[[int], None] = lambda count: None) -> None:
+                 on_release: Callable[[int], None] = lambda count: None,
+                 room: Callable[[], None] = lambda: None) -> None:
         self.vault = vault
         self.on_release = on_release  # gets the count of shares released for the first time
+        self.room = room  # raises DiskFull when new data must be refused (escrow.diskspace)
         self.store = vault.store
         self.settings = settings
         self.clock = vault.clock
@@ -194,6 +196,7 @@ class Escrow:
         return result[0]
 
     def _enroll(self, body: EnrollRequest) -> EnrollResponse:
+        self.room()
         cluster = self.store.get_cluster(body.cluster_id)
         nonce = self._check_nonce(body.nonce)
         cert = identity.check_node_cert(body.node_cert.encode("ascii"),
@@ -236,6 +239,7 @@ class Escrow:
         return result[0]
 
     def _deposit(self, body: DepositRequest) -> tuple[int, bool, str]:
+        self.room()
         node = self._active_node(body.cluster_id, body.node_id)
         nonce = self._check_nonce(body.nonce)
         sealed = _b64(body.sealed_key, "sealed_key")

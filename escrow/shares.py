@@ -19,7 +19,7 @@ from shamir_mnemonic import MnemonicError, Share
 from shamir_mnemonic.wordlist import WORD_INDEX_MAP, WORDLIST
 
 from escrow.errors import RecoveryError
-from escrow.unlockkey import UnlockKey
+from escrow.unlockkey import KEK_BYTES, UnlockKey
 
 MAX_SHARES = 16
 
@@ -131,10 +131,16 @@ def combine_set(state: ShareSet) -> UnlockKey:
         )
     chosen = [s.mnemonic for s in state.shares[: state.threshold]]
     try:
-        return UnlockKey(shamir_mnemonic.combine_mnemonics(chosen))
+        secret = shamir_mnemonic.combine_mnemonics(chosen)
     except MnemonicError:
         raise RecoveryError(
             "the shares passed their checksums but do not combine into a key",
             "they may come from different splits that happen to share an identifier; "
             "use shares from one key version only",
         ) from None
+    if len(secret) != KEK_BYTES:
+        raise RecoveryError(
+            f"the shares hold a {len(secret)}-byte secret, not a {KEK_BYTES}-byte unlock key",
+            "these are SLIP-39 shares of something else; the escrow's shares have 33 words",
+        )
+    return UnlockKey(secret)

@@ -22,8 +22,10 @@ from pydantic import BaseModel, ValidationError
 
 from escrow import protocol
 from escrow.config import Settings
+from escrow.diskspace import Reserve
 from escrow.errors import (
     Conflict,
+    DiskFull,
     EscrowError,
     HsmError,
     InputError,
@@ -73,6 +75,9 @@ class Metrics:
         self.pending = Gauge("escrow_pending_approvals",
                              "Live unseal requests still waiting for custodian approvals",
                              registry=self.registry)
+        self.free = Gauge("escrow_data_dir_free_bytes",
+                          "Free space on the data directory's file system",
+                          registry=self.registry)
         self.hsm = Histogram("escrow_hsm_seconds", "Latency of token operations",
                              buckets=(0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0),
                              registry=self.registry)
@@ -112,6 +117,7 @@ class EscrowServer:
         self._background: set[asyncio.Task[None]] = set()
         self.escrow: Escrow | None = None
         self._hsm = HsmLink(settings.hsm, pin, self.metrics.hsm)
+        self._reserve = Reserve(settings.data_dir, settings.server.disk_reserve_bytes)
         self._store: SqliteStore | None = None
 
     # -- lifecycle --------------------------------------------------------------------------
@@ -119,6 +125,7 @@ class EscrowServer:
     def _open(self) -> None:
         self._store = SqliteStore.open(self.settings.db_path,
                                        lambda: timestamp(datetime.now(UTC)))
+        self._reserve.make()
         try:
             self._service()
         except WrongPin:
@@ -132,7 +139,8 @@ class EscrowServer:
             if self._store is None:
                 raise StoreError("the escrow is starting", "retry in a moment")
             vault = Vault(self._store, self._hsm, lambda: datetime.now(UTC), "escrow")
-            self.escrow = Escrow(vault, self.settings.server, self.metrics.released.inc)
+            self.escrow = Escrow(vault, self.settings.server, self.metrics.released.inc,
+                                 self._reserve.check_room)
         return self.escrow
 
     def _close(self) -> None:
@@ -197,6 +205,8 @@ class EscrowServer:
             except web.HTTPException as exc:
                 response = _error(exc.status, exc.reason.lower().replace(" ", "_"), exc.reason)
             except EscrowError as exc:
+                if isinstance(exc, DiskFull):
+                    self._reserve.release()  # so the next release finds room
                 reason = getattr(exc, "reason", type(exc).__name__)
                 response = _error(_status_of(exc), reason, exc.message, exc.hint)
             except Exception:
@@ -260,6 +270,7 @@ class EscrowServer:
         escrow = await self._ready()
         pending = await self.run(lambda: sum(1 for r in escrow.pending("") if r.needed > 0))
         self.metrics.pending.set(pending)
+        self.metrics.free.set(self._reserve.free_bytes())
         return web.Response(body=generate_latest(self.metrics.registry),
                             content_type="text/plain", charset="utf-8")
 

@@ -18,7 +18,7 @@ from typing import Any
 
 from escrow import audit, audit_journal
 from escrow.audit import AuditEvent, AuditRecord
-from escrow.errors import Conflict, NotFound, StoreError
+from escrow.errors import Conflict, DiskFull, NotFound, StoreError
 from escrow.policy import Policy
 from escrow.store import (
     ApprovalRecord,
@@ -79,6 +79,7 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
     ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
+SQLITE_FULL = 13
 
 Clock = Callable[[], str]
 
@@ -154,8 +155,14 @@ class SqliteStore:
             self._db.execute("COMMIT")
         except BaseException as exc:
             self._uncommitted.clear()
-            self._db.execute("ROLLBACK")
+            # SQLite may already have rolled back by itself (after SQLITE_FULL, for one).
+            if self._db.in_transaction:
+                self._db.execute("ROLLBACK")
             if isinstance(exc, sqlite3.Error):
+                if getattr(exc, "sqlite_errorcode", None) == SQLITE_FULL:
+                    raise DiskFull("the escrow's data directory is full: the change was not "
+                                   "made", "free space on its file system; see "
+                                   "docs/runbooks/escrow-down.md, Disk full") from None
                 raise StoreError(f"the database refused the change: {exc}",
                                  "check free space and permissions of the data directory"
                                  ) from None
