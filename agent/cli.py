@@ -113,6 +113,8 @@ def status_command(config: Path | None, as_json: bool, **flags: Any) -> None:
             ("enrolled", f"yes, at {report.enrolled_at}" if report.enrolled else "no"),
             ("escrow", f"{report.escrow_url} "
                        f"({'reachable' if report.escrow_reachable else 'UNREACHABLE'})"),
+            ("clock offset", "?" if report.clock_offset_seconds is None
+             else f"escrow {report.clock_offset_seconds:+.0f} s from this host"),
             ("escrowed keys", ", ".join(f"v{v}" for v in report.escrowed_versions) or "none"),
             ("key generation", report.kek_version or "?"),
             ("last unlock", f"{last.at}, key version {last.version}, request "

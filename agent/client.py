@@ -7,6 +7,7 @@ fresh X25519 key to which the escrow encrypts every released share.
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
@@ -37,6 +38,27 @@ M = TypeVar("M", bound=BaseModel)
 def _cert_der(cert_pem: str) -> bytes:
     return load_pem_x509_certificate(cert_pem.encode("ascii")).public_bytes(
         serialization.Encoding.DER)
+
+
+def parse_answer(status: int, text: str, model: type[M]) -> M:
+    """The escrow's answer as ``model``, or the AgentError it amounts to. Pure: whatever the
+    escrow (or a proxy in between) sent, nothing else is raised."""
+    if status >= 500:
+        raise EscrowUnavailable(f"the escrow cannot serve now ({status}): "
+                                f"{_error_message(text)}",
+                                "the agent retries by itself once the escrow recovers")
+    if status >= 400:
+        try:
+            error = json.loads(text)
+            raise EscrowRejected(status, str(error.get("error", "")),
+                                 str(error.get("message", "")), str(error.get("hint", "")))
+        except (ValueError, AttributeError, RecursionError):
+            raise EscrowRejected(status, "unknown", text[:200]) from None
+    try:
+        return model.model_validate_json(text)
+    except ValidationError:
+        raise EscrowUnavailable("the escrow's answer does not match the protocol",
+                                "check that agent and escrow versions match") from None
 
 
 class EscrowClient:
@@ -75,26 +97,13 @@ class EscrowClient:
                     headers={"Content-Type": "application/json"}, **extra) as response:
                 text = await response.text()
                 status = response.status
+        except aiohttp.ClientConnectorCertificateError as exc:
+            raise _certificate_problem(self.url, exc) from None
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             raise EscrowUnavailable(f"the escrow at {self.url} is unreachable: "
                                     f"{type(exc).__name__}: {exc}",
                                     "check the escrow service and the network") from None
-        if status >= 500:
-            raise EscrowUnavailable(f"the escrow cannot serve now ({status}): "
-                                    f"{_error_message(text)}",
-                                    "the agent retries by itself once the escrow recovers")
-        if status >= 400:
-            try:
-                error = json.loads(text)
-                raise EscrowRejected(status, str(error.get("error", "")),
-                                     str(error.get("message", "")), str(error.get("hint", "")))
-            except (ValueError, AttributeError):
-                raise EscrowRejected(status, "unknown", text[:200]) from None
-        try:
-            return model.model_validate_json(text)
-        except ValidationError:
-            raise EscrowUnavailable("the escrow's answer does not match the protocol",
-                                    "check that agent and escrow versions match") from None
+        return parse_answer(status, text, model)
 
     async def health(self) -> None:
         """Raise EscrowUnavailable unless the escrow can reach its database and token."""
@@ -170,5 +179,22 @@ def _error_message(text: str) -> str:
     try:
         error = json.loads(text)
         return f"{error['error']}: {error['message']}"
-    except (ValueError, TypeError, KeyError):
+    except (ValueError, TypeError, KeyError, RecursionError):
         return text[:200]
+
+
+# OpenSSL's X509_V_ERR_CERT_NOT_YET_VALID and X509_V_ERR_CERT_HAS_EXPIRED
+_CLOCK_ERRORS = {9: "is not valid yet", 10: "has expired"}
+
+
+def _certificate_problem(url: str, exc: aiohttp.ClientConnectorCertificateError
+                         ) -> EscrowUnavailable:
+    code = getattr(exc.certificate_error, "verify_code", None)
+    if code in _CLOCK_ERRORS:
+        return EscrowUnavailable(
+            f"the escrow's TLS certificate {_CLOCK_ERRORS[code]} by this host's clock "
+            f"({datetime.now(UTC):%Y-%m-%d %H:%M:%S} UTC): this clock or the escrow's is wrong",
+            "compare both clocks (`timedatectl`) and synchronise them (NTP)")
+    return EscrowUnavailable(f"the escrow at {url} presented a certificate this agent does "
+                             f"not trust: {exc.certificate_error}",
+                             "check escrow_ca in the agent's config")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 
 from agent import keys
 from agent import state as agent_state
@@ -13,6 +14,9 @@ from agent.errors import AgentError
 from agent.state import LastUnlock
 from agent.swarm_identity import read_identity
 from escrow.errors import EscrowError
+from escrow.vault import parse_timestamp
+
+CLOCK_WARNING_SECONDS = 60
 
 
 @dataclass
@@ -26,6 +30,7 @@ class Status:
     enrolled_at: str = ""
     escrow_url: str = ""
     escrow_reachable: bool = False
+    clock_offset_seconds: float | None = None  # the escrow's clock minus this host's
     escrowed_versions: list[int] = field(default_factory=list)
     last_unlock: LastUnlock | None = None
     problems: list[str] = field(default_factory=list)
@@ -64,7 +69,18 @@ async def gather(config: AgentConfig) -> Status:
     try:
         async with EscrowClient(config.escrow_url, config.escrow_ca, timeout=10) as client:
             await client.health()
+            asked = datetime.now(UTC)
+            info = await client.info()
         status.escrow_reachable = True
+        # Rounded to the second the escrow's timestamps carry; half the round trip is noise.
+        status.clock_offset_seconds = round(
+            (parse_timestamp(info.server_time) - asked).total_seconds())
+        if abs(status.clock_offset_seconds) > CLOCK_WARNING_SECONDS:
+            status.problems.append(
+                f"the escrow's clock is {abs(status.clock_offset_seconds):.0f} s "
+                f"{'ahead of' if status.clock_offset_seconds > 0 else 'behind'} this host's "
+                "(synchronise both with NTP: certificates allow an hour, custodian signatures "
+                "5 minutes)")
     except (AgentError, EscrowError) as exc:
         status.problems.append(_problem(exc))
     return status

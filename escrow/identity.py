@@ -98,8 +98,12 @@ def check_node_cert(cert_pem: bytes, root_ca_pem: bytes, cluster_id: str, node_i
         raise IdentityError("wrong_node", f"the certificate is for another node, not {node_id}",
                             "each agent presents its own node's certificate")
     if now < cert.not_valid_before_utc:
-        raise IdentityError("cert_not_yet_valid", "the node certificate is not valid yet",
-                            "check the clocks of the node and the escrow")
+        raise IdentityError("cert_not_yet_valid",
+                            f"the node certificate is valid from {cert.not_valid_before_utc}, "
+                            f"but the escrow's clock says {now}: a clock is off by at least "
+                            f"{(cert.not_valid_before_utc - now).total_seconds():.0f} s",
+                            "synchronise the clocks of the swarm's managers and of the escrow "
+                            "(NTP)")
     if now > cert.not_valid_after_utc:
         raise IdentityError("cert_expired",
                             f"the node certificate expired at {cert.not_valid_after_utc}",

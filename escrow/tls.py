@@ -23,6 +23,9 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from escrow.errors import ConfigError
 
 SERVER_DAYS = 825
+# Valid from an hour ago, as swarmkit does for node certificates: a client whose clock is
+# behind the escrow's still accepts a certificate made a moment ago.
+BACKDATE = timedelta(hours=1)
 
 
 def default_names() -> list[str]:
@@ -49,7 +52,7 @@ def make_quickstart_tls(directory: Path, names: list[str]) -> Path:
                          x509.NameAttribute(NameOID.ORGANIZATION_NAME, socket.gethostname())])
     ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name)
           .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
-          .not_valid_before(now - timedelta(minutes=5))
+          .not_valid_before(now - BACKDATE)
           .not_valid_after(now + timedelta(days=SERVER_DAYS + 1))
           .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
           .add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False,
@@ -60,7 +63,7 @@ def make_quickstart_tls(directory: Path, names: list[str]) -> Path:
             .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0])]))
             .issuer_name(ca_name).public_key(key.public_key())
             .serial_number(x509.random_serial_number())
-            .not_valid_before(now - timedelta(minutes=5))
+            .not_valid_before(now - BACKDATE)
             .not_valid_after(now + timedelta(days=SERVER_DAYS))
             .add_extension(_san(names), critical=False)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)

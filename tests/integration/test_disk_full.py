@@ -32,11 +32,10 @@ def fill(directory: Path) -> Path:
     try:
         for chunk in (1 << 20, 1 << 12, 1 << 9, 1):
             block = bytes(chunk)
-            try:
+            with pytest.raises(OSError, match="No space left") as full:  # noqa: PT012
                 while True:
                     os.write(fd, block)
-            except OSError as exc:
-                assert exc.errno == errno.ENOSPC
+            assert full.value.errno == errno.ENOSPC
     finally:
         os.close(fd)
     return filler

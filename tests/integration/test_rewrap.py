@@ -73,11 +73,13 @@ def test_rewrap_moves_every_share_to_a_new_key_and_the_old_key_can_then_be_destr
     escrow.stop()
 
     in_use = escrow.cli("hsm", "destroy-key", NEW, "--yes")
-    assert in_use.returncode == 1 and "is the wrapping key the escrow uses now" in in_use.stderr
+    assert in_use.returncode == 1
+    assert "is the wrapping key the escrow uses now" in in_use.stderr
     destroyed = escrow.cli("hsm", "destroy-key", OLD, "--yes")
     assert destroyed.returncode == 0, destroyed.stderr
     again = escrow.cli("hsm", "destroy-key", OLD, "--yes")
-    assert again.returncode == 1 and f"has no wrapping key labelled '{OLD}'" in again.stderr
+    assert again.returncode == 1
+    assert f"has no wrapping key labelled '{OLD}'" in again.stderr
     assert [event for event, _ in escrow.audit("hsm.")] == ["hsm.rewrap", "hsm.destroy_key"]
 
     escrow.start()  # a fresh login finds every share under the new key alone
