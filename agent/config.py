@@ -64,6 +64,15 @@ _LIMITS = {"docker_poll_seconds": (0.05, 10.0), "key_check_seconds": (1.0, 3600.
            "refused_retry_seconds": (1.0, 86400.0)}
 
 
+def _shown(value: Any) -> str:
+    """A short repr for messages (repr() of an integer of over 4300 digits even raises)."""
+    try:
+        text = repr(value)
+    except ValueError:
+        return f"a {type(value).__name__} too large to show"
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
 def _check(source: str, key: str, value: Any) -> Any:
     if key not in _KNOWN:
         raise AgentError(f"{source}: unknown setting {key!r}",
@@ -73,7 +82,8 @@ def _check(source: str, key: str, value: Any) -> Any:
         if isinstance(value, bool) or not isinstance(value, int | float) or not (
                 low <= value <= high):
             raise AgentError(f"{source}: {key} must be a number of seconds from {low:g} to "
-                             f"{high:g}, not {value!r}", f"for example {key} = {low * 4:g}")
+                             f"{high:g}, not {_shown(value)}",
+                             f"for example {key} = {low * 4:g}")
         return float(value)
     if not isinstance(value, str) or not value:
         raise AgentError(f"{source}: {key} must be a non-empty string",
@@ -81,22 +91,35 @@ def _check(source: str, key: str, value: Any) -> Any:
     return value
 
 
+def _read_toml(source: Path) -> dict[str, Any]:
+    try:
+        return tomllib.loads(source.read_text())
+    except FileNotFoundError:
+        raise AgentError(f"the config file {source} does not exist",
+                         "create it or drop --config") from None
+    except PermissionError:
+        raise AgentError(f"cannot read the config file {source}: permission denied",
+                         "run as root or fix its permissions") from None
+    except UnicodeDecodeError:
+        raise AgentError(f"{source} is not UTF-8 text", "save it as UTF-8 (TOML requires it)"
+                         ) from None
+    except OSError as exc:
+        raise AgentError(f"cannot read the config file {source}: {exc.strerror}",
+                         "it must be a regular file") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise AgentError(f"{source} is not valid TOML: {exc}", "fix the file") from None
+    except (ValueError, RecursionError):  # tomllib: an integer too long, or deep nesting
+        raise AgentError(f"{source} is not usable TOML: a number is too long or values nest "
+                         "too deeply", "fix the file") from None
+
+
 def load(path: Path | None, overrides: Mapping[str, Any]) -> AgentConfig:
     """Read the file (if it exists, or fail if it was named explicitly) and apply flags."""
     values: dict[str, Any] = {}
     source = path or DEFAULT_CONFIG
     if path is not None or source.exists():
-        try:
-            raw = tomllib.loads(source.read_text())
-        except FileNotFoundError:
-            raise AgentError(f"the config file {source} does not exist",
-                             "create it or drop --config") from None
-        except PermissionError:
-            raise AgentError(f"cannot read the config file {source}: permission denied",
-                             "run as root or fix its permissions") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise AgentError(f"{source} is not valid TOML: {exc}", "fix the file") from None
-        values = {key: _check(str(source), key, value) for key, value in raw.items()}
+        values = {key: _check(str(source), key, value)
+                  for key, value in _read_toml(source).items()}
     values.update({key: _check("--" + key.replace("_", "-"), key, value)
                    for key, value in overrides.items() if value is not None})
     for required in ("escrow_url", "escrow_ca"):

@@ -36,7 +36,12 @@ def candidate_keys(status: RequestStatus, ephemeral: X25519PrivateKey,
             raise SharesUnusable(f"a share of version {release.version} (slot {release.slot}) "
                                  "did not decrypt with this request's key",
                                  "the answer was altered or belongs to another request") from None
-        by_version[release.version].append(plain.decode("ascii"))
+        try:
+            by_version[release.version].append(plain.decode("ascii"))
+        except UnicodeDecodeError:
+            raise SharesUnusable(f"a share of version {release.version} (slot {release.slot}) "
+                                 "is not a mnemonic (it holds bytes that are not ASCII)",
+                                 "report this to the escrow admin") from None
         fingerprints[release.version] = release.fingerprint
     for version in skip:
         by_version.pop(version, None)

@@ -12,6 +12,8 @@ import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from pydantic import TypeAdapter, ValidationError
+
 from agent.errors import AgentError
 
 
@@ -40,14 +42,16 @@ class AgentState:
         return sorted(set(self.escrowed.values()), reverse=True)
 
 
+_SCHEMA = TypeAdapter(AgentState)
+
+
 def load(path: Path) -> AgentState:
+    """The saved state; every field must have its type (strict), unknown fields are ignored."""
     try:
-        raw = json.loads(path.read_text())
-        last = raw.pop("last_unlock", None)
-        return AgentState(**raw, last_unlock=LastUnlock(**last) if last else None)
+        return _SCHEMA.validate_json(path.read_bytes(), strict=True)
     except FileNotFoundError:
         return AgentState()
-    except (OSError, ValueError, TypeError) as exc:
+    except (OSError, ValidationError) as exc:
         raise AgentError(f"the agent state file {path} is unreadable or damaged "
                          f"({type(exc).__name__})",
                          "remove it and run `unseal-agent enroll` again; it holds no secret"

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
@@ -62,7 +63,7 @@ def decrypt_node_key(key_pem: bytes, key: UnlockKey) -> ec.EllipticCurvePrivateK
     _, body = _pem_headers(key_pem)
     try:
         private = serialization.load_pem_private_key(body, password=key.kek)
-    except (ValueError, TypeError):
+    except (ValueError, TypeError, UnsupportedAlgorithm):
         raise AgentError("swarm-node.key does not decrypt with the current unlock key",
                          "the key was rotated while this ran; try again") from None
     if not isinstance(private, ec.EllipticCurvePrivateKey):
@@ -85,14 +86,16 @@ def read_identity(docker_root: Path) -> NodeIdentity:
                          "is this node part of a swarm, and is docker_root right?") from None
     try:
         cert = x509.load_pem_x509_certificate(cert_pem)
-    except ValueError:
+        names = [_attribute(cert, oid) for oid in (NameOID.COMMON_NAME,
+                                                   NameOID.ORGANIZATION_NAME,
+                                                   NameOID.ORGANIZATIONAL_UNIT_NAME)]
+        text = cert_pem.decode("ascii")
+    except (ValueError, x509.InvalidVersion):  # UnicodeDecodeError is a ValueError
         raise AgentError(f"{directory / 'swarm-node.crt'} is not a PEM certificate",
                          "the swarm state on this node is damaged") from None
-    return NodeIdentity(
-        node_id=_attribute(cert, NameOID.COMMON_NAME),
-        cluster_id=_attribute(cert, NameOID.ORGANIZATION_NAME),
-        role=_attribute(cert, NameOID.ORGANIZATIONAL_UNIT_NAME),
-        cert_pem=cert_pem.decode("ascii"), kek_version=kek_version(key_pem))
+    node_id, cluster_id, role = names
+    return NodeIdentity(node_id=node_id, cluster_id=cluster_id, role=role, cert_pem=text,
+                        kek_version=kek_version(key_pem))
 
 
 def read_signing_identity(docker_root: Path, key: UnlockKey, attempts: int = 10,

@@ -139,6 +139,10 @@ def _read(backup: Path) -> tuple[Manifest, dict[str, bytes]]:
         raw = json.loads(contents.pop(MANIFEST))
         manifest = Manifest(raw["created_at"], int(raw["audit_records"]), raw["audit_head"],
                             dict(raw["files"]))
+        texts = [manifest.created_at, manifest.audit_head, *manifest.files,
+                 *manifest.files.values()]
+        if not all(isinstance(text, str) for text in texts):
+            raise TypeError("the manifest's times, names and hashes are strings")
         if raw["format"] != FORMAT:
             raise InputError(f"{backup} has backup format {raw['format']}; this escrow reads "
                              f"format {FORMAT}", "restore with the escrow version that made it")

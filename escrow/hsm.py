@@ -75,6 +75,12 @@ def read_pin_file(path: Path, source: str, setting: str = "--hsm-pin-file") -> P
     except PermissionError:
         raise ConfigError(f"the HSM PIN file {path} is not readable by this user",
                           "run as the escrow's user, or fix the file's owner") from None
+    except UnicodeDecodeError:  # its message would quote a byte of the PIN
+        raise ConfigError(f"the HSM PIN file {path} is not UTF-8 text",
+                          "write the PIN as text, followed by a newline") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read the HSM PIN file {path}: {exc.strerror}",
+                          f"point {setting} at a regular file") from None
     if mode & (stat.S_IROTH | stat.S_IWOTH):
         raise ConfigError(f"the HSM PIN file {path} is readable or writable by every user",
                           f"run `chmod 600 {path}`")

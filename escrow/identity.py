@@ -80,6 +80,12 @@ def check_node_cert(cert_pem: bytes, root_ca_pem: bytes, cluster_id: str, node_i
     except (ValueError, x509.InvalidVersion):
         raise IdentityError("bad_certificate", "the node certificate is not a PEM certificate",
                             "send swarm-node.crt as it is on disk", 400) from None
+    try:
+        subject = cert.subject  # names and keys are parsed only when asked for: damage shows here
+        cert.public_key()
+    except (ValueError, UnsupportedAlgorithm):
+        raise IdentityError("bad_certificate", "the node certificate has a malformed name or key",
+                            "send swarm-node.crt as it is on disk", 400) from None
     root = parse_root_ca(root_ca_pem)
     try:
         cert.verify_directly_issued_by(root)
@@ -88,13 +94,13 @@ def check_node_cert(cert_pem: bytes, root_ca_pem: bytes, cluster_id: str, node_i
                             f"pinned for cluster {cluster_id}",
                             "a node of another swarm, or the swarm's CA was rotated: re-register "
                             "the cluster's root CA") from None
-    if _name_value(cert.subject, NameOID.ORGANIZATIONAL_UNIT_NAME) != MANAGER_OU:
+    if _name_value(subject, NameOID.ORGANIZATIONAL_UNIT_NAME) != MANAGER_OU:
         raise IdentityError("not_a_manager", "the certificate is not a manager's (OU is not "
                             "swarm-manager)", "only managers are locked; workers need no key")
-    if _name_value(cert.subject, NameOID.ORGANIZATION_NAME) != cluster_id:
+    if _name_value(subject, NameOID.ORGANIZATION_NAME) != cluster_id:
         raise IdentityError("wrong_cluster", f"the certificate is for another cluster, not "
                             f"{cluster_id}", "check the agent's cluster id")
-    if _name_value(cert.subject, NameOID.COMMON_NAME) != node_id:
+    if _name_value(subject, NameOID.COMMON_NAME) != node_id:
         raise IdentityError("wrong_node", f"the certificate is for another node, not {node_id}",
                             "each agent presents its own node's certificate")
     if now < cert.not_valid_before_utc:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 from cryptography import x509
-from cryptography.exceptions import InvalidTag
+from cryptography.exceptions import InvalidTag, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
@@ -93,7 +93,7 @@ class ReplayGuard:
 def _load_ec_public(pem: str, what: str) -> ec.EllipticCurvePublicKey:
     try:
         key = serialization.load_pem_public_key(pem.encode("ascii"))
-    except (ValueError, TypeError, UnicodeEncodeError):
+    except (ValueError, TypeError, UnicodeEncodeError, UnsupportedAlgorithm):
         raise RequestError("bad_key", f"the {what} is not a PEM public key") from None
     if not isinstance(key, ec.EllipticCurvePublicKey) or not isinstance(key.curve, ec.SECP256R1):
         raise RequestError("bad_key", f"the {what} is not an ECDSA P-256 key")
@@ -107,6 +107,18 @@ def _b64(value: str, what: str, size: int | None = None) -> bytes:
         raise RequestError("bad_encoding", f"{what} is not base64") from None
     if size is not None and len(raw) != size:
         raise RequestError("bad_encoding", f"{what} must be {size} bytes, not {len(raw)}")
+    return raw
+
+
+def _ephemeral(value: str) -> bytes:
+    """A requester's X25519 key, refused if shares could not be encrypted to it (a low-order
+    point makes every HPKE encryption fail)."""
+    raw = _b64(value, "ephemeral_public_key", 32)
+    try:
+        X25519PrivateKey.generate().exchange(X25519PublicKey.from_public_bytes(raw))
+    except ValueError:
+        raise RequestError("bad_key", "ephemeral_public_key is not a usable X25519 public key",
+                           "send the public half of a freshly generated X25519 key") from None
     return raw
 
 
@@ -274,7 +286,7 @@ class Escrow:
     def _unseal(self, body: UnsealRequest, source: str) -> RequestStatus:
         node = self._active_node(body.cluster_id, body.node_id)
         nonce = self._check_nonce(body.nonce)
-        ephemeral = _b64(body.ephemeral_public_key, "ephemeral_public_key", 32)
+        ephemeral = _ephemeral(body.ephemeral_public_key)
         cluster = self.store.get_cluster(body.cluster_id)
         now = self.clock()
         cert = identity.check_node_cert(body.node_cert.encode("ascii"),
@@ -470,7 +482,7 @@ class Escrow:
 
     def export_share(self, custodian: str, cluster_id: str,
                      ephemeral_b64: str) -> ReleasedShare:
-        ephemeral = _b64(ephemeral_b64, "ephemeral_public_key", 32)
+        ephemeral = _ephemeral(ephemeral_b64)
         versions = self.store.list_key_versions(cluster_id)
         if not versions:
             raise RequestError("no_key", f"{cluster_id} has no key deposited yet", status=404)

@@ -53,7 +53,10 @@ def _client(url: str, ca: Path, key: Path, passphrase_file: Path | None) -> Cust
 
 
 def _age(created_at: str) -> str:
-    seconds = int((datetime.now(UTC) - datetime.fromisoformat(created_at)).total_seconds())
+    try:
+        seconds = int((datetime.now(UTC) - datetime.fromisoformat(created_at)).total_seconds())
+    except (ValueError, TypeError):  # not what this escrow writes: show the row all the same
+        return "?"
     return f"{seconds // 60}m{seconds % 60:02d}s"
 
 

@@ -25,7 +25,7 @@ from escrow.tls import server_context
 
 def parse_listen(listen: str) -> tuple[str, int]:
     host, sep, port = listen.rpartition(":")
-    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+    if not sep or not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:
         raise ConfigError(f"listen address {listen!r} is not HOST:PORT",
                           "for example 127.0.0.1:8443 or 0.0.0.0:8443")
     return host.strip("[]") or "0.0.0.0", int(port)  # noqa: S104 - explicit operator choice

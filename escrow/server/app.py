@@ -219,7 +219,7 @@ class EscrowServer:
         raw = await request.read()
         try:
             data = json.loads(raw)
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, RecursionError):  # RecursionError: absurdly deep nesting
             raise _bad("malformed_json", "the body is not JSON") from None
         try:
             return model.model_validate(data), raw
