@@ -52,7 +52,7 @@ from escrow.protocol import (
     ShareExportRequest,
     UnsealRequest,
 )
-from escrow.server.hsmlink import HsmLink
+from escrow.server.hsmlink import HsmLink, opener
 from escrow.server.openapi import openapi_document
 from escrow.service import Escrow
 from escrow.store.sqlite import SqliteStore
@@ -116,7 +116,7 @@ class EscrowServer:
         self._closing = False
         self._background: set[asyncio.Task[None]] = set()
         self.escrow: Escrow | None = None
-        self._hsm = HsmLink(settings.hsm, pin, self.metrics.hsm)
+        self._hsm = HsmLink(opener(settings.hsm, pin), settings.hsm.token, self.metrics.hsm)
         self._reserve = Reserve(settings.data_dir, settings.server.disk_reserve_bytes)
         self._store: SqliteStore | None = None
 

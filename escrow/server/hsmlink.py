@@ -13,6 +13,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
+from typing import Protocol
 
 from prometheus_client import Histogram
 
@@ -22,21 +23,33 @@ from escrow.hsm import HsmSettings, Pin, Token
 log = logging.getLogger("escrow.server")
 
 
+class Session(Protocol):
+    def check(self) -> None: ...
+    def seal(self, plaintext: bytes, aad: bytes) -> bytes: ...
+    def open(self, sealed: bytes, aad: bytes) -> bytes: ...
+    def close(self) -> None: ...
+
+
+def opener(settings: HsmSettings, pin: Pin) -> Callable[[bool], Session]:
+    """Log in to the configured token; the flag restarts the module first."""
+    return lambda reinitialize: Token(settings, pin, reinitialize=reinitialize)
+
+
 class HsmLink:
-    def __init__(self, settings: HsmSettings, pin: Pin, histogram: Histogram,
-                 retry_seconds: float = 2.0,
+    def __init__(self, open_token: Callable[[bool], Session], label: str,
+                 histogram: Histogram, retry_seconds: float = 2.0,
                  clock: Callable[[], float] = time.monotonic) -> None:
-        self._settings = settings
-        self._pin = pin
+        self._open_token = open_token
+        self._label = label
         self._histogram = histogram
         self._retry_seconds = retry_seconds
         self._clock = clock
-        self._token: Token | None = None
+        self._token: Session | None = None
         self._error: HsmError | None = None
         self._next_try = 0.0
         self._attempts = 0
 
-    def token(self) -> Token:
+    def token(self) -> Session:
         """The logged-in token, opening it again if it was lost. Raises the last HsmError
         while it stays unavailable."""
         if self._token is not None:
@@ -44,11 +57,11 @@ class HsmLink:
         if self._error is not None and self._clock() < self._next_try:
             raise self._error
         self._attempts += 1
-        token: Token | None = None
+        token: Session | None = None
         try:
             # After a first attempt the module is loaded and must be restarted to see a
             # token that came back.
-            token = Token(self._settings, self._pin, reinitialize=self._attempts > 1)
+            token = self._open_token(self._attempts > 1)
             token.check()
         except WrongPin as exc:
             self._lost(exc, retry=False)
@@ -59,7 +72,7 @@ class HsmLink:
             self._lost(exc, retry=True)
             raise
         if self._error is not None:
-            log.warning("the token %r answers again; serving", self._settings.token)
+            log.warning("the token %r answers again; serving", self._label)
         self._token, self._error = token, None
         return token
 
