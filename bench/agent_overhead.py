@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
-import platform
 import signal
 import socket
 import subprocess
@@ -27,18 +25,21 @@ import sys
 import tempfile
 import threading
 import time
-from datetime import UTC, datetime
+from dataclasses import dataclass
 from pathlib import Path
 
 import docker
 
-from bench.unseal_storm import percentile
+from bench.machine import Machine, invocation, preamble, this_machine
+from bench.proc import cpu_seconds, memory_mib
+from bench.stats import percentile
 from tests.conftest import REPO
 from tests.helpers.agent import agent_env
 from tests.helpers.dockerd import Dockerd
 from tests.helpers.netlab import NetLab
 from tests.helpers.server import EscrowProcess, make_escrow
 
+TITLE = "unseal-agent overhead against a plaintext baseline, and its idle footprint"
 POLL = 0.05
 BASELINE = '''
 import sys, time, docker
@@ -128,16 +129,10 @@ def restart_and_time(daemon: Dockerd, tap: UnlockTap) -> float:
 
 
 def rss_and_cpu(pid: int, seconds: float) -> tuple[float, float]:
-    def ticks() -> int:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return int(fields[11]) + int(fields[12])  # utime + stime
-
-    before = ticks()
+    """RSS in MiB after `seconds`, and the CPU percentage used over them."""
+    before = cpu_seconds(pid)
     time.sleep(seconds)
-    used = (ticks() - before) / os.sysconf("SC_CLK_TCK")
-    rss = next(int(line.split()[1]) for line in Path(f"/proc/{pid}/status").read_text()
-               .splitlines() if line.startswith("VmRSS:")) / 1024
-    return rss, 100 * used / seconds
+    return memory_mib(pid, "VmRSS"), 100 * (cpu_seconds(pid) - before) / seconds
 
 
 def start(command: list[str], log: Path) -> subprocess.Popen[bytes]:
@@ -154,8 +149,8 @@ def stop(process: subprocess.Popen[bytes]) -> None:
         process.wait()
 
 
-def measure(rounds: int, commands: dict[str, list[str]], daemon: Dockerd, tap: UnlockTap,
-            base: Path) -> dict[str, list[float]]:
+def measure_unlocks(rounds: int, commands: dict[str, list[str]], daemon: Dockerd,
+                    tap: UnlockTap, base: Path) -> dict[str, list[float]]:
     results: dict[str, list[float]] = {name: [] for name in commands}
     for round_ in range(rounds):
         for name, command in commands.items():
@@ -175,41 +170,17 @@ def measure(rounds: int, commands: dict[str, list[str]], daemon: Dockerd, tap: U
     return results
 
 
-def report(restarts: int, idle_seconds: float, results: dict[str, list[float]], rss: float,
-           cpu: float) -> str:
-    def ms(values: list[float], fraction: float) -> str:
-        return f"{percentile(values, fraction) * 1000:.0f}"
-
-    overhead = (percentile(results["agent"], 0.5) - percentile(results["baseline"], 0.5)) * 1000
-    return "\n".join([
-        f"# unseal-agent overhead ({datetime.now(UTC):%Y-%m-%d}, {platform.node()}, "
-        f"{os.cpu_count()} CPUs)",
-        "",
-        f"`.venv/bin/python -m bench.agent_overhead --restarts {restarts}`: dockerd restarted "
-        f"{restarts} times per unlocker; time from the unlocker receiving its first /info answer "
-        f"`locked` to its `POST /swarm/unlock` reaching dockerd; both poll every "
-        f"{POLL * 1000:.0f} ms.",
-        "",
-        "| unlocker | p50 ms | p99 ms | min ms | max ms |",
-        "| --- | --- | --- | --- | --- |",
-        *(f"| {name} | {ms(values, 0.5)} | {ms(values, 0.99)} | {min(values) * 1000:.0f} | "
-          f"{max(values) * 1000:.0f} |" for name, values in results.items()),
-        "",
-        f"Agent overhead at p50: {overhead:.0f} ms (goal: at most 50 ms).",
-        "",
-        f"Idle agent over {idle_seconds:.0f} s (manager unlocked, nothing to do): "
-        f"RSS {rss:.1f} MiB, CPU {cpu:.2f} %.",
-        "",
-    ])
+@dataclass(frozen=True)
+class Overhead:
+    restarts: int
+    unlock_seconds: dict[str, list[float]]  # by unlocker: `agent`, `baseline`
+    idle_seconds: float
+    idle_rss_mib: float
+    idle_cpu_percent: float
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--restarts", type=int, default=20)
-    parser.add_argument("--idle-seconds", type=float, default=60.0)
-    parser.add_argument("--out", type=Path)
-    args = parser.parse_args()
-
+def measure(restarts: int, idle_seconds: float) -> Overhead:
+    """`restarts` timed unlocks per unlocker on a one-manager swarm, then the agent idling."""
     with tempfile.TemporaryDirectory(prefix="agent-bench-") as tmp:
         base = Path(tmp)
         # Twenty restarts in a few minutes exceed the default 10 unseal requests per 600 s.
@@ -241,22 +212,76 @@ def main() -> None:
             agent_cmd = [sys.executable, "-m", "agent", "run", "--config", str(config)]
             baseline_cmd = [sys.executable, "-c", BASELINE, f"unix://{tap.path}",
                             str(key_file), str(POLL)]
-            results = measure(args.restarts, {"agent": agent_cmd, "baseline": baseline_cmd},
-                              daemon, tap, base)
+            results = measure_unlocks(restarts, {"agent": agent_cmd, "baseline": baseline_cmd},
+                                      daemon, tap, base)
             agent = start(agent_cmd, base / "agent.log")
-            time.sleep(5)
-            rss, cpu = rss_and_cpu(agent.pid, args.idle_seconds)
-            stop(agent)
+            try:
+                time.sleep(5)
+                rss, cpu = rss_and_cpu(agent.pid, idle_seconds)
+            finally:
+                stop(agent)
         finally:
             if tap is not None:
                 tap.close()
             lab.close()
             escrow.stop()
+    return Overhead(restarts, results, idle_seconds, rss, cpu)
 
-    table = report(args.restarts, args.idle_seconds, results, rss, cpu)
-    print(table)
+
+def overhead_ms(overhead: Overhead) -> float:
+    """The agent's p50 less the baseline's."""
+    return (percentile(overhead.unlock_seconds["agent"], 0.5)
+            - percentile(overhead.unlock_seconds["baseline"], 0.5)) * 1000
+
+
+def table(overhead: Overhead) -> str:
+    def ms(values: list[float], fraction: float) -> str:
+        return f"{percentile(values, fraction) * 1000:.0f}"
+
+    return "\n".join([
+        "| unlocker | restarts | p50 ms | p99 ms | min ms | max ms |",
+        "| --- | --- | --- | --- | --- | --- |",
+        *(f"| {name} | {len(values)} | {ms(values, 0.5)} | {ms(values, 0.99)} | "
+          f"{ms(values, 0.0)} | {ms(values, 1.0)} |"
+          for name, values in overhead.unlock_seconds.items()),
+        "",
+        f"Agent overhead at p50: {overhead_ms(overhead):.0f} ms (goal: at most 50 ms).",
+    ])
+
+
+def footprint(overhead: Overhead) -> str:
+    return (f"Idle agent over {overhead.idle_seconds:.0f} s (manager unlocked, nothing to do): "
+            f"RSS {overhead.idle_rss_mib:.1f} MiB, CPU {overhead.idle_cpu_percent:.2f} %.")
+
+
+def document(overhead: Overhead, machine: Machine, command: str) -> str:
+    return "\n".join([
+        preamble(TITLE, machine, command),
+        f"dockerd (one swarm manager with autolock, in a network namespace) restarted "
+        f"{overhead.restarts} times per unlocker, alternating agent and baseline; time from the "
+        f"unlocker receiving its first /info answer `locked` to its `POST /swarm/unlock` "
+        f"reaching dockerd; both poll every {POLL * 1000:.0f} ms. The escrow (SoftHSM, auto "
+        "policy t=2) runs on the same machine and is reached over TLS on loopback, so network "
+        "latency to a remote escrow is not included.",
+        "",
+        table(overhead),
+        "",
+        footprint(overhead),
+        "",
+    ])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--restarts", type=int, default=20)
+    parser.add_argument("--idle-seconds", type=float, default=60.0)
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    text = document(measure(args.restarts, args.idle_seconds), this_machine(),
+                    invocation("bench.agent_overhead"))
+    print(text)
     if args.out:
-        args.out.write_text(table)
+        args.out.write_text(text)
 
 
 if __name__ == "__main__":

@@ -10,15 +10,17 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import secrets
 import shutil
 import statistics
 import tempfile
 import time
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+from bench.machine import Machine, invocation, preamble, this_machine
+from bench.stats import percentile
 from escrow.encoding import share_aad
 from escrow.hsm import HsmSettings, Pin, Token
 from escrow.softhsm import create_token, default_module
@@ -27,10 +29,16 @@ from escrow.unlockkey import UnlockKey
 from escrow.vault import Vault, timestamp
 from tests.helpers.certs import make_root_ca
 
+TITLE = "Vault: deposits and share unwrapping"
 
-def percentile(values: list[float], fraction: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(fraction * (len(ordered) - 1)))]
+
+@dataclass(frozen=True)
+class Operation:
+    name: str
+    count: int
+    seconds: float  # spent in the operations alone, for the rate
+    median: float
+    p99: float | None  # None where single operations are too short to time one by one
 
 
 def bench_deposits(vault: Vault, cluster_id: str, count: int) -> list[float]:
@@ -55,13 +63,9 @@ def bench_unwrap(token: Token, seconds: float) -> tuple[int, float]:
     return done, time.perf_counter() - started
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--deposits", type=int, default=200, help="deposits per policy size")
-    parser.add_argument("--unwrap-seconds", type=float, default=5.0)
-    parser.add_argument("--out", type=Path, help="also write the Markdown table here")
-    args = parser.parse_args()
-
+def measure(deposits: int, unwrap_seconds: float) -> list[Operation]:
+    """Deposits under a t=2 n=5 and a t=3 n=16 policy, then unwraps for `unwrap_seconds`."""
+    operations = []
     workdir = Path(tempfile.mkdtemp(prefix="escrow-bench-"))
     try:
         pin = secrets.token_urlsafe(16)
@@ -73,35 +77,62 @@ def main() -> None:
                                      lambda: timestamp(datetime.now(UTC)), create=True)
             vault = Vault(store, token, lambda: datetime.now(UTC), "bench")
             root = make_root_ca().pem
-            rows = []
             for threshold, slots in ((2, 5), (3, 16)):
                 cluster_id = f"bench{slots:02d}".ljust(25, "0")
                 vault.add_cluster(cluster_id, root, threshold, ["auto"] * slots,
                                   allow_no_paper=True)
-                timings = bench_deposits(vault, cluster_id, args.deposits)
-                rows.append(f"| deposit, t={threshold} n={slots} | {len(timings)} | "
-                            f"{statistics.median(timings) * 1000:.2f} ms | "
-                            f"{percentile(timings, 0.99) * 1000:.2f} ms | "
-                            f"{len(timings) / sum(timings):.0f}/s |")
-            done, elapsed = bench_unwrap(token, args.unwrap_seconds)
-            rows.append(f"| share unwrap (AES-GCM in token) | {done} | "
-                        f"{elapsed / done * 1e6:.1f} µs | - | {done / elapsed:,.0f}/s |")
+                timings = bench_deposits(vault, cluster_id, deposits)
+                operations.append(Operation(f"deposit, t={threshold} n={slots}", len(timings),
+                                            sum(timings), statistics.median(timings),
+                                            percentile(timings, 0.99)))
+            done, elapsed = bench_unwrap(token, unwrap_seconds)
+            operations.append(Operation("share unwrap (AES-GCM in token)", done, elapsed,
+                                        elapsed / done, None))
             store.close()
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+    return operations
 
-    table = "\n".join([
-        f"Vault benchmark, {datetime.now(UTC):%Y-%m-%d}, {platform.node()}: "
-        f"{os.cpu_count()} cores, Python {platform.python_version()}, SoftHSM2 file token, "
-        "SQLite WAL synchronous=FULL",
-        "",
+
+def _duration(seconds: float) -> str:
+    return f"{seconds * 1000:.2f} ms" if seconds >= 1e-3 else f"{seconds * 1e6:.1f} µs"
+
+
+def table(operations: list[Operation]) -> str:
+    return "\n".join([
         "| operation | count | median | p99 | rate |",
         "| --- | --- | --- | --- | --- |",
-        *rows,
+        *(f"| {op.name} | {op.count} | {_duration(op.median)} | "
+          f"{'-' if op.p99 is None else _duration(op.p99)} | {op.count / op.seconds:,.0f}/s |"
+          for op in operations),
     ])
-    print(table)
+
+
+def document(operations: list[Operation], machine: Machine, command: str) -> str:
+    return "\n".join([
+        preamble(TITLE, machine, command),
+        "SoftHSM2 file token, SQLite in WAL mode with synchronous=FULL. A deposit splits a fresh "
+        "key with SLIP-39, wraps every share in the token and commits them with an audit "
+        "record; the unwrap rate is for one thread opening a 250-byte share (the size of a "
+        "33-word mnemonic) over and over, timed in batches of 100, so its median column is "
+        "the mean.",
+        "",
+        table(operations),
+        "",
+    ])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--deposits", type=int, default=200, help="deposits per policy size")
+    parser.add_argument("--unwrap-seconds", type=float, default=5.0)
+    parser.add_argument("--out", type=Path, help="also write the Markdown table here")
+    args = parser.parse_args()
+    text = document(measure(args.deposits, args.unwrap_seconds), this_machine(),
+                    invocation("bench.vault_bench"))
+    print(text)
     if args.out:
-        args.out.write_text(table + "\n")
+        args.out.write_text(text)
 
 
 if __name__ == "__main__":

@@ -347,6 +347,6 @@ _BAD_CIPHERTEXT = (pkcs11.GeneralError, pkcs11.EncryptedDataInvalid,
 def _unavailable(token: str, exc: pkcs11.PKCS11Error) -> TokenUnavailable:
     return TokenUnavailable(
         f"the token {token!r} stopped answering ({type(exc).__name__}): it was removed, "
-        "its storage went away, or the device failed",
+        "its storage went away, the device failed, or the escrow ran out of open files",
         "bring the token back (SoftHSM: its token directory); the escrow reopens it by itself",
     )

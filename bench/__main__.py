@@ -1,0 +1,130 @@
+"""Every benchmark in turn, with its results in bench/results/.
+
+Run from the repository root, as root (the agent benchmark starts dockerd):
+
+    .venv/bin/python -m bench [--agents 10,100,1000,5000]
+
+Writes vault.md, unseal_storm.md, agent_overhead.md, unseal_latency.png and SUMMARY.md (the
+machine, each benchmark's table, how long each took). Needs the `bench` extra (matplotlib).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import sys
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TypeVar
+
+from bench import agent_overhead, unseal_storm, vault_bench
+from bench.machine import Machine, invocation, this_machine
+from bench.plot import plot_unseal_latency
+
+RESULTS = Path(__file__).resolve().parent / "results"
+PLOT = "unseal_latency.png"
+T = TypeVar("T")
+
+
+def timed(name: str, durations: dict[str, float], run: Callable[[], T]) -> T:
+    """Run one benchmark, note its wall time and say so on stderr (a full run takes minutes)."""
+    print(f"{name}: running", file=sys.stderr, flush=True)
+    began = time.monotonic()
+    result = run()
+    durations[name] = time.monotonic() - began
+    print(f"{name}: done in {durations[name]:.0f} s", file=sys.stderr, flush=True)
+    return result
+
+
+def _minutes(seconds: float) -> str:
+    return f"{int(seconds // 60)} min {seconds % 60:02.0f} s"
+
+
+def summary(machine: Machine, command: str, vault: list[vault_bench.Operation],
+            storms: list[unseal_storm.Storm], overhead: agent_overhead.Overhead,
+            durations: dict[str, float]) -> str:
+    return "\n".join([
+        "# Benchmark summary",
+        "",
+        f"Taken {datetime.now(UTC):%Y-%m-%d} by `{command}` in "
+        f"{_minutes(sum(durations.values()))}, all on one machine: every load generator "
+        "(simulated agents, dockerd restarts) ran on the same host as the escrow it loads.",
+        "",
+        "| machine | |",
+        "| --- | --- |",
+        f"| host | {machine.hostname} |",
+        f"| CPU | {machine.cores} cores, {machine.cpu_model} (from /proc/cpuinfo) |",
+        f"| RAM | {machine.ram_gib:.1f} GiB |",
+        f"| virtualization | {machine.virtualization} (systemd-detect-virt) |",
+        f"| kernel | Linux {machine.kernel} |",
+        f"| Python | {machine.python} |",
+        "",
+        "## Unseal latency against concurrent agents",
+        "",
+        f"![unseal latency against concurrent agents]({PLOT})",
+        "",
+        unseal_storm.table(storms),
+        "",
+        "How it is measured: [unseal_storm.md](unseal_storm.md).",
+        "",
+        "## Deposits and share unwrapping",
+        "",
+        vault_bench.table(vault),
+        "",
+        "How it is measured: [vault.md](vault.md).",
+        "",
+        "## Agent overhead against a plaintext baseline",
+        "",
+        agent_overhead.table(overhead),
+        "",
+        "## Idle agent footprint",
+        "",
+        agent_overhead.footprint(overhead),
+        "",
+        "How both are measured: [agent_overhead.md](agent_overhead.md).",
+        "",
+        "## Run time",
+        "",
+        "| benchmark | wall time |",
+        "| --- | --- |",
+        *(f"| {name} | {_minutes(seconds)} |" for name, seconds in durations.items()),
+        "",
+    ])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench",
+                                     description=__doc__.split("\n\n")[0])
+    parser.add_argument("--agents", type=unseal_storm.agent_counts, default=[10, 100, 1000, 5000],
+                        help="comma-separated counts of concurrent agents, one storm each")
+    parser.add_argument("--deposits", type=int, default=200, help="deposits per policy size")
+    parser.add_argument("--unwrap-seconds", type=float, default=5.0)
+    parser.add_argument("--restarts", type=int, default=20, help="dockerd restarts per unlocker")
+    parser.add_argument("--idle-seconds", type=float, default=60.0)
+    parser.add_argument("--out-dir", type=Path, default=RESULTS)
+    args = parser.parse_args()
+
+    machine, command = this_machine(), invocation("bench")
+    out: Path = args.out_dir
+    out.mkdir(parents=True, exist_ok=True)
+    durations: dict[str, float] = {}
+    # Each file is written as soon as its benchmark ends, so a later failure keeps it.
+    vault = timed("vault", durations,
+                  lambda: vault_bench.measure(args.deposits, args.unwrap_seconds))
+    (out / "vault.md").write_text(vault_bench.document(vault, machine, command))
+    storms = [timed(f"unseal storm, {count:,} agents", durations,
+                    functools.partial(unseal_storm.measure, count)) for count in args.agents]
+    (out / "unseal_storm.md").write_text(unseal_storm.document(storms, machine, command))
+    plot_unseal_latency(storms, machine, out / PLOT)
+    overhead = timed("agent overhead and idle footprint", durations,
+                     lambda: agent_overhead.measure(args.restarts, args.idle_seconds))
+    (out / "agent_overhead.md").write_text(agent_overhead.document(overhead, machine, command))
+    (out / "SUMMARY.md").write_text(summary(machine, command, vault, storms, overhead,
+                                            durations))
+    print(f"results in {out}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
