@@ -206,6 +206,12 @@ def write(data_dir: Path, hsm: HsmSettings, retention_days: float) -> Path:
     return path
 
 
+def env_override(table: str, key: str, env: Mapping[str, str] | None = None) -> str | None:
+    """The environment variable that overrides this setting right now, if one does."""
+    name = _SETTINGS[(table, key)][0]
+    return name if (os.environ if env is None else env).get(name) else None
+
+
 def update(data_dir: Path, table: str, key: str, value: str) -> None:
     """Set one setting in escrow.toml, atomically: a crash leaves the old file or the new one.
     The file is rewritten from its values, so comments in it are not kept."""

@@ -15,8 +15,6 @@ from escrow.lock import DataDirLock
 from escrow.service import DEPOSIT_KEY, DEPOSIT_KEY_AAD
 from escrow.vault import Vault
 
-LABEL_ENV = "ESCROW_HSM_KEY_LABEL"
-
 
 @click.group()
 def hsm() -> None:
@@ -32,10 +30,11 @@ def rewrap(data_dir: Path, to_label: str) -> None:
     it. The escrow must be stopped. The old key stays in the token until `escrow hsm
     destroy-key`."""
     settings = config.load(data_dir)
-    if os.environ.get(LABEL_ENV):
-        raise ConfigError(f"{LABEL_ENV} is set and would override the label this command "
+    override = config.env_override("hsm", "key_label")
+    if override:
+        raise ConfigError(f"{override} is set and would override the label this command "
                           "writes to escrow.toml",
-                          f"unset {LABEL_ENV} (here and in the unit's environment) and run "
+                          f"unset {override} (here and in the unit's environment) and run "
                           "the command again")
     old = settings.hsm.key_label
     if not to_label.strip() or to_label == old:

@@ -83,23 +83,20 @@ class HsmLink:
         self._error = error
         self._next_try = self._clock() + self._retry_seconds if retry else math.inf
 
-    def seal(self, plaintext: bytes, aad: bytes) -> bytes:
+    def _use(self, operation: Callable[[Session], bytes]) -> bytes:
         token = self.token()
         try:
             with self._histogram.time():
-                return token.seal(plaintext, aad)
+                return operation(token)
         except TokenUnavailable as exc:
             self._drop(exc)
             raise
 
+    def seal(self, plaintext: bytes, aad: bytes) -> bytes:
+        return self._use(lambda token: token.seal(plaintext, aad))
+
     def open(self, sealed: bytes, aad: bytes) -> bytes:
-        token = self.token()
-        try:
-            with self._histogram.time():
-                return token.open(sealed, aad)
-        except TokenUnavailable as exc:
-            self._drop(exc)
-            raise
+        return self._use(lambda token: token.open(sealed, aad))
 
     def _drop(self, error: TokenUnavailable) -> None:
         if self._token is not None:

@@ -79,7 +79,6 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
     ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
-SQLITE_FULL = 13
 
 Clock = Callable[[], str]
 
@@ -159,7 +158,7 @@ class SqliteStore:
             if self._db.in_transaction:
                 self._db.execute("ROLLBACK")
             if isinstance(exc, sqlite3.Error):
-                if getattr(exc, "sqlite_errorcode", None) == SQLITE_FULL:
+                if getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL:
                     raise DiskFull("the escrow's data directory is full: the change was not "
                                    "made", "free space on its file system; see "
                                    "docs/runbooks/escrow-down.md, Disk full") from None

@@ -33,6 +33,7 @@ class Acknowledged:
     nodes: list[Node] = field(default_factory=list)
     keys: dict[int, UnlockKey] = field(default_factory=dict)  # version -> key
     unseals: int = 0
+    problems: list[str] = field(default_factory=list)  # from the worker thread
 
 
 def workload(escrow: EscrowProcess, cluster: Cluster, seen: Acknowledged,
@@ -45,10 +46,15 @@ def workload(escrow: EscrowProcess, cluster: Cluster, seen: Acknowledged,
             run(enroll(escrow, node))
             seen.nodes.append(node)
             seen.keys[run(deposit(escrow, node, key))] = key
-            assert run(unseal(escrow, node))[0][1] == key
-            seen.unseals += 1
+            newest = run(unseal(escrow, node))[0]
         except AgentError:
             return  # the escrow died under the request
+        except Exception as exc:  # a failure in this thread must reach the test
+            seen.problems.append(repr(exc))
+            return
+        if newest[1] != key:
+            seen.problems.append(f"unseal rebuilt version {newest[0]}, not the key just stored")
+        seen.unseals += 1
 
 
 def shares_per_version(escrow: EscrowProcess, cluster_id: str) -> dict[int, int]:
@@ -107,6 +113,7 @@ def test_an_escrow_killed_50_times_while_serving_loses_nothing_it_acknowledged(
     rng = random.Random(int.from_bytes(os.urandom(4), "big"))
     try:
         seen, downtime = kill_repeatedly(escrow, cluster, rng)
+        assert seen.problems == []
         assert len(seen.keys) >= KILLS // 2, "the kills came too early to test anything"
         # Every acknowledged enrollment can still unseal, and every acknowledged deposit is
         # whole: its version rebuilds the very key that was deposited.
