@@ -22,6 +22,7 @@ from agent.enroll import enroll as do_enroll
 from agent.errors import AgentError
 from agent.rotate import rotate as do_rotate
 from escrow.errors import EscrowError
+from escrow.plaintext import plain
 
 EX_CONFIG = 78
 
@@ -48,7 +49,7 @@ def config_options(command: Callable[..., Any]) -> Callable[..., Any]:
                        ("docker_root", str), ("state_dir", str),
                        ("docker_poll_seconds", float), ("key_check_seconds", float),
                        ("approval_wait_seconds", float), ("retry_max_seconds", float),
-                       ("refused_retry_seconds", float)):
+                       ("refused_retry_seconds", float), ("escrow_deposit_key_sha256", str)):
         options.append(click.option("--" + name.replace("_", "-"), name, type=kind,
                                     help=f"Overrides {name} of the config file."))
     for option in reversed(options):
@@ -66,6 +67,9 @@ def enroll(config: Path | None, **flags: Any) -> None:
         click.echo(f"deposited the current unlock key as version {result.version}")
     else:
         click.echo(f"the escrow already holds the current unlock key (version {result.version})")
+    click.echo(f"deposits go only to the escrow's deposit key sha256 {result.deposit_key_sha256}"
+               + (" (pinned now, on first use: compare it with the escrow host's)"
+                  if result.pinned_now else ""))
 
 
 @cli.command()
@@ -120,10 +124,11 @@ def status_command(config: Path | None, as_json: bool, **flags: Any) -> None:
             ("last unlock", f"{last.at}, key version {last.version}, request "
                             f"{last.request_id}, {last.seconds:.2f} s" if last else "never"),
         ]
+        # Values come from dockerd, swarm's files and the escrow: shown as plain text only.
         for label, value in rows:
-            click.echo(f"{label + ':':<16}{value}")
+            click.echo(f"{label + ':':<16}{plain(value)}")
         for problem in report.problems:
-            click.echo(f"problem: {problem}", err=True)
+            click.echo(f"problem: {plain(problem)}", err=True)
     if report.problems:
         raise SystemExit(1)
 

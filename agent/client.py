@@ -19,8 +19,10 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 from cryptography.x509 import load_pem_x509_certificate
 from pydantic import BaseModel, ValidationError
 
+from agent import deposit_key
 from agent.errors import EscrowRejected, EscrowUnavailable
 from escrow import protocol
+from escrow.plaintext import plain
 from escrow.protocol import (
     HPKE,
     DepositResponse,
@@ -42,7 +44,8 @@ def _cert_der(cert_pem: str) -> bytes:
 
 def parse_answer(status: int, text: str, model: type[M]) -> M:
     """The escrow's answer as ``model``, or the AgentError it amounts to. Pure: whatever the
-    escrow (or a proxy in between) sent, nothing else is raised."""
+    escrow (or a proxy in between) sent, nothing else is raised; what an error quotes of it
+    is plain text (escrow.plaintext.plain), for the journal and the operator's terminal."""
     if status >= 500:
         raise EscrowUnavailable(f"the escrow cannot serve now ({status}): "
                                 f"{_error_message(text)}",
@@ -50,10 +53,10 @@ def parse_answer(status: int, text: str, model: type[M]) -> M:
     if status >= 400:
         try:
             error = json.loads(text)
-            raise EscrowRejected(status, str(error.get("error", "")),
-                                 str(error.get("message", "")), str(error.get("hint", "")))
+            raise EscrowRejected(status, plain(error.get("error", "")),
+                                 plain(error.get("message", "")), plain(error.get("hint", "")))
         except (ValueError, AttributeError, RecursionError):
-            raise EscrowRejected(status, "unknown", text[:200]) from None
+            raise EscrowRejected(status, "unknown", plain(text[:200])) from None
     try:
         return model.model_validate_json(text)
     except ValidationError:
@@ -100,8 +103,8 @@ class EscrowClient:
         except aiohttp.ClientConnectorCertificateError as exc:
             raise _certificate_problem(self.url, exc) from None
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-            raise EscrowUnavailable(f"the escrow at {self.url} is unreachable: "
-                                    f"{type(exc).__name__}: {exc}",
+            raise EscrowUnavailable(plain(f"the escrow at {self.url} is unreachable: "
+                                          f"{type(exc).__name__}: {exc}"),
                                     "check the escrow service and the network") from None
         return parse_answer(status, text, model)
 
@@ -130,10 +133,17 @@ class EscrowClient:
         return await self._call("POST", "/v1/enroll", EnrollResponse, body)
 
     async def deposit(self, cluster_id: str, node_id: str, agent_key: ec.EllipticCurvePrivateKey,
-                      key: UnlockKey) -> DepositResponse:
+                      key: UnlockKey, pinned: str | None = None) -> DepositResponse:
+        """Deposit ``key``, encrypted to the escrow's deposit key only if that key's
+        fingerprint is ``pinned`` (DepositKeyMismatch otherwise: nothing more is sent). The
+        agent always passes its pin (agent/deposit.py); None, unchecked, is for tests and
+        benchmarks that deposit to an escrow they have just started."""
         info = await self.info()
+        offered = deposit_key.offered_key(self.url, info.deposit_public_key)
+        if pinned is not None:
+            deposit_key.check(self.url, offered, pinned)
         nonce = await self.nonce()
-        server_key = X25519PublicKey.from_public_bytes(protocol.b64d(info.deposit_public_key))
+        server_key = X25519PublicKey.from_public_bytes(offered)
         sealed = HPKE.encrypt(key.swmkey().encode("ascii"), server_key,
                               info=protocol.deposit_info(cluster_id, node_id, nonce))
         body = protocol.DepositRequest(
@@ -175,12 +185,12 @@ class EscrowClient:
 
 def _error_message(text: str) -> str:
     """The message of the escrow's JSON error body, or the start of whatever came instead
-    (a proxy's HTML page, say)."""
+    (a proxy's HTML page, say), as plain text."""
     try:
         error = json.loads(text)
-        return f"{error['error']}: {error['message']}"
+        return plain(f"{error['error']}: {error['message']}")
     except (ValueError, TypeError, KeyError, RecursionError):
-        return text[:200]
+        return plain(text[:200])
 
 
 # OpenSSL's X509_V_ERR_CERT_NOT_YET_VALID and X509_V_ERR_CERT_HAS_EXPIRED
@@ -195,6 +205,6 @@ def _certificate_problem(url: str, exc: aiohttp.ClientConnectorCertificateError
             f"the escrow's TLS certificate {_CLOCK_ERRORS[code]} by this host's clock "
             f"({datetime.now(UTC):%Y-%m-%d %H:%M:%S} UTC): this clock or the escrow's is wrong",
             "compare both clocks (`timedatectl`) and synchronise them (NTP)")
-    return EscrowUnavailable(f"the escrow at {url} presented a certificate this agent does "
-                             f"not trust: {exc.certificate_error}",
+    return EscrowUnavailable(plain(f"the escrow at {url} presented a certificate this agent "
+                                   f"does not trust: {exc.certificate_error}"),
                              "check escrow_ca in the agent's config")

@@ -15,10 +15,21 @@
     approval_wait_seconds   20     length of one long poll while custodians decide
     retry_max_seconds       60     cap of the back-off while the escrow is unreachable
     refused_retry_seconds   300    wait before asking again after a refusal or a denial
+    escrow_deposit_key_sha256  the escrow's deposit key fingerprint (64 hex digits): when set,
+                             deposits go only to that key, and it wins over the key pinned at
+                             enrollment (agent/deposit_key.py)
+
+Whoever can change the config file or the CA file can send the agent to an escrow of their
+choosing, so both must be owned by root (or the agent's own user) and writable by no one else,
+and so must the directories they are in; a symlink is followed and its target checked. The
+config holds no secret (a PIN file's path at most, never a PIN), so it may be world-readable.
 """
 
 from __future__ import annotations
 
+import os
+import pwd
+import stat
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
@@ -46,6 +57,7 @@ class AgentConfig:
     approval_wait_seconds: float = 20.0
     retry_max_seconds: float = 60.0
     refused_retry_seconds: float = 300.0
+    escrow_deposit_key_sha256: str = ""
 
     @property
     def agent_key_path(self) -> Path:
@@ -85,6 +97,13 @@ def _check(source: str, key: str, value: Any) -> Any:
                              f"{high:g}, not {_shown(value)}",
                              f"for example {key} = {low * 4:g}")
         return float(value)
+    if key == "escrow_deposit_key_sha256":
+        if not isinstance(value, str) or len(value) != 64 or not all(
+                c in "0123456789abcdef" for c in value.lower()):
+            raise AgentError(f"{source}: {key} must be a SHA-256 fingerprint (64 hexadecimal "
+                             f"digits), not {_shown(value)}",
+                             'read it on the escrow host (README, "The node agent")')
+        return value.lower()
     if not isinstance(value, str) or not value:
         raise AgentError(f"{source}: {key} must be a non-empty string",
                          f'for example {key} = "..."')
@@ -113,13 +132,61 @@ def _read_toml(source: Path) -> dict[str, Any]:
                          "too deeply", "fix the file") from None
 
 
+def exposure(mode: int, owner: int, trusted: set[int]) -> str:
+    """Pure: why a file or directory with this mode and owner may be changed by someone other
+    than the trusted users ("" if it may not). A sticky directory (/tmp) is fine: nobody can
+    replace what another user put in it."""
+    problems = []
+    if owner not in trusted:
+        problems.append("is owned by another user")
+    if mode & 0o022 and not (stat.S_ISDIR(mode) and mode & stat.S_ISVTX):
+        problems.append("is writable by " + ("group and others" if mode & 0o022 == 0o022
+                                             else "others" if mode & 0o002 else "its group"))
+    return " and ".join(problems)
+
+
+def _owner(uid: int) -> str:
+    try:
+        return f"{pwd.getpwuid(uid).pw_name} (uid {uid})"
+    except KeyError:
+        return f"uid {uid}"
+
+
+def check_file(path: Path, what: str, file_mode: str) -> None:
+    """Refuse ``path`` unless only root or this process's user can change what it holds: the
+    file (a symlink's target) and every directory above it, the link's and the target's."""
+    trusted = {0, os.geteuid()}
+    target = Path(os.path.realpath(path))
+    shown = f"{what} {path}" + (f" (a link to {target})" if target != Path(
+        os.path.abspath(path)) else "")
+    places = [target, *target.parents, *Path(os.path.abspath(path)).parents]
+    for place in dict.fromkeys(places):
+        try:
+            info = os.stat(place)
+        except OSError as exc:
+            raise AgentError(f"cannot check the owner and mode of {place} ({what}): "
+                             f"{exc.strerror}", "run the agent as root") from None
+        problem = exposure(info.st_mode, info.st_uid, trusted)
+        if not problem:
+            continue
+        mode, owner = f"{stat.S_IMODE(info.st_mode):04o}", _owner(info.st_uid)
+        if place == target:
+            raise AgentError(f"{shown} {problem} (owner {owner}, mode {mode}): whoever can "
+                             "change it can send this agent to an escrow of their choosing",
+                             f"chown root:root {target}; chmod {file_mode} {target}")
+        raise AgentError(f"{shown} is in the directory {place}, which {problem} (owner "
+                         f"{owner}, mode {mode}): whoever can change it can replace the file",
+                         f"chown root:root {place}; chmod go-w {place}")
+
+
 def load(path: Path | None, overrides: Mapping[str, Any]) -> AgentConfig:
     """Read the file (if it exists, or fail if it was named explicitly) and apply flags."""
     values: dict[str, Any] = {}
     source = path or DEFAULT_CONFIG
     if path is not None or source.exists():
-        values = {key: _check(str(source), key, value)
-                  for key, value in _read_toml(source).items()}
+        document = _read_toml(source)
+        check_file(source, "the config file", "0600")
+        values = {key: _check(str(source), key, value) for key, value in document.items()}
     values.update({key: _check("--" + key.replace("_", "-"), key, value)
                    for key, value in overrides.items() if value is not None})
     for required in ("escrow_url", "escrow_ca"):
@@ -135,4 +202,6 @@ def load(path: Path | None, overrides: Mapping[str, Any]) -> AgentConfig:
     for key in ("escrow_ca", "docker_root", "state_dir"):
         if key in values:
             values[key] = Path(values[key])
+    if os.path.exists(values["escrow_ca"]):  # a missing one is reported where it is loaded
+        check_file(values["escrow_ca"], "the escrow CA (escrow_ca)", "0644")
     return AgentConfig(**values)

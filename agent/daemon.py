@@ -22,7 +22,6 @@ import functools
 import itertools
 import logging
 import signal
-import socket
 import time
 from collections.abc import Callable, Coroutine, Iterator
 from datetime import UTC, datetime
@@ -37,15 +36,23 @@ from agent import state as agent_state
 from agent.backoff import Backoff
 from agent.client import EscrowClient
 from agent.config import AgentConfig
-from agent.deposit import ensure_escrowed
+from agent.deposit import ensure_escrowed, pin_deposit_key
 from agent.docker_state import Docker, DockerUnavailable
-from agent.errors import AgentError, EscrowRejected, EscrowUnavailable, SharesUnusable
+from agent.errors import (
+    AgentError,
+    DepositKeyMismatch,
+    EscrowRejected,
+    EscrowUnavailable,
+    SharesUnusable,
+)
+from agent.host import BadHostname, boot_id, hostname
 from agent.release import candidate_keys
 from agent.state import AgentState, LastUnlock
 from agent.swarm_identity import CERT_DIR, NodeIdentity, kek_version, read_identity
 from agent.token_key import TokenKey
 from escrow.errors import EscrowError
 from escrow.notify import Notifier, watchdog_interval
+from escrow.plaintext import plain
 from escrow.protocol import RequestStatus
 from escrow.tls import client_context
 from escrow.unlockkey import UnlockKey
@@ -97,6 +104,9 @@ class Agent:
 
     def _error(self, message: str, *args: Any, **fields: str) -> None:
         self.log.error(message, *args, extra={**self.fields, **fields})
+
+    def _critical(self, message: str, *args: Any, **fields: str) -> None:
+        self.log.critical(message, *args, extra={**self.fields, **fields})
 
     def _once(self, topic: str, log: Callable[..., None], message: str, *args: Any,
               **fields: str) -> None:
@@ -268,24 +278,25 @@ class Agent:
                        self.config.state_path)
             return self.config.key_check_seconds
         self._clear("not-enrolled")
+        # A node enrolled before agents pinned the deposit key pins it now, not only at its
+        # next deposit: the sooner, the likelier it is the escrow it enrolled with.
+        with contextlib.suppress(AgentError):
+            await self._pin_deposit_key(state)
         if kek == state.checked_kek_version:
             return self.config.key_check_seconds
         agent_key = self._agent_key()
         if agent_key is None:
             return self.config.key_check_seconds
         try:
+            await self._pin_deposit_key(state)
             key = await self._docker(self.docker.unlock_key)
             version, deposited = await ensure_escrowed(self.client, state, agent_key, key)
             del key
-        except AgentError as exc:  # escrow or dockerd unreachable, or a refusal
-            delay = self._escrow_backoff.next_delay()
-            self._once("deposit", self._error, "the current unlock key may not be escrowed "
-                       "(%s); retrying in %.0f s. Until it is, a restart leaves this manager "
-                       "locked", exc.message, delay)
-            self._not_escrowed = f"{type(exc).__name__}, retrying in {delay:.0f} s"
-            return delay
+        except AgentError as exc:  # escrow or dockerd unreachable, a refusal, a wrong key
+            return self._not_deposited(exc)
         self._escrow_backoff.reset()
         self._clear("deposit")
+        self._clear("deposit-key")
         self._not_escrowed = ""
         state.checked_kek_version = kek
         agent_state.save(self.config.state_path, state)
@@ -293,6 +304,31 @@ class Agent:
             self._info("escrowed the manager's new unlock key as version %d", version,
                        KEY_VERSION=str(version))
         return self.config.key_check_seconds
+
+    def _not_deposited(self, exc: AgentError) -> float:
+        """Log why the current key may not be escrowed (once) and put it in the status;
+        returns the seconds until the next try."""
+        delay = self._escrow_backoff.next_delay()
+        if isinstance(exc, DepositKeyMismatch):  # nothing was sent; the real escrow may return
+            self._once("deposit-key", self._critical, "%s; checking again in %.0f s. Until "
+                       "then a restart leaves this manager locked (%s)", exc.message, delay,
+                       exc.hint)
+            self._not_escrowed = (f"the escrow offers deposit key sha256 {exc.offered[:16]}..., "
+                                  f"not the pinned {exc.pinned[:16]}...: an impersonator? "
+                                  "nothing was sent")
+        else:
+            self._once("deposit", self._error, "the current unlock key may not be escrowed "
+                       "(%s); retrying in %.0f s. Until it is, a restart leaves this manager "
+                       "locked", exc.message, delay)
+            self._not_escrowed = f"{type(exc).__name__}, retrying in {delay:.0f} s"
+        return delay
+
+    async def _pin_deposit_key(self, state: AgentState) -> None:
+        if await pin_deposit_key(self.client, state, self.config.escrow_deposit_key_sha256):
+            agent_state.save(self.config.state_path, state)
+            self._warn("pinned the escrow's deposit key sha256 %s on first use: this node was "
+                       "enrolled before agents pinned it; deposits go only to this key from now "
+                       "on", state.deposit_key_sha256)
 
     # -- locked: unseal ---------------------------------------------------------------------
 
@@ -312,13 +348,20 @@ class Agent:
             self.notifier.status("locked; no usable agent key (not enrolled?): unlock by hand, "
                                  "then run `unseal-agent enroll`")
             return self.config.refused_retry_seconds
+        try:
+            name = hostname()
+        except BadHostname as exc:
+            self._once("hostname", self._error, "locked, but %s (%s)", exc.message, exc.hint)
+            self.notifier.status(f"locked; {exc.message}")
+            return self.config.refused_retry_seconds
+        self._clear("hostname")
         self.notifier.status("locked; asking the escrow to unseal")
         self._once("locked", self._info, "the manager is locked; asking the escrow to unseal "
                    "(key generation %s)", identity.kek_version or "unknown")
         try:
             status, ephemeral = await self.client.unseal(
                 identity.cluster_id, identity.node_id, identity.cert_pem, agent_key,
-                socket.gethostname(), _boot_id(), identity.kek_version)
+                name, _boot_id(), identity.kek_version)
         except EscrowUnavailable as exc:
             return self._escrow_down(exc, "")
         except EscrowRejected as exc:
@@ -415,7 +458,8 @@ class Agent:
         if status.state == "denied":
             delay = self.config.refused_retry_seconds
             self._error("a custodian denied unseal request %s: %s; asking again in %.0f s",
-                        request_id, status.denial_reason or "no reason given", delay, **fields)
+                        request_id, plain(status.denial_reason or "no reason given"), delay,
+                        **fields)
             self.notifier.status(f"locked; request {request_id} was denied, asking again in "
                                  f"{delay:.0f} s")
             return delay
@@ -512,10 +556,7 @@ class Agent:
 
 
 def _boot_id() -> str:
-    try:
-        return BOOT_ID.read_text().strip()
-    except OSError:
-        return ""
+    return boot_id(BOOT_ID)
 
 
 def check_startup(config: AgentConfig) -> None:

@@ -3,7 +3,9 @@
 Order matters: the escrow must be healthy and hold the current key before anything changes,
 because after the rotation a manager that was down needs the old key and every manager that
 restarts needs the new one. If the new key cannot be escrowed the command fails loudly (exit
-1, journal priority crit); the running agent keeps trying to deposit it.
+1, journal priority crit); the running agent keeps trying to deposit it. An escrow that offers
+a deposit key other than the pinned one (agent/deposit_key.py) gets nothing, and nothing is
+rotated.
 """
 
 from __future__ import annotations
@@ -19,9 +21,9 @@ from agent import state as agent_state
 from agent.backoff import Backoff
 from agent.client import EscrowClient
 from agent.config import AgentConfig
-from agent.deposit import ensure_escrowed
+from agent.deposit import ensure_escrowed, pin_deposit_key
 from agent.docker_state import Docker
-from agent.errors import AgentError, EscrowRejected, EscrowUnavailable
+from agent.errors import AgentError, DepositKeyMismatch, EscrowRejected, EscrowUnavailable
 from agent.state import AgentState
 from agent.swarm_identity import read_identity
 from escrow.unlockkey import UnlockKey
@@ -48,11 +50,19 @@ async def rotate(config: AgentConfig, log: logging.Logger, attempts: int = 6,
     async with EscrowClient(config.escrow_url, config.escrow_ca) as client:
         try:
             await client.health()
+            if await pin_deposit_key(client, state, config.escrow_deposit_key_sha256):
+                log.warning("pinned the escrow's deposit key sha256 %s on first use (this node "
+                            "was enrolled before agents pinned it)", state.deposit_key_sha256,
+                            extra=fields)
             old_version, _ = await ensure_escrowed(client, state, agent_key,
                                                    docker.unlock_key(), confirm=True)
         except (EscrowUnavailable, EscrowRejected) as exc:
             raise AgentError(f"{exc.message}; the unlock key was NOT rotated",
                              "fix the escrow first, then rotate again") from None
+        except DepositKeyMismatch as exc:
+            exc.message += "; the unlock key was NOT rotated"
+            log.critical("%s", exc.message, extra=fields)
+            raise
         agent_state.save(config.state_path, state)
         new_key = docker.rotate_unlock_key()
         log.info("rotated the unlock key of cluster %s (the escrow holds the old one as "
@@ -75,7 +85,7 @@ async def _escrow_new_key(client: EscrowClient, state: AgentState,
     for attempt in range(1, attempts + 1):
         try:
             version, _ = await ensure_escrowed(client, state, agent_key, key)
-        except EscrowRejected as exc:
+        except (EscrowRejected, DepositKeyMismatch) as exc:
             failure = exc
             break
         except EscrowUnavailable as exc:

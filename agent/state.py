@@ -1,8 +1,11 @@
 """What the agent remembers between runs, in `state_dir/state.json` (no secrets: key
 fingerprints are keyed hashes the escrow shows too).
 
-It is a cache and a record for `unseal-agent status`, never an authority: the escrow decides
-what this node may have. A damaged file is reported and replaced, not trusted.
+It is a cache and a record for `unseal-agent status`, never an authority over what this node
+may have: the escrow decides that. One field is a trust anchor of the agent's own: the
+fingerprint of the escrow's deposit key pinned at enrollment (agent/deposit_key.py), which
+only root can change, like the file itself. A damaged file is reported and replaced, not
+trusted (re-enrolling pins the deposit key anew).
 """
 
 from __future__ import annotations
@@ -34,6 +37,9 @@ class AgentState:
     escrowed: dict[str, int] = field(default_factory=dict)  # key fingerprint -> version
     checked_kek_version: str = ""  # swarm-node.key's kek-version when the key was last checked
     last_unlock: LastUnlock | None = None
+    # sha256 of the escrow's deposit key, pinned at enrollment; "" in a file written before
+    # agents pinned it (the first deposit key the agent then sees is pinned, see deposit.py).
+    deposit_key_sha256: str = ""
 
     def knows(self, node_id: str, cluster_id: str) -> bool:
         return (self.node_id, self.cluster_id) == (node_id, cluster_id)

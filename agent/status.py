@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-from agent import keys
+from agent import deposit_key, keys
 from agent import state as agent_state
 from agent.client import EscrowClient
 from agent.config import AgentConfig
@@ -14,6 +14,7 @@ from agent.errors import AgentError
 from agent.state import LastUnlock
 from agent.swarm_identity import read_identity
 from escrow.errors import EscrowError
+from escrow.plaintext import plain
 from escrow.vault import parse_timestamp
 
 CLOCK_WARNING_SECONDS = 60
@@ -37,7 +38,7 @@ class Status:
 
 
 def _problem(exc: AgentError | EscrowError) -> str:
-    return exc.message + (f" ({exc.hint})" if exc.hint else "")
+    return plain(exc.message + (f" ({exc.hint})" if exc.hint else ""))
 
 
 async def gather(config: AgentConfig) -> Status:
@@ -49,13 +50,15 @@ async def gather(config: AgentConfig) -> Status:
     except AgentError as exc:
         status.problems.append(_problem(exc))
     try:
-        status.lock_state = str(Docker(config.docker_host, timeout=10).swarm().get(
+        status.lock_state = plain(Docker(config.docker_host, timeout=10).swarm().get(
             "LocalNodeState", "unknown"))
     except AgentError as exc:
         status.lock_state = "docker unreachable"
         status.problems.append(_problem(exc))
+    pinned = ""
     try:
         saved = agent_state.load(config.state_path)
+        pinned = saved.deposit_key_sha256
         keys.load(config)
         status.enrolled = saved.knows(status.node_id, status.cluster_id) and bool(
             status.node_id)
@@ -81,6 +84,10 @@ async def gather(config: AgentConfig) -> Status:
                 f"{'ahead of' if status.clock_offset_seconds > 0 else 'behind'} this host's "
                 "(synchronise both with NTP: certificates allow an hour, custodian signatures "
                 "5 minutes)")
+        # The key deposits would go to: a different one is the sign of an impersonator.
+        deposit_key.pin_for(config.escrow_url,
+                            deposit_key.offered_key(config.escrow_url, info.deposit_public_key),
+                            configured=config.escrow_deposit_key_sha256, pinned=pinned)
     except (AgentError, EscrowError) as exc:
         status.problems.append(_problem(exc))
     return status

@@ -4,8 +4,9 @@ Run from the repository root, as root (the agent benchmark starts dockerd):
 
     .venv/bin/python -m bench [--agents 10,100,1000,5000]
 
-Writes vault.md, unseal_storm.md, agent_overhead.md, unseal_latency.png and SUMMARY.md (the
-machine, each benchmark's table, how long each took). Needs the `bench` extra (matplotlib).
+Writes vault.md, unseal_storm.md, agent_overhead.md, hostile_flood.md, slow_clients.md,
+unseal_latency.png and SUMMARY.md (the machine, each benchmark's table, how long each took).
+Needs the `bench` extra (matplotlib).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TypeVar
 
-from bench import agent_overhead, unseal_storm, vault_bench
+from bench import agent_overhead, hostile_flood, slow_clients, unseal_storm, vault_bench
 from bench.machine import Machine, invocation, this_machine
 from bench.plot import plot_unseal_latency
 
@@ -44,6 +45,7 @@ def _minutes(seconds: float) -> str:
 
 def summary(machine: Machine, command: str, vault: list[vault_bench.Operation],
             storms: list[unseal_storm.Storm], overhead: agent_overhead.Overhead,
+            flood: hostile_flood.Result, slow: list[slow_clients.Run],
             durations: dict[str, float]) -> str:
     return "\n".join([
         "# Benchmark summary",
@@ -85,6 +87,18 @@ def summary(machine: Machine, command: str, vault: list[vault_bench.Operation],
         "",
         "How both are measured: [agent_overhead.md](agent_overhead.md).",
         "",
+        "## Hostile floods",
+        "",
+        hostile_flood.tables(flood),
+        "",
+        "How they are measured: [hostile_flood.md](hostile_flood.md).",
+        "",
+        "## Slow clients",
+        "",
+        slow_clients.table(slow),
+        "",
+        "How it is measured: [slow_clients.md](slow_clients.md).",
+        "",
         "## Run time",
         "",
         "| benchmark | wall time |",
@@ -103,6 +117,18 @@ def main() -> None:
     parser.add_argument("--unwrap-seconds", type=float, default=5.0)
     parser.add_argument("--restarts", type=int, default=20, help="dockerd restarts per unlocker")
     parser.add_argument("--idle-seconds", type=float, default=60.0)
+    parser.add_argument("--flood-baseline", type=Path,
+                        help="a checkout the hostile floods compare against (default: none)")
+    parser.add_argument("--flood-requests", type=int, default=10_000,
+                        help="unidentified unseal requests per escrow")
+    parser.add_argument("--flood-seconds", type=float, default=20.0,
+                        help="length of each nonce flood")
+    parser.add_argument("--slow-baseline", type=Path,
+                        help="a checkout the slow clients compare against (default: none)")
+    parser.add_argument("--slow-connections", type=int, default=1000,
+                        help="slow connections held open while /healthz is probed")
+    parser.add_argument("--slow-seconds", type=float, default=30.0,
+                        help="seconds of /healthz probing under them")
     parser.add_argument("--out-dir", type=Path, default=RESULTS)
     args = parser.parse_args()
 
@@ -121,8 +147,16 @@ def main() -> None:
     overhead = timed("agent overhead and idle footprint", durations,
                      lambda: agent_overhead.measure(args.restarts, args.idle_seconds))
     (out / "agent_overhead.md").write_text(agent_overhead.document(overhead, machine, command))
-    (out / "SUMMARY.md").write_text(summary(machine, command, vault, storms, overhead,
-                                            durations))
+    flood = timed("hostile floods", durations, lambda: hostile_flood.measure(
+        hostile_flood.REPO, args.flood_baseline, requests=args.flood_requests,
+        seconds=args.flood_seconds))
+    (out / "hostile_flood.md").write_text(hostile_flood.document(flood, machine, command))
+    slow = timed("slow clients", durations, lambda: slow_clients.measure(
+        slow_clients.REPO, args.slow_baseline, slow=args.slow_connections,
+        seconds=args.slow_seconds))
+    (out / "slow_clients.md").write_text(slow_clients.document(slow, machine, command))
+    (out / "SUMMARY.md").write_text(summary(machine, command, vault, storms, overhead, flood,
+                                            slow, durations))
     print(f"results in {out}", file=sys.stderr)
 
 

@@ -26,7 +26,7 @@ from bench.machine import Machine, invocation, preamble, this_machine
 from bench.proc import allow_open_files, cpu_seconds, listen_overflows, memory_mib
 from bench.stats import percentile
 from escrow.unlockkey import UnlockKey
-from tests.helpers.server import EscrowProcess, Node, make_escrow
+from tests.helpers.server import BOOT_ID, EscrowProcess, Node, make_escrow
 
 TITLE = "Unseal storm: unseal latency against concurrent agents"
 # Open files besides the agents' sockets: Python, SoftHSM, SQLite, the enrolling connections.
@@ -93,7 +93,7 @@ async def storm(escrow: EscrowProcess, nodes: list[Node], key: UnlockKey
             try:
                 status, ephemeral = await client.unseal(node.cluster_id, node.node_id,
                                                         node.cert_pem, node.agent_key,
-                                                        node.hostname, "bench-boot")
+                                                        node.hostname, BOOT_ID)
                 (_, rebuilt), = candidate_keys(status, ephemeral)
                 if rebuilt != key:
                     raise ValueError("wrong key")

@@ -1,5 +1,10 @@
 """Backups of a data directory: one tar file with a consistent SQLite snapshot, the config and
-the TLS files, and a manifest of their SHA-256 hashes.
+the TLS certificates, and a manifest of their SHA-256 hashes.
+
+No private key is ever in a backup: a TLS key (`tls/server.key`, any `*.key` file or PEM
+private key under `tls/`) would let whoever holds a stolen backup pass for the escrow for as
+long as the certificate is valid (825 days for the quickstart). A restored escrow gets a new
+server key and certificate (docs/runbooks/escrow-rebuilt.md).
 
 Shares stay wrapped: the token that holds the wrapping key, and its PIN, are never in a backup
 (an embedded SoftHSM token's `softhsm/` directory and `hsm-pin` are left out). Backing the
@@ -13,6 +18,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import shutil
 import sqlite3
 import tarfile
@@ -32,6 +38,14 @@ from escrow.vault import timestamp
 FORMAT = 1
 MANIFEST = "MANIFEST.json"
 TLS_DIR = "tls"
+# Any PEM private key (PKCS#8, EC, RSA, encrypted), and the usual names of key files.
+_PEM_PRIVATE_KEY = re.compile(rb"-----BEGIN [A-Z0-9 ]*PRIVATE KEY-----")
+_KEY_SUFFIXES = (".key", ".p12", ".pfx")
+
+
+def holds_private_key(path: Path) -> bool:
+    """True for a file a backup must leave out: a private key by its name or its content."""
+    return path.name.endswith(_KEY_SUFFIXES) or bool(_PEM_PRIVATE_KEY.search(path.read_bytes()))
 
 
 @dataclass(frozen=True)
@@ -69,13 +83,19 @@ def _snapshot(db_path: Path, target: Path) -> None:
 
 
 def _chain(store: SqliteStore) -> tuple[int, str]:
-    """The audit record count and head hash; refuses a broken chain."""
-    records = store.audit_records()
-    problems = audit.verify(records)
+    """The audit record count and head hash of the database (whose chain starts at its last
+    archive checkpoint, if records were archived), read in one streaming pass; refuses a broken
+    chain."""
+    with store.audit_snapshot():
+        checkpoints = store.audit_checkpoints()
+        chain = audit.ChainVerifier(checkpoints[-1] if checkpoints else None)
+        for record in store.iter_audit():
+            chain.add(record)
+    problems = chain.finish()
     if problems:
         raise StoreError(f"the audit log has {len(problems)} problem(s): {problems[0].message}",
                          "run `escrow audit verify` and investigate before relying on a backup")
-    return len(records), audit.head(records)
+    return chain.records, chain.head
 
 
 def _open(db_path: Path, now: Callable[[], datetime]) -> SqliteStore:
@@ -87,7 +107,8 @@ def create(data_dir: Path, out: Path, now: Callable[[], datetime]) -> Manifest:
     members: dict[str, Path] = {CONFIG_NAME: data_dir / CONFIG_NAME}
     tls = data_dir / TLS_DIR
     if tls.is_dir():
-        members |= {f"{TLS_DIR}/{p.name}": p for p in sorted(tls.iterdir()) if p.is_file()}
+        members |= {f"{TLS_DIR}/{p.name}": p for p in sorted(tls.iterdir())
+                    if p.is_file() and not holds_private_key(p)}
     with tempfile.TemporaryDirectory(prefix="escrow-backup-") as tmp:
         snapshot = Path(tmp) / DB_NAME
         _snapshot(data_dir / DB_NAME, snapshot)

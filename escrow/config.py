@@ -26,9 +26,38 @@ Settings (TOML table.key = environment variable):
     server.max_body_bytes ESCROW_SERVER_MAX_BODY_BYTES  larger request bodies get 413 (65536)
     server.disk_reserve_bytes ESCROW_SERVER_DISK_RESERVE_BYTES  space kept for releases when the
                                                 disk fills (16 MiB; 0: none), see diskspace.py
+    server.tls_handshake_timeout_seconds ESCROW_SERVER_TLS_HANDSHAKE_TIMEOUT_SECONDS  a TLS
+                                                handshake (and a TLS close) must end within (30:
+                                                with 10, 5,000 agents connecting at once to 2
+                                                busy cores lost 644 handshakes in the queue)
+    server.header_timeout_seconds ESCROW_SERVER_HEADER_TIMEOUT_SECONDS  a request's headers
+                                                must be complete within (10) of the handshake, or
+                                                of their first byte after a response
+    server.body_timeout_seconds ESCROW_SERVER_BODY_TIMEOUT_SECONDS  its body within (10) of
+                                                its headers; later: 408, connection closed
+    server.keepalive_seconds ESCROW_SERVER_KEEPALIVE_SECONDS  an idle connection is closed
+                                                after (75; above the agent's 60 s, 0: at once)
+    server.max_connections ESCROW_SERVER_MAX_CONNECTIONS  connections open at once, TLS
+                                                handshakes included; more are closed at once
+                                                (8192, each costs ~300 KiB; lowered to fit the
+                                                open-files limit, see server/connections.py)
+    server.max_connections_per_source ESCROW_SERVER_MAX_CONNECTIONS_PER_SOURCE  of which one
+                                                client address (IPv6: one /64) may hold (6144:
+                                                room for bench/unseal_storm.py's 5,000 agents on
+                                                127.0.0.1; lower it when clients do not share
+                                                an address, e.g. 256)
     requests.ttl_seconds ESCROW_REQUESTS_TTL_SECONDS  unseal requests expire after (900)
     requests.rate_limit ESCROW_REQUESTS_RATE_LIMIT  unseal requests per node per window (10)
     requests.rate_window_seconds ESCROW_REQUESTS_RATE_WINDOW_SECONDS  that window (600)
+    requests.source_rate ESCROW_REQUESTS_SOURCE_RATE  requests per second one client address
+                                                (IPv6: one /64) may make to the endpoints
+                                                anyone reaches (20; 0: no limit); more: 429
+    requests.source_burst ESCROW_REQUESTS_SOURCE_BURST  ...in bursts of up to (200)
+    keys.max_versions  ESCROW_KEYS_MAX_VERSIONS  key versions a cluster retains at most; an
+                                                agent's deposit beyond it is refused (10)
+    keys.node_deposit_limit ESCROW_KEYS_NODE_DEPOSIT_LIMIT  new key versions one node may
+                                                deposit per window (4)
+    keys.node_deposit_window_seconds ESCROW_KEYS_NODE_DEPOSIT_WINDOW_SECONDS  that window (3600)
 """
 
 from __future__ import annotations
@@ -66,9 +95,21 @@ _SETTINGS: dict[tuple[str, str], tuple[str, type]] = {
     ("server", "webhook_url"): ("ESCROW_SERVER_WEBHOOK_URL", str),
     ("server", "max_body_bytes"): ("ESCROW_SERVER_MAX_BODY_BYTES", float),
     ("server", "disk_reserve_bytes"): ("ESCROW_SERVER_DISK_RESERVE_BYTES", float),
+    ("server", "tls_handshake_timeout_seconds"): ("ESCROW_SERVER_TLS_HANDSHAKE_TIMEOUT_SECONDS",
+                                                  float),
+    ("server", "header_timeout_seconds"): ("ESCROW_SERVER_HEADER_TIMEOUT_SECONDS", float),
+    ("server", "body_timeout_seconds"): ("ESCROW_SERVER_BODY_TIMEOUT_SECONDS", float),
+    ("server", "keepalive_seconds"): ("ESCROW_SERVER_KEEPALIVE_SECONDS", float),
+    ("server", "max_connections"): ("ESCROW_SERVER_MAX_CONNECTIONS", float),
+    ("server", "max_connections_per_source"): ("ESCROW_SERVER_MAX_CONNECTIONS_PER_SOURCE", float),
     ("requests", "ttl_seconds"): ("ESCROW_REQUESTS_TTL_SECONDS", float),
     ("requests", "rate_limit"): ("ESCROW_REQUESTS_RATE_LIMIT", float),
     ("requests", "rate_window_seconds"): ("ESCROW_REQUESTS_RATE_WINDOW_SECONDS", float),
+    ("requests", "source_rate"): ("ESCROW_REQUESTS_SOURCE_RATE", float),
+    ("requests", "source_burst"): ("ESCROW_REQUESTS_SOURCE_BURST", float),
+    ("keys", "max_versions"): ("ESCROW_KEYS_MAX_VERSIONS", float),
+    ("keys", "node_deposit_limit"): ("ESCROW_KEYS_NODE_DEPOSIT_LIMIT", float),
+    ("keys", "node_deposit_window_seconds"): ("ESCROW_KEYS_NODE_DEPOSIT_WINDOW_SECONDS", float),
 }
 
 
@@ -80,9 +121,21 @@ class ServerSettings:
     webhook_url: str = ""
     max_body_bytes: int = 65536
     disk_reserve_bytes: int = 16 * 1024 * 1024
+    # Slow and greedy clients (server/connections.py); "Settings" above says what each means.
+    tls_handshake_timeout_seconds: float = 30.0
+    header_timeout_seconds: float = 10.0
+    body_timeout_seconds: float = 10.0
+    keepalive_seconds: float = 75.0
+    max_connections: int = 8192
+    max_connections_per_source: int = 6144
     request_ttl_seconds: float = 900.0
     rate_limit: int = 10
     rate_window_seconds: float = 600.0
+    source_rate: float = 20.0
+    source_burst: float = 200.0
+    max_versions: int = 10
+    node_deposit_limit: int = 4
+    node_deposit_window_seconds: float = 3600.0
 
 
 @dataclass(frozen=True)
@@ -138,6 +191,18 @@ def _resolve(data_dir: Path, value: str | None) -> Path | None:
     return path if path.is_absolute() else data_dir / path
 
 
+def _positive(values: Mapping[tuple[str, str], Any], key: str, default: float,
+              origin: str, count: bool = False) -> float:
+    """server.KEY, which must be more than 0 (a deadline or a cap of 0 would refuse every
+    client), and a whole 1 or more if it counts connections."""
+    value = float(values.get(("server", key), default))
+    if (count and value < 1) or value <= 0:
+        least = "1 or more" if count else "more than 0"
+        raise ConfigError(f"{origin}: server.{key} must be {least}",
+                          f"for example server.{key} = {default:g} (the default)")
+    return value
+
+
 def load(data_dir: Path, env: Mapping[str, str] | None = None) -> Settings:
     env = os.environ if env is None else env
     path = data_dir / CONFIG_NAME
@@ -177,6 +242,10 @@ def load(data_dir: Path, env: Mapping[str, str] | None = None) -> Settings:
         softhsm_conf=_resolve(data_dir, values.get(("hsm", "softhsm_conf"))),
     )
     defaults = ServerSettings()
+
+    def origin(key: str) -> str:
+        return env_override("server", key, env) or str(path)
+
     server = ServerSettings(
         listen=values.get(("server", "listen"), defaults.listen),
         tls_cert=data_dir / values.get(("server", "tls_cert"), defaults.tls_cert),
@@ -185,11 +254,34 @@ def load(data_dir: Path, env: Mapping[str, str] | None = None) -> Settings:
         max_body_bytes=int(values.get(("server", "max_body_bytes"), defaults.max_body_bytes)),
         disk_reserve_bytes=int(values.get(("server", "disk_reserve_bytes"),
                                           defaults.disk_reserve_bytes)),
+        tls_handshake_timeout_seconds=_positive(values, "tls_handshake_timeout_seconds",
+                                                defaults.tls_handshake_timeout_seconds,
+                                                origin("tls_handshake_timeout_seconds")),
+        header_timeout_seconds=_positive(values, "header_timeout_seconds",
+                                         defaults.header_timeout_seconds,
+                                         origin("header_timeout_seconds")),
+        body_timeout_seconds=_positive(values, "body_timeout_seconds",
+                                       defaults.body_timeout_seconds,
+                                       origin("body_timeout_seconds")),
+        keepalive_seconds=values.get(("server", "keepalive_seconds"), defaults.keepalive_seconds),
+        max_connections=int(_positive(values, "max_connections", defaults.max_connections,
+                                      origin("max_connections"), count=True)),
+        max_connections_per_source=int(_positive(values, "max_connections_per_source",
+                                                 defaults.max_connections_per_source,
+                                                 origin("max_connections_per_source"),
+                                                 count=True)),
         request_ttl_seconds=values.get(("requests", "ttl_seconds"),
                                        defaults.request_ttl_seconds),
         rate_limit=int(values.get(("requests", "rate_limit"), defaults.rate_limit)),
         rate_window_seconds=values.get(("requests", "rate_window_seconds"),
                                        defaults.rate_window_seconds),
+        source_rate=values.get(("requests", "source_rate"), defaults.source_rate),
+        source_burst=max(1.0, values.get(("requests", "source_burst"), defaults.source_burst)),
+        max_versions=max(1, int(values.get(("keys", "max_versions"), defaults.max_versions))),
+        node_deposit_limit=int(values.get(("keys", "node_deposit_limit"),
+                                          defaults.node_deposit_limit)),
+        node_deposit_window_seconds=values.get(("keys", "node_deposit_window_seconds"),
+                                               defaults.node_deposit_window_seconds),
     )
     return Settings(data_dir, hsm, values.get(("keys", "retention_days"), DEFAULT_RETENTION_DAYS),
                     server)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import secrets
 import time
 from pathlib import Path
 from typing import TypeVar
@@ -15,6 +16,7 @@ from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from escrow import protocol
 from escrow.errors import ConfigError, EscrowError, IdentityError
+from escrow.plaintext import plain
 from escrow.tls import client_context
 
 T = TypeVar("T")
@@ -36,12 +38,14 @@ class CustodianClient:
              body: BaseModel | None = None) -> T:
         raw = body.model_dump_json().encode() if body is not None else b""
         date = str(int(time.time()))
+        nonce = secrets.token_hex(16)
         headers = {
             "Content-Type": "application/json",
             "X-Escrow-Key-Id": self.key_id,
             "X-Escrow-Date": date,
+            "X-Escrow-Nonce": nonce,
             "X-Escrow-Signature": protocol.sign(
-                self.key, protocol.custodian_http_payload(method, path, date, raw)),
+                self.key, protocol.custodian_http_payload(method, path, date, nonce, raw)),
         }
         connection = http.client.HTTPSConnection(self.host, self.port, context=self.context,
                                                  timeout=30)
@@ -51,9 +55,9 @@ class CustodianClient:
             text = response.read().decode("utf-8", errors="replace")
             status = response.status
         except (OSError, http.client.HTTPException) as exc:
-            raise EscrowError(f"cannot reach the escrow at https://{self.host}:{self.port}: "
-                              f"{exc}", "check --url, --ca and that `escrow serve` runs"
-                              ) from None
+            raise EscrowError(plain(f"cannot reach the escrow at https://{self.host}:"
+                                    f"{self.port}: {exc}"),
+                              "check --url, --ca and that `escrow serve` runs") from None
         finally:
             connection.close()
         return parse_answer(status, text, answer)
@@ -61,7 +65,8 @@ class CustodianClient:
 
 def parse_answer(status: int, text: str, answer: type[T] | TypeAdapter[T]) -> T:
     """The escrow's answer, or the EscrowError it amounts to. Pure: whatever the escrow (or a
-    proxy in between) sent, nothing else is raised."""
+    proxy in between) sent, nothing else is raised; what an error quotes of it is plain text
+    (escrow.plaintext.plain), so it cannot drive the custodian's terminal."""
     if status >= 400:
         try:
             error = json.loads(text)
@@ -69,7 +74,8 @@ def parse_answer(status: int, text: str, answer: type[T] | TypeAdapter[T]) -> T:
             reason = str(error.get("error", ""))
         except (ValueError, KeyError, TypeError, RecursionError):
             message, hint, reason = text[:200], "", "unknown"
-        raise IdentityError(reason, f"the escrow refused ({status}): {message}", hint, status)
+        raise IdentityError(plain(reason), f"the escrow refused ({status}): {plain(message)}",
+                            plain(hint), status)
     adapter = answer if isinstance(answer, TypeAdapter) else TypeAdapter(answer)
     try:
         return adapter.validate_json(text)

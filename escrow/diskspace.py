@@ -63,6 +63,13 @@ class Reserve:
             with contextlib.suppress(FileNotFoundError):
                 self.path.unlink()
 
+    def give_to_releases(self) -> None:
+        """Before a release is recorded: once free space has run below the reserve, hand the
+        reserve's space over, so the release never fails for want of room that was held back
+        for it."""
+        if self.size and self.held() and self.free_bytes() < self.size:
+            self.release()
+
     def check_room(self) -> None:
         """Raise DiskFull unless new data may be written now, releasing the reserve when
         free space has run below it."""

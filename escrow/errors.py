@@ -101,9 +101,12 @@ class IdentityError(EscrowError):
 
 
 class RequestError(EscrowError):
-    """An API request is malformed, too large, too frequent or about an unknown thing."""
+    """An API request is malformed, too large, too frequent or about an unknown thing.
+    ``retry_after`` (seconds) becomes a Retry-After header."""
 
-    def __init__(self, reason: str, message: str, hint: str = "", status: int = 400) -> None:
+    def __init__(self, reason: str, message: str, hint: str = "", status: int = 400,
+                 retry_after: float | None = None) -> None:
         super().__init__(message, hint)
         self.reason = reason
         self.status = status
+        self.retry_after = retry_after

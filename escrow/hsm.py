@@ -11,6 +11,7 @@ used from one thread at a time; the server gives it a thread of its own.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import stat
 from collections.abc import Mapping
@@ -102,6 +103,12 @@ def resolve_pin(
         path = Path(creds) / PIN_CREDENTIAL
         return read_pin_file(path, f"systemd credential {PIN_CREDENTIAL}")
     if env.get(PIN_ENV):
+        # Kept for tests and one-off commands: the environment of a process is readable in
+        # /proc/PID/environ by root and the same user, and is inherited by every child.
+        logging.getLogger("escrow.hsm").warning(
+            "the HSM PIN comes from %s, which any process of this user can read in "
+            "/proc/PID/environ; use a PIN file or the systemd credential %s instead",
+            PIN_ENV, PIN_CREDENTIAL)
         return Pin(env[PIN_ENV], f"environment variable {PIN_ENV}")
     if configured_file is not None:
         return read_pin_file(configured_file, f"file {configured_file}")

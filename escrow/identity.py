@@ -20,7 +20,7 @@ _ID_HINT = "read it on a manager with `docker info --format '{{.Swarm.Cluster.ID
 
 
 def validate_cluster_id(cluster_id: str) -> str:
-    if not _SWARM_ID.match(cluster_id):
+    if not _SWARM_ID.fullmatch(cluster_id):
         raise InputError(f"{cluster_id!r} is not a Swarm cluster id (25 lower-case letters and "
                          "digits)", _ID_HINT)
     return cluster_id
@@ -72,20 +72,24 @@ def _name_value(name: x509.Name, oid: x509.ObjectIdentifier) -> str:
     return str(values[0].value) if len(values) == 1 else ""
 
 
-def check_node_cert(cert_pem: bytes, root_ca_pem: bytes, cluster_id: str, node_id: str,
-                    now: datetime) -> x509.Certificate:
-    """Check a swarm node certificate as DESIGN section 4 requires, or raise IdentityError."""
+def parse_node_cert(cert_pem: bytes) -> x509.Certificate:
+    """Parse a swarm node certificate (no checks of who issued it or for whom)."""
     try:
         cert = x509.load_pem_x509_certificate(cert_pem)
     except (ValueError, x509.InvalidVersion):
         raise IdentityError("bad_certificate", "the node certificate is not a PEM certificate",
                             "send swarm-node.crt as it is on disk", 400) from None
     try:
-        subject = cert.subject  # names and keys are parsed only when asked for: damage shows here
+        _ = cert.subject  # names and keys are parsed only when asked for: damage shows here
         cert.public_key()
     except (ValueError, UnsupportedAlgorithm):
         raise IdentityError("bad_certificate", "the node certificate has a malformed name or key",
                             "send swarm-node.crt as it is on disk", 400) from None
+    return cert
+
+
+def check_issuer(cert: x509.Certificate, root_ca_pem: bytes, cluster_id: str) -> None:
+    """Raise unless ``cert`` was signed by the root CA pinned for the cluster."""
     root = parse_root_ca(root_ca_pem)
     try:
         cert.verify_directly_issued_by(root)
@@ -94,6 +98,12 @@ def check_node_cert(cert_pem: bytes, root_ca_pem: bytes, cluster_id: str, node_i
                             f"pinned for cluster {cluster_id}",
                             "a node of another swarm, or the swarm's CA was rotated: re-register "
                             "the cluster's root CA") from None
+
+
+def check_claims(cert: x509.Certificate, cluster_id: str, node_id: str, now: datetime) -> None:
+    """Raise unless ``cert`` names a manager of ``cluster_id`` called ``node_id`` and is valid
+    at ``now``."""
+    subject = cert.subject
     if _name_value(subject, NameOID.ORGANIZATIONAL_UNIT_NAME) != MANAGER_OU:
         raise IdentityError("not_a_manager", "the certificate is not a manager's (OU is not "
                             "swarm-manager)", "only managers are locked; workers need no key")
@@ -115,4 +125,12 @@ def check_node_cert(cert_pem: bytes, root_ca_pem: bytes, cluster_id: str, node_i
                             f"the node certificate expired at {cert.not_valid_after_utc}",
                             "a manager renews its certificate while unlocked; unlock this one "
                             "by hand (escrow recover) and it will renew")
+
+
+def check_node_cert(cert_pem: bytes, root_ca_pem: bytes, cluster_id: str, node_id: str,
+                    now: datetime) -> x509.Certificate:
+    """Check a swarm node certificate as DESIGN section 4 requires, or raise IdentityError."""
+    cert = parse_node_cert(cert_pem)
+    check_issuer(cert, root_ca_pem, cluster_id)
+    check_claims(cert, cluster_id, node_id, now)
     return cert

@@ -22,7 +22,7 @@ def validate_custodian_name(name: str) -> str:
     if name == AUTO:
         raise PolicyError("'auto' is reserved for the escrow's automatic slots",
                           "pick another custodian name")
-    if not _NAME.match(name):
+    if not _NAME.fullmatch(name):
         raise PolicyError(f"custodian name {name!r} is not valid", f"use {NAME_RULE}")
     return name
 
@@ -74,7 +74,7 @@ def make_policy(threshold: int, slots: Iterable[str], known_custodians: Iterable
             f"choose --threshold between 1 and {n}, or add slots",
         )
     for slot in slots:
-        if slot != AUTO and not _NAME.match(slot):
+        if slot != AUTO and not _NAME.fullmatch(slot):
             raise PolicyError(f"slot {slot!r} is neither 'auto' nor a valid custodian name",
                               f"custodian names use {NAME_RULE}")
     seen: set[str] = set()

@@ -16,8 +16,13 @@ from typing import Annotated, Literal
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, hpke, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from cryptography.hazmat.primitives.asymmetric.utils import (
+    decode_dss_signature,
+    encode_dss_signature,
+)
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
 
+from escrow import plaintext
 from escrow.encoding import encode
 
 API_VERSION = "v1"
@@ -33,7 +38,19 @@ B64 = Annotated[str, Field(max_length=4096, pattern=r"^[A-Za-z0-9+/]*={0,2}$")]
 Pem = Annotated[str, Field(max_length=MAX_PEM, pattern=r"^[\x00-\x7f]*$")]
 # Integers that signatures and HPKE `info` cover travel as 8-byte fields (escrow.encoding).
 Int63 = Annotated[int, Field(ge=0, le=2**63 - 1)]
-Short = Annotated[str, Field(min_length=1, max_length=253)]
+# What a node or custodian writes for people to read (escrow.plaintext): refused with a 400
+# naming the field unless it is plain text, a host name or a boot id. Bound plain text as
+# Annotated[str, Field(max_length=N), PLAIN_TEXT], so the length is checked first.
+PLAIN_TEXT = AfterValidator(plaintext.check_plain_text)
+PlainText = Annotated[str, PLAIN_TEXT]
+Hostname = Annotated[str, Field(min_length=1, max_length=plaintext.MAX_HOSTNAME,
+                                description=f"the node's host name: {plaintext.HOSTNAME_RULE}"),
+                     AfterValidator(plaintext.check_hostname)]
+BootId = Annotated[str, Field(min_length=1, max_length=plaintext.MAX_BOOT_ID,
+                              description=f"the node's boot id: {plaintext.BOOT_ID_RULE}"),
+                   AfterValidator(plaintext.check_boot_id)]
+KekVersion = Annotated[str, Field(max_length=32), PLAIN_TEXT]
+Reason = Annotated[str, Field(min_length=1, max_length=500), PLAIN_TEXT]
 
 
 class Message(BaseModel):
@@ -62,7 +79,7 @@ class EnrollRequest(Message):
     node_id: SwarmId
     node_cert: Pem = Field(description="swarm-node.crt (PEM)")
     agent_public_key: Pem = Field(description="P-256 public key of the agent (PEM)")
-    hostname: Short
+    hostname: Hostname
     nonce: B64
     swarm_signature: B64 = Field(description="ECDSA/SHA-256 by the swarm node key, DER")
     agent_signature: B64 = Field(description="ECDSA/SHA-256 by the agent key, DER")
@@ -99,9 +116,9 @@ class UnsealRequest(Message):
     node_id: SwarmId
     node_cert: Pem
     ephemeral_public_key: B64 = Field(description="X25519 public key (raw, 32 bytes)")
-    hostname: Short
-    boot_id: Short
-    kek_version: Annotated[str, Field(max_length=32)] = ""
+    hostname: Hostname
+    boot_id: BootId
+    kek_version: KekVersion = ""
     nonce: B64
     signature: B64
 
@@ -168,7 +185,7 @@ class ApproveRequest(Message):
 
 
 class DenyRequest(Message):
-    reason: Annotated[str, Field(min_length=1, max_length=500)]
+    reason: Reason
     signature: B64
 
 
@@ -227,14 +244,20 @@ def result_payload(request_id: str, node_id: str, outcome: str, version: int) ->
 
 
 def approval_payload(decision: str, request: PendingRequest, reason: str = "") -> bytes:
-    """What a custodian signs: every fact shown to them about the request."""
-    return encode("swarm-unseal/v1/approval", decision, request.request_id, request.cluster_id,
-                  request.node_id, request.hostname, request.boot_id, request.cert_sha256,
-                  request.ephemeral_public_key, reason)
+    """What a custodian signs: every fact shown to them about the request, so an approval
+    given for one set of facts (node, hostname, boot, source address, certificate, the agent's
+    one-time key, expiry) is worth nothing for another."""
+    return encode("swarm-unseal/v2/approval", decision, request.request_id, request.cluster_id,
+                  request.node_id, request.hostname, request.boot_id, request.source,
+                  request.cert_sha256, request.ephemeral_public_key, request.expires_at, reason)
 
 
-def custodian_http_payload(method: str, path: str, date: str, body: bytes) -> bytes:
-    return encode("swarm-unseal/v1/custodian-http", method.upper(), path, date,
+def custodian_http_payload(method: str, path: str, date: str, nonce: str,
+                           body: bytes) -> bytes:
+    """What a custodian's HTTP request signature covers. ``nonce`` (X-Escrow-Nonce) is the
+    client's own random value, so two identical requests in one second are two requests, and
+    the escrow's replay guard can key on what was signed."""
+    return encode("swarm-unseal/v2/custodian-http", method.upper(), path, date, nonce,
                   hashlib.sha256(body).digest())
 
 
@@ -264,10 +287,32 @@ def sign(key: ec.EllipticCurvePrivateKey, payload: bytes) -> str:
     return b64e(key.sign(payload, ec.ECDSA(hashes.SHA256())))
 
 
-def verify(public_key: ec.EllipticCurvePublicKey, signature_b64: str, payload: bytes) -> bool:
+# Order of P-256's group: an ECDSA signature (r, s) verifies exactly when (r, n - s) does.
+_P256_ORDER = 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551
+
+
+def normalize_signature(signature_b64: str) -> bytes | None:
+    """The one canonical form of a P-256 ECDSA signature: strict DER with the low s of the two
+    twins (BIP 62's rule). None for anything that is not such a signature. Re-spelled base64,
+    a different DER length encoding and the high-s twin all normalise to the same bytes, so
+    nothing keyed on a signature can be fooled by a second spelling of it."""
     try:
-        public_key.verify(b64d(signature_b64), payload, ec.ECDSA(hashes.SHA256()))
-    except (InvalidSignature, ValueError):
+        raw = b64d(signature_b64)
+        r, s = decode_dss_signature(raw)
+    except ValueError:
+        return None
+    if not (0 < r < _P256_ORDER and 0 < s < _P256_ORDER):
+        return None
+    return encode_dss_signature(r, min(s, _P256_ORDER - s))
+
+
+def verify(public_key: ec.EllipticCurvePublicKey, signature_b64: str, payload: bytes) -> bool:
+    canonical = normalize_signature(signature_b64)
+    if canonical is None:
+        return False
+    try:
+        public_key.verify(canonical, payload, ec.ECDSA(hashes.SHA256()))
+    except InvalidSignature:
         return False
     return True
 

@@ -1,18 +1,24 @@
 """The escrow's request handling: enrollment, deposits, unseal requests, custodian decisions.
 
 Synchronous and free of HTTP: the server runs every call on the one thread that owns the token
-and the database, and maps the exceptions raised here to statuses. Every refusal that concerns
-keys is audited before it is raised.
+and the database, and maps the exceptions raised here to statuses. Each request is handled in
+two stages (:class:`Escrow`): refusals before the caller is identified are counted, never
+written; refusals after it are audited (docs/threat-model.md, "Anyone who can reach the
+escrow").
 """
 
 from __future__ import annotations
 
+import hashlib
 import hmac
+import logging
 import secrets
 import threading
+from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import TypeVar
 
 from cryptography import x509
 from cryptography.exceptions import InvalidTag, UnsupportedAlgorithm
@@ -24,7 +30,8 @@ from escrow import custodian_keys, identity, protocol, unlockkey
 from escrow.audit import AuditEvent
 from escrow.config import ServerSettings
 from escrow.encoding import encode
-from escrow.errors import EscrowError, IdentityError, InputError, RequestError
+from escrow.errors import DiskFull, EscrowError, IdentityError, InputError, RequestError
+from escrow.nonces import NONCE_SIZE, NonceMinter, SeenOnce
 from escrow.protocol import (
     HPKE,
     DepositRequest,
@@ -43,51 +50,29 @@ from escrow.store import (
     RequestRecord,
     ShareRecord,
 )
-from escrow.vault import Vault, parse_timestamp, timestamp
+from escrow.vault import DepositResult, Vault, parse_timestamp, timestamp
 
-NONCE_TTL = timedelta(minutes=2)
 CUSTODIAN_SKEW = timedelta(minutes=5)
 DEPOSIT_KEY = "deposit-key"
 DEPOSIT_KEY_AAD = encode("swarm-unseal/v1/deposit-key")
+NONCE_KEY = "nonce-key"
+NONCE_KEY_AAD = encode("swarm-unseal/v1/nonce-key")
+# Secrets the escrow keeps in the store, wrapped by the token, with their associated data
+# (escrow hsm rewrap moves them with the shares).
+SEALED_META = {DEPOSIT_KEY: DEPOSIT_KEY_AAD, NONCE_KEY: NONCE_KEY_AAD}
+# Used nonces and custodian requests remembered at once: far above what rate-limited
+# identified callers can use within a nonce's lifetime, and a few MiB at most.
+SEEN_CAPACITY = 100_000
+# Requests whose released shares are kept encrypted, so polling never unwraps twice.
+RELEASE_CACHE = 10_000
+log = logging.getLogger("escrow.service")
+
+T = TypeVar("T")
+Unidentified = Callable[[str, str, str], None]  # (action, reason, source)
 
 
-class NonceBook:
-    """Single-use server nonces that expire (thread-safe, in memory: a restart voids them,
-    which only makes agents ask again)."""
-
-    def __init__(self, clock: Callable[[], datetime]) -> None:
-        self._clock = clock
-        self._lock = threading.Lock()
-        self._issued: dict[bytes, datetime] = {}
-
-    def issue(self) -> tuple[bytes, datetime]:
-        nonce = secrets.token_bytes(32)
-        now = self._clock()
-        with self._lock:
-            self._issued = {n: t for n, t in self._issued.items() if t > now}
-            self._issued[nonce] = now + NONCE_TTL
-        return nonce, now + NONCE_TTL
-
-    def consume(self, nonce: bytes) -> bool:
-        with self._lock:
-            expires = self._issued.pop(nonce, None)
-        return expires is not None and expires > self._clock()
-
-
-@dataclass
-class ReplayGuard:
-    """Custodian request signatures seen within the allowed clock skew."""
-
-    seen: dict[str, datetime] = field(default_factory=dict)
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def first_time(self, signature: str, now: datetime) -> bool:
-        with self.lock:
-            self.seen = {s: t for s, t in self.seen.items() if t > now - 2 * CUSTODIAN_SKEW}
-            if signature in self.seen:
-                return False
-            self.seen[signature] = now
-            return True
+def reason_of(error: EscrowError) -> str:
+    return str(getattr(error, "reason", type(error).__name__))
 
 
 def _load_ec_public(pem: str, what: str) -> ec.EllipticCurvePublicKey:
@@ -122,6 +107,11 @@ def _ephemeral(value: str) -> bytes:
     return raw
 
 
+def _stale() -> IdentityError:
+    return IdentityError("stale_nonce", "the nonce is unknown, used or expired",
+                         "fetch a fresh one from POST /v1/nonce", 401)
+
+
 @dataclass(frozen=True)
 class Release:
     version: KeyVersionRecord
@@ -129,32 +119,50 @@ class Release:
 
 
 class Escrow:
+    """Every request kind in two stages. *Identification* (the caller proves who it is: a
+    signature by an enrolled key over a fresh nonce, or a custodian's signed request) refuses
+    without writing anything: it counts through ``on_unidentified``. Everything after it is
+    done by an identified party, and its refusals are audited."""
+
     def __init__(self, vault: Vault, settings: ServerSettings,
                  on_release: Callable[[int], None] = lambda count: None,
-                 room: Callable[[], None] = lambda: None) -> None:
+                 room: Callable[[], None] = lambda: None,
+                 on_unidentified: Unidentified = lambda action, reason, source: None,
+                 on_alert: Callable[[AuditEvent], None] = lambda event: None,
+                 for_release: Callable[[], None] = lambda: None) -> None:
         self.vault = vault
         self.on_release = on_release  # gets the count of shares released for the first time
         self.room = room  # raises DiskFull when new data must be refused (escrow.diskspace)
+        self.on_unidentified = on_unidentified
+        self.on_alert = on_alert  # an audited event on-call should hear about (webhook)
+        # Called before an identified party's write on the way to a release (the request, the
+        # release, an approval, the result): the disk reserve is for these alone.
+        self.for_release = for_release
         self.store = vault.store
         self.settings = settings
         self.clock = vault.clock
-        self.nonces = NonceBook(vault.clock)
-        self.replays = ReplayGuard()
-        self._deposit_key = self._load_deposit_key()
+        self._lock = threading.Lock()
+        self._used_nonces = SeenOnce(SEEN_CAPACITY)
+        self._custodian_requests = SeenOnce(SEEN_CAPACITY)
+        self._released: OrderedDict[str, dict[tuple[int, int], ReleasedShare]] = OrderedDict()
+        self._deposit_key = X25519PrivateKey.from_private_bytes(
+            self._sealed_secret(DEPOSIT_KEY, lambda: X25519PrivateKey.generate()
+                                .private_bytes_raw()))
+        self.nonces = NonceMinter(self._sealed_secret(NONCE_KEY, lambda: secrets.token_bytes(32)),
+                                  vault.clock)
 
     # -- set-up -----------------------------------------------------------------------------
 
-    def _load_deposit_key(self) -> X25519PrivateKey:
-        sealed = self.store.get_meta(DEPOSIT_KEY)
+    def _sealed_secret(self, name: str, make: Callable[[], bytes]) -> bytes:
+        """A secret kept in the store wrapped by the token, made on first use."""
+        aad = SEALED_META[name]
+        sealed = self.store.get_meta(name)
         if sealed is None:
-            key = X25519PrivateKey.generate()
-            raw = key.private_bytes_raw()
-            self.store.put_meta(DEPOSIT_KEY, self.vault.sealer.seal(raw, DEPOSIT_KEY_AAD),
-                                AuditEvent("escrow.deposit_key", "escrow", "",
-                                           {"action": "created"}))
-            return key
-        return X25519PrivateKey.from_private_bytes(self.vault.sealer.open(sealed,
-                                                                          DEPOSIT_KEY_AAD))
+            raw = make()
+            self.store.put_meta(name, self.vault.sealer.seal(raw, aad),
+                                AuditEvent(f"escrow.{name}", "escrow", "", {"action": "created"}))
+            return raw
+        return self.vault.sealer.open(sealed, aad)
 
     @property
     def deposit_public_key(self) -> bytes:
@@ -165,55 +173,91 @@ class Escrow:
         self.store.get_meta(DEPOSIT_KEY)
         self.vault.sealer.open(self.vault.sealer.seal(b"health", b"health"), b"health")
 
-    # -- audit helpers ----------------------------------------------------------------------
+    # -- the two stages ---------------------------------------------------------------------
 
-    def _refuse(self, action: str, error: EscrowError, cluster_id: str, **details: object) -> None:
-        reason = getattr(error, "reason", type(error).__name__)
-        self.store.append_audit(AuditEvent(f"{action}.refused", "escrow", cluster_id,
-                                           {"reason": reason, "message": error.message,
-                                            **details}))
-
-    def _audited(self, action: str, cluster_id: str, call: Callable[[], object],
-                 **details: object) -> None:
+    def _identify(self, action: str, source: str, call: Callable[[], T]) -> T:
         try:
-            call()
+            return call()
+        except EscrowError as error:
+            self.on_unidentified(action, reason_of(error), source)
+            raise
+
+    def _audited(self, action: str, cluster_id: str, call: Callable[[], T],
+                 **details: object) -> T:
+        try:
+            return call()
         except EscrowError as error:
             self._refuse(action, error, cluster_id, **details)
             raise
 
-    def _check_nonce(self, nonce_b64: str) -> bytes:
-        nonce = _b64(nonce_b64, "nonce", 32)
-        if not self.nonces.consume(nonce):
-            raise IdentityError("stale_nonce", "the nonce is unknown, used or expired",
-                                "fetch a fresh one from POST /v1/nonce", 401)
-        return nonce
+    def _refuse(self, action: str, error: EscrowError, cluster_id: str, **details: object) -> None:
+        """Audit an identified party's refusal, unless the disk is too full for new data:
+        then the refusal goes to the log only, and the space stays for releases."""
+        event = AuditEvent(f"{action}.refused", "escrow", cluster_id,
+                           {"reason": reason_of(error), "message": error.message, **details})
+        try:
+            self.room()
+            self.store.append_audit(event)
+        except DiskFull:
+            log.warning("not audited for lack of disk space: %s refused (%s) in %s",
+                        action, reason_of(error), cluster_id or "-")
 
-    def _active_node(self, cluster_id: str, node_id: str) -> NodeRecord:
+    def _fresh(self, nonce_b64: str) -> tuple[bytes, datetime]:
+        """An authentic, unexpired server nonce (not yet checked for reuse)."""
+        nonce = _b64(nonce_b64, "nonce", NONCE_SIZE)
+        expires = self.nonces.expiry(nonce)
+        if expires is None:
+            raise _stale()
+        return nonce, expires
+
+    def _use_once(self, guard: SeenOnce, key: bytes, expires: datetime) -> None:
+        now = self.clock()
+        with self._lock:
+            if guard.first_time(key, expires, now):
+                return
+            full = guard.full(now)
+        if full:
+            raise RequestError("busy", "the escrow is tracking too many signed requests at once",
+                               "retry in a minute", 503, retry_after=60)
+        raise _stale()
+
+    def _node(self, cluster_id: str, node_id: str) -> NodeRecord:
         self.store.get_cluster(cluster_id)
         node = self.store.get_node(cluster_id, node_id)
         if node is None:
             raise IdentityError("unknown_node", f"node {node_id} is not enrolled in {cluster_id}",
                                 "enroll it with `unseal-agent enroll` while it is unlocked")
-        if node.status != "active":
-            raise IdentityError("revoked", f"node {node_id} is revoked",
-                                "an admin can re-admit it with `escrow node allow`")
         return node
+
+    @staticmethod
+    def _not_revoked(node: NodeRecord) -> None:
+        if node.status != "active":
+            raise IdentityError("revoked", f"node {node.node_id} is revoked",
+                                "an admin can re-admit it with `escrow node allow`")
+
+    @staticmethod
+    def _signed_by(node: NodeRecord, signature: str, payload: bytes, what: str) -> None:
+        agent_key = _load_ec_public(node.agent_public_key_pem, "agent public key")
+        if not protocol.verify(agent_key, signature, payload):
+            raise IdentityError("bad_signature", f"the {what}'s signature is invalid",
+                                "sign with the agent key registered at enrollment", 401)
 
     # -- enrollment and deposit -------------------------------------------------------------
 
     def enroll(self, body: EnrollRequest, source: str) -> EnrollResponse:
-        result: list[EnrollResponse] = []
-        self._audited("enroll", body.cluster_id, lambda: result.append(self._enroll(body)),
-                      node_id=body.node_id, hostname=body.hostname, source=source)
-        return result[0]
+        cert, agent_key = self._identify("enroll", source, lambda: self._identify_enroll(body))
+        return self._audited("enroll", body.cluster_id,
+                             lambda: self._enroll(body, cert, agent_key),
+                             node_id=body.node_id, hostname=body.hostname, source=source)
 
-    def _enroll(self, body: EnrollRequest) -> EnrollResponse:
-        self.room()
+    def _identify_enroll(self, body: EnrollRequest
+                         ) -> tuple[x509.Certificate, ec.EllipticCurvePublicKey]:
+        """The swarm's own CA vouches for the certificate, its key and the new agent key both
+        signed this enrollment, over a fresh nonce."""
         cluster = self.store.get_cluster(body.cluster_id)
-        nonce = self._check_nonce(body.nonce)
-        cert = identity.check_node_cert(body.node_cert.encode("ascii"),
-                                        cluster.root_ca_pem.encode("ascii"), body.cluster_id,
-                                        body.node_id, self.clock())
+        nonce, expires = self._fresh(body.nonce)
+        cert = identity.parse_node_cert(body.node_cert.encode("ascii"))
+        identity.check_issuer(cert, cluster.root_ca_pem.encode("ascii"), body.cluster_id)
         agent_key = _load_ec_public(body.agent_public_key, "agent public key")
         payload = protocol.enroll_payload(
             body.cluster_id, body.node_id, cert.public_bytes(serialization.Encoding.DER),
@@ -226,10 +270,16 @@ class Escrow:
         if not protocol.verify(agent_key, body.agent_signature, payload):
             raise IdentityError("bad_signature", "the agent key's signature is invalid",
                                 "the agent must sign with the key it registers", 401)
+        self._use_once(self._used_nonces, nonce, expires)
+        return cert, agent_key
+
+    def _enroll(self, body: EnrollRequest, cert: x509.Certificate,
+                agent_key: ec.EllipticCurvePublicKey) -> EnrollResponse:
+        identity.check_claims(cert, body.cluster_id, body.node_id, self.clock())
         existing = self.store.get_node(body.cluster_id, body.node_id)
-        if existing is not None and existing.status != "active":
-            raise IdentityError("revoked", f"node {body.node_id} is revoked",
-                                "an admin can re-admit it with `escrow node allow`")
+        if existing is not None:
+            self._not_revoked(existing)
+        self.room()
         now = timestamp(self.clock())
         self.store.enroll_node(
             NodeRecord(body.cluster_id, body.node_id, protocol.public_pem(agent_key),
@@ -244,23 +294,26 @@ class Escrow:
                                                          fingerprint=v.fingerprint)
                                     for v in versions])
 
-    def deposit(self, body: DepositRequest, source: str) -> tuple[int, bool, str]:
-        result: list[tuple[int, bool, str]] = []
-        self._audited("deposit", body.cluster_id, lambda: result.append(self._deposit(body)),
-                      node_id=body.node_id, source=source)
-        return result[0]
+    def deposit(self, body: DepositRequest, source: str) -> DepositResult:
+        node, nonce, sealed = self._identify("deposit", source,
+                                             lambda: self._identify_deposit(body))
+        return self._audited("deposit", body.cluster_id,
+                             lambda: self._deposit(body, node, nonce, sealed),
+                             node_id=body.node_id, source=source)
 
-    def _deposit(self, body: DepositRequest) -> tuple[int, bool, str]:
-        self.room()
-        node = self._active_node(body.cluster_id, body.node_id)
-        nonce = self._check_nonce(body.nonce)
+    def _identify_deposit(self, body: DepositRequest) -> tuple[NodeRecord, bytes, bytes]:
+        node = self._node(body.cluster_id, body.node_id)
+        nonce, expires = self._fresh(body.nonce)
         sealed = _b64(body.sealed_key, "sealed_key")
-        agent_key = _load_ec_public(node.agent_public_key_pem, "agent public key")
-        if not protocol.verify(agent_key, body.signature,
-                               protocol.deposit_payload(body.cluster_id, body.node_id, nonce,
-                                                        sealed)):
-            raise IdentityError("bad_signature", "the deposit's signature is invalid",
-                                "sign with the agent key registered at enrollment", 401)
+        self._signed_by(node, body.signature, protocol.deposit_payload(
+            body.cluster_id, body.node_id, nonce, sealed), "deposit")
+        self._use_once(self._used_nonces, nonce, expires)
+        return node, nonce, sealed
+
+    def _deposit(self, body: DepositRequest, node: NodeRecord, nonce: bytes,
+                 sealed: bytes) -> DepositResult:
+        self._not_revoked(node)
+        self.room()
         try:
             plain = HPKE.decrypt(sealed, self._deposit_key,
                                  info=protocol.deposit_info(body.cluster_id, body.node_id, nonce))
@@ -271,44 +324,75 @@ class Escrow:
             key = unlockkey.parse(plain.decode("ascii", errors="replace"))
         except InputError as exc:
             raise RequestError("bad_deposit", exc.message, exc.hint) from None
-        vault = Vault(self.store, self.vault.sealer, self.clock, f"node:{body.node_id}")
-        deposited = vault.deposit(body.cluster_id, key)
-        return deposited.version, deposited.created, deposited.fingerprint
+        versions = self.store.list_key_versions(body.cluster_id)
+        actor = f"node:{body.node_id}"
+        if key.fingerprint(body.cluster_id) not in {v.fingerprint for v in versions}:
+            self._may_add_version(body.cluster_id, actor, len(versions))
+        return Vault(self.store, self.vault.sealer, self.clock, actor).deposit(body.cluster_id,
+                                                                               key)
+
+    def _may_add_version(self, cluster_id: str, actor: str, retained: int) -> None:
+        """A node may add only so many new versions, so junk deposits can neither push the
+        real key out of reach nor make every unseal try hundreds of keys."""
+        limit = self.settings.max_versions
+        if retained >= limit:
+            self.on_alert(AuditEvent("key.versions_full", actor, cluster_id,
+                                     {"retained": retained, "limit": limit}))
+            raise RequestError("too_many_versions",
+                               f"cluster {cluster_id} already retains {retained} key versions, "
+                               f"the most this escrow keeps (keys.max_versions = {limit})",
+                               "an admin checks `escrow key list` (junk deposits from a node "
+                               "are a sign of compromise) and prunes with `escrow key prune`",
+                               409)
+        window = self.settings.node_deposit_window_seconds
+        since = timestamp(self.clock() - timedelta(seconds=window))
+        if self.store.count_audit_since("key.deposit", actor,
+                                        since) >= self.settings.node_deposit_limit:
+            raise RequestError("rate_limited",
+                               f"{actor} deposited {self.settings.node_deposit_limit} new key "
+                               f"versions in the last {window:g} s",
+                               "rotate less often; the agent deposits again by itself later",
+                               429, retry_after=window)
 
     # -- unseal requests --------------------------------------------------------------------
 
     def unseal(self, body: UnsealRequest, source: str) -> RequestStatus:
-        result: list[RequestStatus] = []
-        self._audited("unseal", body.cluster_id, lambda: result.append(self._unseal(body, source)),
-                      node_id=body.node_id, hostname=body.hostname, source=source)
-        return result[0]
+        node, cert, ephemeral = self._identify("unseal", source,
+                                               lambda: self._identify_unseal(body))
+        return self._audited("unseal", body.cluster_id,
+                             lambda: self._unseal(body, node, cert, ephemeral, source),
+                             node_id=body.node_id, hostname=body.hostname, source=source)
 
-    def _unseal(self, body: UnsealRequest, source: str) -> RequestStatus:
-        node = self._active_node(body.cluster_id, body.node_id)
-        nonce = self._check_nonce(body.nonce)
+    def _identify_unseal(self, body: UnsealRequest
+                         ) -> tuple[NodeRecord, x509.Certificate, bytes]:
+        node = self._node(body.cluster_id, body.node_id)
+        nonce, expires = self._fresh(body.nonce)
         ephemeral = _ephemeral(body.ephemeral_public_key)
+        cert = identity.parse_node_cert(body.node_cert.encode("ascii"))
+        self._signed_by(node, body.signature, protocol.unseal_payload(
+            body.cluster_id, body.node_id, cert.public_bytes(serialization.Encoding.DER),
+            ephemeral, body.hostname, body.boot_id, body.kek_version, nonce), "request")
+        self._use_once(self._used_nonces, nonce, expires)
+        return node, cert, ephemeral
+
+    def _unseal(self, body: UnsealRequest, node: NodeRecord, cert: x509.Certificate,
+                ephemeral: bytes, source: str) -> RequestStatus:
+        self._not_revoked(node)
         cluster = self.store.get_cluster(body.cluster_id)
         now = self.clock()
-        cert = identity.check_node_cert(body.node_cert.encode("ascii"),
-                                        cluster.root_ca_pem.encode("ascii"), body.cluster_id,
-                                        body.node_id, now)
-        payload = protocol.unseal_payload(body.cluster_id, body.node_id,
-                                          cert.public_bytes(serialization.Encoding.DER),
-                                          ephemeral, body.hostname, body.boot_id,
-                                          body.kek_version, nonce)
-        agent_key = _load_ec_public(node.agent_public_key_pem, "agent public key")
-        if not protocol.verify(agent_key, body.signature, payload):
-            raise IdentityError("bad_signature", "the request's signature is invalid",
-                                "sign with the agent key registered at enrollment", 401)
+        identity.check_issuer(cert, cluster.root_ca_pem.encode("ascii"), body.cluster_id)
+        identity.check_claims(cert, body.cluster_id, body.node_id, now)
         since = timestamp(now - timedelta(seconds=self.settings.rate_window_seconds))
         if self.store.count_requests_since(body.cluster_id, body.node_id,
                                            since) >= self.settings.rate_limit:
             raise RequestError("rate_limited",
                                f"node {body.node_id} made {self.settings.rate_limit} requests "
                                f"in {self.settings.rate_window_seconds:g} s",
-                               "wait and retry; an agent backs off by itself", 429)
+                               "wait and retry; an agent backs off by itself", 429,
+                               retry_after=self.settings.rate_window_seconds)
         request_id = "r-" + "".join(secrets.choice("abcdefghijklmnopqrstuvwxyz0123456789")
                                     for _ in range(20))
+        self.for_release()
         record = RequestRecord(
             request_id, body.cluster_id, body.node_id, body.hostname, body.boot_id, source,
             body.node_cert, ephemeral, body.kek_version, timestamp(now),
@@ -330,15 +414,42 @@ class Escrow:
                 if a.decision == "approve"]
 
     def _plan(self, request: RequestRecord) -> list[Release]:
-        """Shares each retained version would release now: auto slots, then approvers'."""
+        """Shares each retained version would release now: auto slots, then approvers'. Only
+        the newest ``keys.max_versions`` versions are offered."""
         approvers = set(self._approvers(request.request_id))
         plan = []
-        for version in self.store.list_key_versions(request.cluster_id):
+        versions = self.store.list_key_versions(request.cluster_id)
+        for version in versions[: self.settings.max_versions]:
             rows = self.store.get_shares(request.cluster_id, version.version)
             chosen = ([r for r in rows if r.holder == "auto"]
                       + [r for r in rows if r.holder in approvers])
             plan.append(Release(version, chosen[: version.policy.threshold]))
         return plan
+
+    def _encrypt_to(self, request: RequestRecord, release: Release,
+                    share: ShareRecord) -> ReleasedShare:
+        """One share encrypted to the request's key, unwrapped once per request: polling
+        returns the same ciphertext without touching the token again."""
+        with self._lock:
+            cached = self._released.get(request.request_id, {}).get((share.version, share.slot))
+        if cached is not None:
+            return cached
+        mnemonic = self.vault.open_share(share).encode("ascii")
+        info = protocol.share_info(request.request_id, request.cluster_id, share.version,
+                                   share.slot)
+        released = ReleasedShare(
+            version=share.version, fingerprint=release.version.fingerprint, slot=share.slot,
+            holder=share.holder,
+            sealed_share=protocol.b64e(HPKE.encrypt(
+                mnemonic, X25519PublicKey.from_public_bytes(request.ephemeral_key), info=info)))
+        del mnemonic
+        with self._lock:
+            self._released.setdefault(request.request_id, {})[(share.version, share.slot)] = (
+                released)
+            self._released.move_to_end(request.request_id)
+            while len(self._released) > RELEASE_CACHE:
+                self._released.popitem(last=False)
+        return released
 
     def status(self, request_id: str) -> RequestStatus:
         request = self.store.get_request(request_id)
@@ -352,24 +463,19 @@ class Escrow:
         needed = threshold - len(newest.shares) if newest else 0
         releases: list[ReleasedShare] = []
         if state == "pending":
-            peer = X25519PublicKey.from_public_bytes(request.ephemeral_key)
-            for release in plan:
-                for share in release.shares:
-                    mnemonic = self.vault.open_share(share).encode("ascii")
-                    info = protocol.share_info(request_id, request.cluster_id, share.version,
-                                               share.slot)
-                    releases.append(ReleasedShare(
-                        version=share.version, fingerprint=release.version.fingerprint,
-                        slot=share.slot, holder=share.holder,
-                        sealed_share=protocol.b64e(HPKE.encrypt(mnemonic, peer, info=info))))
-                    del mnemonic
+            releases = [self._encrypt_to(request, release, share)
+                        for release in plan for share in release.shares]
             if releases:
+                self.for_release()
                 self.on_release(self.store.record_releases(
                     request_id, [(r.version, r.slot, r.holder) for r in releases],
                     AuditEvent("unseal.release", "escrow", request.cluster_id,
                                {"request_id": request_id, "node_id": request.node_id})))
             if needed == 0:
                 state = "ready"
+        else:
+            with self._lock:
+                self._released.pop(request_id, None)
         return RequestStatus(
             request_id=request_id, cluster_id=request.cluster_id, node_id=request.node_id,
             state=state,  # type: ignore[arg-type]
@@ -377,32 +483,82 @@ class Escrow:
             needed=max(0, needed), approvals=self._approvers(request_id),
             denial_reason=request.reason if state == "denied" else "", releases=releases)
 
-    def report(self, request_id: str, body: ResultReport) -> None:
+    def report(self, request_id: str, body: ResultReport, source: str) -> None:
+        request, node = self._identify("unseal.result", source,
+                                       lambda: self._identify_report(request_id, body))
+        self._audited("unseal.result", request.cluster_id,
+                      lambda: self._report(request, node, body),
+                      request_id=request_id, node_id=body.node_id, outcome=body.outcome,
+                      version=body.version)
+
+    def _identify_report(self, request_id: str, body: ResultReport
+                         ) -> tuple[RequestRecord, NodeRecord]:
         request = self.store.get_request(request_id)
-        if request is None or request.node_id != body.node_id:
+        if request is None or not hmac.compare_digest(request.node_id, body.node_id):
             raise RequestError("unknown_request", f"no request {request_id} for this node",
                                status=404)
-        node = self._active_node(request.cluster_id, request.node_id)
-        agent_key = _load_ec_public(node.agent_public_key_pem, "agent public key")
-        if not protocol.verify(agent_key, body.signature, protocol.result_payload(
-                request_id, body.node_id, body.outcome, body.version)):
-            error = IdentityError("bad_signature", "the result's signature is invalid", "", 401)
-            self._refuse("unseal.result", error, request.cluster_id, request_id=request_id)
-            raise error
-        event = AuditEvent("unseal.result", f"node:{body.node_id}", request.cluster_id,
-                           {"request_id": request_id, "outcome": body.outcome,
-                            "version": body.version})
-        if body.outcome == "unlocked":
-            self.store.set_request_state(request_id, "completed", "", event)
-        else:
+        node = self._node(request.cluster_id, request.node_id)
+        self._signed_by(node, body.signature, protocol.result_payload(
+            request_id, body.node_id, body.outcome, body.version), "result")
+        return request, node
+
+    def _report(self, request: RequestRecord, node: NodeRecord, body: ResultReport) -> None:
+        """One outcome per version, and only about shares this request was given: a replayed
+        report changes nothing, and no report turns a denied request into a completed one."""
+        self._not_revoked(node)
+        reported = self.store.list_results(request.request_id).get(body.version)
+        # After the unlock, stragglers (the versions tried before it) and retries still count.
+        late = request.state == "completed" and (body.outcome != "unlocked"
+                                                 or reported == "unlocked")
+        if request.state != "pending" and not late:
+            raise RequestError("not_pending", f"request {request.request_id} is "
+                               f"{request.state}: no result is taken for it",
+                               "results are reported only for requests that released shares",
+                               409)
+        if body.version not in {v for v, _, _ in self.store.list_releases(request.request_id)}:
+            raise RequestError("not_released", f"request {request.request_id} was given no "
+                               f"share of version {body.version}",
+                               "report only versions the request released", 409)
+        self.for_release()
+        earlier = self.store.record_result(
+            request.request_id, body.version, body.outcome,
+            AuditEvent("unseal.result", f"node:{body.node_id}", request.cluster_id,
+                       {"request_id": request.request_id, "outcome": body.outcome,
+                        "version": body.version}))
+        if earlier is not None and earlier != body.outcome:
+            raise RequestError("already_reported", f"version {body.version} of request "
+                               f"{request.request_id} was reported {earlier} already",
+                               "each version's outcome is reported once", 409)
+        if earlier is None and body.outcome == "unlocked":
+            self._unconfirmed(request, body.version)
+
+    def _unconfirmed(self, request: RequestRecord, version: int) -> None:
+        """Newer versions that this node was given and that did not unlock it: expected once
+        for a node that was down during a rotation, otherwise a deposit that was never the
+        swarm's key (a junk deposit from a compromised node)."""
+        refused = sorted(v for v, outcome in self.store.list_results(request.request_id).items()
+                         if outcome == "invalid_key" and v > version)
+        if refused:
+            event = AuditEvent("key.unconfirmed", "escrow", request.cluster_id,
+                               {"request_id": request.request_id, "node_id": request.node_id,
+                                "unlocked_with": version, "refused_versions": refused})
             self.store.append_audit(event)
+            self.on_alert(event)
 
     # -- custodians -------------------------------------------------------------------------
 
-    def authenticate_custodian(self, key_id: str, date: str, signature: str, method: str,
-                               path: str, body: bytes) -> str:
+    def authenticate_custodian(self, key_id: str, date: str, nonce: str, signature: str,
+                               method: str, path: str, body: bytes, source: str = "") -> str:
         """Check a custodian's signed HTTP request; return their name. ``key_id`` is the
         SHA-256 of the custodian's public key (DER), so the CLI needs no name setting."""
+        return self._identify("custodian", source, lambda: self._custodian(
+            key_id, date, nonce, signature, method, path, body))
+
+    def _custodian(self, key_id: str, date: str, nonce: str, signature: str, method: str,
+                   path: str, body: bytes) -> str:
+        if not 16 <= len(nonce) <= 64 or not nonce.isascii() or not nonce.isalnum():
+            raise IdentityError("bad_nonce", "X-Escrow-Nonce must be 16 to 64 letters or digits",
+                                "the escrow CLI sends a random one with every request", 401)
         matches = [c for c in self.store.list_custodians() if hmac.compare_digest(
             protocol.sha256_hex(protocol.public_der(custodian_keys.load_public(
                 c.public_key_pem.encode("ascii")))), key_id)]
@@ -411,23 +567,38 @@ class Escrow:
                                 "ask the admin to run `escrow custodian add NAME --public-key "
                                 "FILE.pub` with your public key", 401)
         record = matches[0]
-        name = record.name
         try:
             sent = datetime.fromtimestamp(int(date), tz=self.clock().tzinfo)
         except (ValueError, OverflowError, OSError):
             raise IdentityError("bad_date", "X-Escrow-Date is not a Unix time", "", 401) from None
-        skew = abs(self.clock() - sent)
+        payload = protocol.custodian_http_payload(method, path, date, nonce, body)
+        key = custodian_keys.load_public(record.public_key_pem.encode("ascii"))
+        if not protocol.verify(key, signature, payload):
+            raise IdentityError("bad_signature", "the request signature does not match your "
+                                "registered key", "use the key registered for you", 401)
+        now = self.clock()
+        skew = abs(now - sent)
         if skew > CUSTODIAN_SKEW:
             raise IdentityError("clock_skew", f"your clock is {skew.total_seconds():.0f} s off "
                                 "the escrow's", "synchronise it (NTP) and retry", 401)
-        key = custodian_keys.load_public(record.public_key_pem.encode("ascii"))
-        if not protocol.verify(key, signature,
-                               protocol.custodian_http_payload(method, path, date, body)):
-            raise IdentityError("bad_signature", "the request signature does not match your "
-                                "registered key", "use the key registered for you", 401)
-        if not self.replays.first_time(signature, self.clock()):
-            raise IdentityError("replayed", "this signed request was already used", "", 401)
-        return name
+        # Keyed on what was signed, not on the signature's spelling: another encoding or the
+        # other ECDSA twin of the same signature is the same request.
+        seen = hashlib.sha256(encode("swarm-unseal/v1/custodian-seen", key_id, payload)).digest()
+        try:
+            self._use_once(self._custodian_requests, seen, now + 2 * CUSTODIAN_SKEW)
+        except IdentityError:
+            raise IdentityError("replayed", "this signed request was already used",
+                                "sign a new request (the CLI does so for every call)",
+                                401) from None
+        return record.name
+
+    def _holds_slot(self, custodian: str, cluster_id: str) -> bool:
+        """Whether ``custodian`` holds a slot of the cluster's policy or of a retained
+        version (a request can release shares of either)."""
+        cluster = self.store.get_cluster(cluster_id)
+        policies = [cluster.policy] + [v.policy for v in self.store.list_key_versions(
+            cluster_id)[: self.settings.max_versions]]
+        return any(custodian in policy.slots for policy in policies)
 
     def _pending_view(self, request: RequestRecord, custodian: str) -> PendingRequest:
         cert = x509.load_pem_x509_certificate(request.cert_pem.encode("ascii"))
@@ -444,9 +615,29 @@ class Escrow:
             cert_sha256=protocol.sha256_hex(cert.public_bytes(serialization.Encoding.DER)),
             ephemeral_public_key=protocol.b64e(request.ephemeral_key), eligible=eligible)
 
+    def _live(self) -> list[RequestRecord]:
+        return [r for r in self.store.list_requests("pending") if self._state(r) == "pending"]
+
     def pending(self, custodian: str) -> list[PendingRequest]:
-        return [self._pending_view(r, custodian) for r in self.store.list_requests("pending")
-                if self._state(r) == "pending"]
+        """Live requests of the clusters where ``custodian`` holds a slot: what a node sent
+        (hostname, source address, boot id) is shown to those who decide on it, no one else."""
+        mine: dict[str, bool] = {}
+        views = []
+        for request in self._live():
+            if request.cluster_id not in mine:
+                mine[request.cluster_id] = self._holds_slot(custodian, request.cluster_id)
+            if mine[request.cluster_id]:
+                views.append(self._pending_view(request, custodian))
+        return views
+
+    def awaiting_approval(self) -> int:
+        """Live requests still short of shares (for the metrics)."""
+        count = 0
+        for request in self._live():
+            plan = self._plan(request)
+            if plan and len(plan[0].shares) < plan[0].version.policy.threshold:
+                count += 1
+        return count
 
     def decide(self, custodian: str, request_id: str, decision: str, signature: str,
                reason: str = "") -> RequestStatus:
@@ -455,14 +646,15 @@ class Escrow:
             raise RequestError("unknown_request", f"no request {request_id}", status=404)
 
         def check() -> None:
-            state = self._state(request)
-            if state != "pending":
-                raise RequestError("not_pending", f"request {request_id} is {state}",
-                                   "only pending requests can be decided", 409)
+            # Eligibility first: the request's state is none of a non-holder's business.
             view = self._pending_view(request, custodian)
             if not view.eligible:
                 raise IdentityError("not_a_custodian", f"{custodian} holds no share of "
                                     f"{request.cluster_id}", "only slot holders decide")
+            state = self._state(request)
+            if state != "pending":
+                raise RequestError("not_pending", f"request {request_id} is {state}",
+                                   "only pending requests can be decided", 409)
             key = custodian_keys.load_public(
                 self.store.get_custodian(custodian).public_key_pem.encode("ascii"))
             if not protocol.verify(key, signature,
@@ -472,6 +664,7 @@ class Escrow:
 
         self._audited(f"custodian.{decision}", request.cluster_id, check,
                       request_id=request_id, custodian=custodian)
+        self.for_release()
         self.store.add_approval(
             ApprovalRecord(request_id, custodian, decision, signature, reason,
                            timestamp(self.clock())),

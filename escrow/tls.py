@@ -82,9 +82,25 @@ def make_quickstart_tls(directory: Path, names: list[str]) -> Path:
     return ca_path
 
 
-def server_context(cert: Path, key: Path) -> ssl.SSLContext:
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+# TLS 1.2 suites: ECDHE key exchange with an AEAD cipher only (OpenSSL's default list also has
+# CBC suites with HMAC, e.g. ECDHE-ECDSA-AES128-SHA256, and plain DHE). Either key type, ECDSA
+# as the quickstart's or RSA. TLS 1.3 suites are all AEAD and stay OpenSSL's defaults.
+TLS12_CIPHERS = ":".join([
+    "ECDHE-ECDSA-AES256-GCM-SHA384", "ECDHE-RSA-AES256-GCM-SHA384",
+    "ECDHE-ECDSA-CHACHA20-POLY1305", "ECDHE-RSA-CHACHA20-POLY1305",
+    "ECDHE-ECDSA-AES128-GCM-SHA256", "ECDHE-RSA-AES128-GCM-SHA256",
+])
+
+
+def _harden(context: ssl.SSLContext) -> ssl.SSLContext:
     context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.set_ciphers(TLS12_CIPHERS)
+    return context
+
+
+def server_context(cert: Path, key: Path) -> ssl.SSLContext:
+    """TLS 1.2 (AEAD suites only, see TLS12_CIPHERS) or 1.3."""
+    context = _harden(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER))
     try:
         context.load_cert_chain(cert, key)
     except (OSError, ssl.SSLError) as exc:
@@ -95,9 +111,8 @@ def server_context(cert: Path, key: Path) -> ssl.SSLContext:
 
 
 def client_context(ca: Path) -> ssl.SSLContext:
-    """Trust only the pinned CA, TLS 1.2 or newer, host names checked."""
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    """Trust only the pinned CA, TLS 1.2 (AEAD suites only) or 1.3, host names checked."""
+    context = _harden(ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT))
     try:
         context.load_verify_locations(cafile=str(ca))
     except (OSError, ssl.SSLError) as exc:

@@ -6,7 +6,7 @@ in as parameters, so the rules here are tested with a fixed clock.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Protocol
@@ -75,10 +75,19 @@ def version_history(
     return history
 
 
-def prunable(history: Sequence[VersionInfo], now: datetime) -> list[int]:
-    """Versions whose retention has run out. The newest version never qualifies."""
+def prunable(history: Sequence[VersionInfo], now: datetime,
+             keep: Collection[int] = ()) -> list[int]:
+    """Versions whose retention has run out, except those in ``keep``. The newest version
+    never qualifies."""
     return [info.record.version for info in history
-            if info.destroy_after is not None and info.destroy_after <= now]
+            if info.destroy_after is not None and info.destroy_after <= now
+            and info.record.version not in keep]
+
+
+@dataclass(frozen=True)
+class Pruned:
+    destroyed: list[int]
+    kept: dict[int, list[str]]  # version past retention -> nodes that last unlocked with it
 
 
 class Vault:
@@ -231,10 +240,25 @@ class Vault:
     def history(self, cluster_id: str, retention: timedelta) -> list[VersionInfo]:
         return version_history(self.store.list_key_versions(cluster_id), retention)
 
-    def prune(self, cluster_id: str, retention: timedelta, *, dry_run: bool = False) -> list[int]:
-        doomed = prunable(self.history(cluster_id, retention), self.clock())
+    def in_use(self, cluster_id: str) -> dict[int, list[str]]:
+        """Versions that an enrolled, active node last unlocked with, and those nodes: if
+        newer versions are junk (deposited by a compromised node), such a version may be the
+        real key, so it is never pruned while a node relies on it."""
+        active = {n.node_id for n in self.store.list_nodes()
+                  if n.cluster_id == cluster_id and n.status == "active"}
+        users: dict[int, list[str]] = {}
+        for node, version in self.store.last_unlocked_versions(cluster_id).items():
+            if node in active:
+                users.setdefault(version, []).append(node)
+        return users
+
+    def prune(self, cluster_id: str, retention: timedelta, *, dry_run: bool = False) -> Pruned:
+        history = self.history(cluster_id, retention)
+        users = self.in_use(cluster_id)
+        doomed = prunable(history, self.clock(), users)
+        kept = {v: users[v] for v in prunable(history, self.clock()) if v in users}
         if doomed and not dry_run:
             self.store.delete_key_versions(cluster_id, doomed, self._event(
-                "key.prune", cluster_id, versions=doomed,
+                "key.prune", cluster_id, versions=doomed, kept_in_use=sorted(kept),
                 retention_days=retention.total_seconds() / 86400))
-        return doomed
+        return Pruned(doomed, kept)

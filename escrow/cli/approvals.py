@@ -14,10 +14,11 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from pydantic import TypeAdapter
 
 from escrow import custodian_keys, protocol
-from escrow.cli.context import json_option, print_json, read_file, table
+from escrow.cli.context import checked_text, json_option, print_json, read_file, table
 from escrow.cli.custodian import read_passphrase
 from escrow.custodian_client import CustodianClient
 from escrow.errors import EscrowError, InputError
+from escrow.plaintext import plain
 from escrow.protocol import (
     ApproveRequest,
     DecisionResponse,
@@ -83,8 +84,10 @@ def _find(client: CustodianClient, request_id: str) -> PendingRequest:
     for pending in client.call("GET", "/v1/requests", _PENDING):
         if pending.request_id == request_id:
             return pending
-    raise InputError(f"request {request_id} is not pending",
-                     "it may have expired, been decided or completed; see `escrow requests`")
+    raise InputError(f"request {plain(request_id)} is not among the pending requests of the "
+                     "clusters where you hold a share",
+                     "it may have expired, been decided or completed, or be of a cluster where "
+                     "you hold no share; see `escrow requests`")
 
 
 def _confirm(view: PendingRequest, verb: str, yes: bool) -> None:
@@ -112,8 +115,8 @@ def approve(url: str, ca: Path, key: Path, passphrase_file: Path | None, request
     signature = protocol.sign(client.key, protocol.approval_payload("approve", view))
     result = client.call("POST", f"/v1/requests/{request_id}/approve", DecisionResponse,
                          ApproveRequest(signature=signature))
-    click.echo(f"approved {request_id}: state {result.state}, approvals "
-               f"{', '.join(result.approvals)}")
+    click.echo(plain(f"approved {request_id}: state {result.state}, approvals "
+                     f"{', '.join(result.approvals)}"))
 
 
 @click.command()
@@ -124,13 +127,14 @@ def approve(url: str, ca: Path, key: Path, passphrase_file: Path | None, request
 def deny(url: str, ca: Path, key: Path, passphrase_file: Path | None, request_id: str,
          reason: str, yes: bool) -> None:
     """Deny REQUEST_ID: the node gets nothing more for this request."""
+    reason = checked_text(reason, "--reason", 500)
     client = _client(url, ca, key, passphrase_file)
     view = _find(client, request_id)
     _confirm(view, "deny", yes)
     signature = protocol.sign(client.key, protocol.approval_payload("deny", view, reason))
     result = client.call("POST", f"/v1/requests/{request_id}/deny", DecisionResponse,
                          DenyRequest(reason=reason, signature=signature))
-    click.echo(f"denied {request_id}: state {result.state}")
+    click.echo(plain(f"denied {request_id}: state {result.state}"))
 
 
 @click.group()
@@ -155,7 +159,7 @@ def export(url: str, ca: Path, key: Path, passphrase_file: Path | None, cluster_
     except (InvalidTag, ValueError):
         raise EscrowError("the exported share did not decrypt",
                           "the answer was altered in transit; try again") from None
-    click.echo(mnemonic)
-    click.echo(f"share of version {released.version} (fingerprint "
-               f"{released.fingerprint[:16]}) of {cluster_id}: write it down, keep it offline, "
-               "and clear this terminal", err=True)
+    click.echo(plain(mnemonic))
+    click.echo(plain(f"share of version {released.version} (fingerprint "
+                     f"{released.fingerprint[:16]}) of {cluster_id}: write it down, keep it "
+                     "offline, and clear this terminal"), err=True)

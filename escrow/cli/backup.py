@@ -1,4 +1,5 @@
-"""``escrow backup`` and ``escrow restore``: the data directory, without the token."""
+"""``escrow backup`` and ``escrow restore``: the data directory, without the token or any
+private key."""
 
 from __future__ import annotations
 
@@ -17,10 +18,12 @@ from escrow.cli.context import actor, data_dir_option, now, open_store
 @click.option("--out", type=click.Path(path_type=Path), required=True,
               help="Backup file to write (a new file; created readable by you only).")
 def backup(data_dir: Path, out: Path) -> None:
-    """Back up the data directory: a consistent database snapshot, config and TLS files.
+    """Back up the data directory: a consistent database snapshot, config and TLS certificates.
 
     The token (the wrapping key) and its PIN are not included: back the token up apart from
-    this file, as your HSM's documentation says. Safe while `escrow serve` runs.
+    this file, as your HSM's documentation says. Nor is the TLS private key: a stolen backup
+    must not let anyone pass for the escrow; a restore issues a new one. Safe while `escrow
+    serve` runs.
     """
     settings = config.load(data_dir)
     store = open_store(settings)
@@ -31,8 +34,12 @@ def backup(data_dir: Path, out: Path) -> None:
     manifest = backups.create(settings.data_dir, out, now)
     click.echo(f"wrote {out}: {len(manifest.files)} files, audit log of "
                f"{manifest.audit_records} records ending {manifest.audit_head}")
-    click.echo("it holds the TLS private keys: keep it as safe as the data directory; the token "
-               "and its PIN are not in it: back them up separately", err=True)
+    tls = settings.data_dir / backups.TLS_DIR
+    left_out = sorted(f"{backups.TLS_DIR}/{p.name}" for p in tls.glob("*")
+                      if p.is_file() and f"{backups.TLS_DIR}/{p.name}" not in manifest.files)
+    click.echo(f"left out: {', '.join([*left_out, 'the token and its PIN'])} (a restore "
+               "issues a new TLS key; back the token up separately); it still holds the "
+               "enrollments and the audit log: keep it private", err=True)
 
 
 @click.command()
@@ -51,3 +58,27 @@ def restore(data_dir: Path, source: Path) -> None:
                f"{manifest.audit_records} records ending {manifest.audit_head})")
     click.echo("now make the token available as escrow.toml names it, then start the escrow; "
                "/healthz checks that the wrapping key answers", err=True)
+    _tls_key_advice(data_dir.absolute(), manifest)
+
+
+def _tls_key_advice(data_dir: Path, manifest: backups.Manifest) -> None:
+    """Say what to do about the TLS private key, which backups leave out."""
+    key = config.load(data_dir).server.tls_key
+    if key.exists():
+        restored = [name for name in manifest.files if name.startswith(backups.TLS_DIR + "/")
+                    and backups.holds_private_key(data_dir / name)]
+        if restored:
+            click.echo(f"warning: this backup holds a TLS private key ({', '.join(restored)}; "
+                       "made before backups left it out): whoever has a copy of it can pass "
+                       "for this escrow; issue a new key and certificate as "
+                       "docs/runbooks/escrow-rebuilt.md says", err=True)
+        return
+    tls = data_dir / backups.TLS_DIR
+    click.echo(
+        f"the TLS private key was not in the backup ({key} does not exist): backups leave it "
+        "out so that a stolen backup cannot pass for the escrow. Before starting the escrow, "
+        "give it a server key and certificate: put back the key you keep apart from backups, "
+        "or issue a new one from your CA (server.tls_key, server.tls_cert), or, with the "
+        f"quickstart CA (its key was never kept), make a new CA and certificate: `mv {tls} "
+        f"{tls}.from-backup && escrow init --data-dir {data_dir} --exist-ok`, then give the "
+        f"new {tls / 'ca.pem'} to every agent (escrow_ca) and custodian (--ca)", err=True)

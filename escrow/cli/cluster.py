@@ -9,6 +9,7 @@ import click
 
 from escrow import identity
 from escrow.cli.context import (
+    checked_text,
     data_dir_option,
     json_option,
     open_vault,
@@ -59,6 +60,9 @@ def _describe(record: ClusterRecord) -> dict[str, Any]:
 def add(data_dir: Path, cluster_id: str, root_ca: Path, threshold: int, slots: str,
         allow_no_paper_recovery: bool) -> None:
     """Register swarm CLUSTER_ID with its root CA and policy."""
+    # The id's own rule (escrow.identity) comes next; this one also refuses a trailing newline.
+    checked_text(cluster_id, "CLUSTER_ID", 1000, min_length=0)
+    checked_text(slots, "--slots", 4096, min_length=0)
     with open_vault(data_dir) as (_, vault):
         record = vault.add_cluster(cluster_id, read_file(root_ca, "root CA file"), threshold,
                                    parse_slots(slots), allow_no_paper=allow_no_paper_recovery)
@@ -79,6 +83,7 @@ def set_policy(data_dir: Path, cluster_id: str, threshold: int, slots: str,
 
     Existing versions keep the shares they were split into: rotate the unlock key to re-split.
     """
+    checked_text(slots, "--slots", 4096, min_length=0)
     with open_vault(data_dir) as (_, vault):
         policy = vault.set_policy(cluster_id, threshold, parse_slots(slots),
                                   allow_no_paper=allow_no_paper_recovery)

@@ -16,8 +16,9 @@ from typing import Any, TypeVar
 import click
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
-from escrow import config
+from escrow import config, plaintext
 from escrow.config import Settings
 from escrow.errors import InputError
 from escrow.hsm import Token, resolve_pin
@@ -110,16 +111,37 @@ def read_file(path: Path, what: str) -> bytes:
                          "check the path and its permissions") from None
 
 
-# Piped output is read by scripts and grep: do not fold it to a guessed 80 columns.
-_console = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 200)
+def checked_text(value: str, what: str, max_length: int, *, min_length: int = 1) -> str:
+    """An operator's free text (a reason, a name) for the audit log and other people's
+    terminals: plain text of bounded length, or an InputError naming the option."""
+    if not min_length <= len(value) <= max_length:
+        raise InputError(f"{what} must have {min_length}-{max_length} characters, not "
+                         f"{len(value)}", f"give a {what} of that length")
+    try:
+        return plaintext.check_plain_text(value)
+    except ValueError as exc:
+        raise InputError(f"{what} {exc}", f"give {what} as one line of printable text"
+                         ) from None
+
+
+# Piped output is read by scripts and grep: do not fold it to a guessed 80 columns. Nothing
+# printed is ever read as markup, emoji codes or highlighted: much of it comes from nodes.
+_console = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 200, markup=False,
+                   highlight=False, emoji=False)
+
+
+def _text(value: object) -> Text:
+    return Text(plaintext.plain(value))
 
 
 def table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
-    grid = Table(title=title, title_justify="left", header_style="bold")
+    """Every cell, header and the title as plain text (escrow.plaintext.plain), never as rich
+    markup: hostnames, reasons and audit details are node- or custodian-supplied."""
+    grid = Table(title=_text(title), title_justify="left", header_style="bold")
     for column in columns:
-        grid.add_column(column, overflow="fold")
+        grid.add_column(_text(column), overflow="fold")
     for row in rows:
-        grid.add_row(*(str(cell) for cell in row))
+        grid.add_row(*(_text(cell) for cell in row))
     _console.print(grid)
 
 

@@ -11,6 +11,7 @@ import click
 
 from escrow import custodian_keys
 from escrow.cli.context import (
+    checked_text,
     data_dir_option,
     json_option,
     open_vault,
@@ -74,6 +75,8 @@ def keygen(out: Path, passphrase_file: Path | None) -> None:
               help="The custodian's FILE.pub from `escrow custodian keygen`.")
 def add(data_dir: Path, name: str, public_key: Path) -> None:
     """Register custodian NAME with their public key."""
+    # The name's own rule (escrow.policy) comes next; this one also refuses a trailing newline.
+    checked_text(name, "NAME", 1000, min_length=0)
     with open_vault(data_dir) as (_, vault):
         vault.add_custodian(name, read_file(public_key, "public key"))
     click.echo(f"custodian {name!r} added")

@@ -85,14 +85,18 @@ def list_(data_dir: Path, as_json: bool, cluster_id: str) -> None:
 def prune(data_dir: Path, cluster_id: str, retention_days: float | None, dry_run: bool) -> None:
     """Destroy key versions superseded longer ago than the retention period.
 
-    The newest version is never destroyed. A manager that was down during a rotation needs the
-    version it was locked with: keep the retention longer than any planned outage.
+    The newest version is never destroyed, nor a version that an enrolled node last unlocked
+    with. A manager that was down during a rotation needs the version it was locked with: keep
+    the retention longer than any planned outage.
     """
     with open_vault(data_dir) as (settings, vault):
         days = settings.retention_days if retention_days is None else retention_days
-        doomed = vault.prune(cluster_id, timedelta(days=days), dry_run=dry_run)
-    if not doomed:
+        pruned = vault.prune(cluster_id, timedelta(days=days), dry_run=dry_run)
+    for version, nodes in sorted(pruned.kept.items()):
+        click.echo(f"kept version {version} past retention: node(s) {', '.join(sorted(nodes))} "
+                   "last unlocked with it")
+    if not pruned.destroyed:
         click.echo(f"nothing to prune in {cluster_id} (retention {days:g} days)")
     else:
         verb = "would destroy" if dry_run else "destroyed"
-        click.echo(f"{verb} version(s) {', '.join(map(str, doomed))} of {cluster_id}")
+        click.echo(f"{verb} version(s) {', '.join(map(str, pruned.destroyed))} of {cluster_id}")

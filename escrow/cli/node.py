@@ -7,7 +7,15 @@ from pathlib import Path
 import click
 
 from escrow.audit import AuditEvent
-from escrow.cli.context import data_dir_option, json_option, open_vault, print_json, table
+from escrow.cli.context import (
+    checked_text,
+    data_dir_option,
+    json_option,
+    open_vault,
+    print_json,
+    table,
+)
+from escrow.plaintext import plain
 
 _cluster = click.option("--cluster", "cluster_id", required=True, help="Swarm cluster id.")
 
@@ -34,6 +42,8 @@ def list_(data_dir: Path, as_json: bool) -> None:
 
 
 def _set(data_dir: Path, cluster_id: str, node_id: str, status: str, reason: str) -> None:
+    if reason:
+        checked_text(reason, "--reason", 500)
     with open_vault(data_dir) as (_, vault):
         vault.store.set_node_status(cluster_id, node_id, status, AuditEvent(
             f"node.{'revoke' if status == 'revoked' else 'allow'}", vault.actor, cluster_id,
@@ -48,7 +58,8 @@ def _set(data_dir: Path, cluster_id: str, node_id: str, status: str, reason: str
 def revoke(data_dir: Path, cluster_id: str, node_id: str, reason: str) -> None:
     """Revoke NODE_ID: it gets nothing, and its pending requests end."""
     _set(data_dir, cluster_id, node_id, "revoked", reason)
-    click.echo(f"node {node_id} revoked; rotate the unlock key if the node may be compromised")
+    click.echo(f"node {plain(node_id)} revoked; rotate the unlock key if the node may be "
+               "compromised")
 
 
 @node.command()
@@ -59,4 +70,4 @@ def revoke(data_dir: Path, cluster_id: str, node_id: str, reason: str) -> None:
 def allow(data_dir: Path, cluster_id: str, node_id: str, reason: str) -> None:
     """Re-admit a revoked NODE_ID."""
     _set(data_dir, cluster_id, node_id, "active", reason)
-    click.echo(f"node {node_id} re-admitted")
+    click.echo(f"node {plain(node_id)} re-admitted")

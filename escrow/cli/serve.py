@@ -9,6 +9,7 @@ import signal
 import ssl
 from dataclasses import replace
 from pathlib import Path
+from typing import cast
 
 import click
 from aiohttp import web
@@ -20,6 +21,7 @@ from escrow.hsm import resolve_pin
 from escrow.lock import DataDirLock
 from escrow.notify import Notifier
 from escrow.server.app import EscrowServer
+from escrow.server.connections import ConnectionGate, Limits, fit_open_files
 from escrow.tls import server_context
 
 
@@ -50,21 +52,42 @@ def serve(data_dir: Path, listen: str | None, hsm_pin_file: Path | None) -> None
         asyncio.run(_serve(server, host, port, context, settings.server.listen))
 
 
+# Seconds aiohttp goes on reading a body it was answered before the end of (413, 429, the body
+# deadline's 408), so that the client reads the answer instead of a reset; then it closes.
+LINGER_SECONDS = 2.0
+BACKLOG = 128  # aiohttp's TCPSite default, as before
+
+
 async def _serve(server: EscrowServer, host: str, port: int, context: ssl.SSLContext,
                  listen: str) -> None:
     # READY=1 goes to systemd only once the socket listens, so `active` means serving.
-    runner = web.AppRunner(server.app(), access_log=None, shutdown_timeout=10)
+    settings = server.settings.server
+    runner = web.AppRunner(server.app(), access_log=None, shutdown_timeout=10,
+                           keepalive_timeout=settings.keepalive_seconds,
+                           lingering_time=LINGER_SECONDS)
     await runner.setup()
+    http = cast(web.Server, runner.server)  # made by setup()
     notifier = Notifier()
+    loop = asyncio.get_running_loop()
+    # TLS is started by the gate, not the listener, so that the connection limits count
+    # connections from accept on, handshakes included (escrow/server/connections.py).
+    gate = ConnectionGate(http, context, fit_open_files(Limits.of(settings)),
+                          server.metrics.dropped, server.metrics.registry)
+    listener: asyncio.Server | None = None
     try:
-        await web.TCPSite(runner, host, port, ssl_context=context).start()
+        listener = await loop.create_server(gate, host, port, backlog=BACKLOG)
         click.echo(f"escrow serving https://{listen} from {server.settings.data_dir}", err=True)
         notifier.ready(f"serving https://{listen}")
         stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)
         await stop.wait()
         notifier.stopping()
     finally:
-        await runner.cleanup()
+        if listener is not None:
+            listener.close()
+        gate.close()  # no new connections; handshakes in progress cut
+        await runner.cleanup()  # requests answered, kept-alive connections closed
+        gate.abort_all()
+        if listener is not None:
+            await listener.wait_closed()

@@ -9,18 +9,20 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
+import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
-import aiohttp
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from pydantic import BaseModel, ValidationError
 
-from escrow import protocol
+from escrow import protocol, webhook
+from escrow.audit import AuditEvent
 from escrow.config import Settings
 from escrow.diskspace import Reserve
 from escrow.errors import (
@@ -36,6 +38,7 @@ from escrow.errors import (
     WrongPin,
 )
 from escrow.hsm import Pin
+from escrow.plaintext import PlainLogArgs
 from escrow.protocol import (
     ApproveRequest,
     DecisionResponse,
@@ -52,6 +55,9 @@ from escrow.protocol import (
     ShareExportRequest,
     UnsealRequest,
 )
+from escrow.ratelimit import SourceLimiter
+from escrow.refusals import RefusalLog
+from escrow.server.connections import SLOW_BODY
 from escrow.server.hsmlink import HsmLink, opener
 from escrow.server.openapi import openapi_document
 from escrow.service import Escrow
@@ -59,9 +65,14 @@ from escrow.store.sqlite import SqliteStore
 from escrow.vault import Vault, timestamp
 
 log = logging.getLogger("escrow.server")
+log.addFilter(PlainLogArgs())  # no quoted value can forge a log line or carry escapes
 M = TypeVar("M", bound=BaseModel)
 T = TypeVar("T")
 MAX_WAIT = 60.0
+# Where a full disk gives the reserve's space away: the paths that release shares.
+RELEASE_PATHS = frozenset({"/v1/unseal", "/v1/unseal/{request_id}",
+                           "/v1/unseal/{request_id}/result", "/v1/requests/{request_id}/approve"})
+UNLIMITED = frozenset({"/v1/openapi.json", "/v1/info"})
 
 
 class Metrics:
@@ -81,6 +92,17 @@ class Metrics:
         self.hsm = Histogram("escrow_hsm_seconds", "Latency of token operations",
                              buckets=(0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0),
                              registry=self.registry)
+        self.dropped = Counter("escrow_connections_dropped_total",
+                               "Connections refused or cut by the limits on slow and greedy "
+                               "clients (server/connections.py), by reason",
+                               ["reason"], registry=self.registry)
+        self.unidentified = Counter(
+            "escrow_unauthenticated_refusals_total",
+            "Refusals of callers who had not proved who they are (counted, never audited)",
+            ["action", "reason"], registry=self.registry)
+        self.limited = Counter("escrow_source_limited_total",
+                               "Requests refused because their source exceeded its rate",
+                               ["endpoint"], registry=self.registry)
 
 
 def _status_of(error: EscrowError) -> int:
@@ -94,9 +116,12 @@ def _status_of(error: EscrowError) -> int:
     return 500
 
 
-def _error(status: int, code: str, message: str, hint: str = "") -> web.Response:
+def _error(status: int, code: str, message: str, hint: str = "",
+           retry_after: float | None = None) -> web.Response:
     body = ErrorResponse(error=code, message=message, hint=hint).model_dump_json()
-    return web.Response(status=status, text=body, content_type="application/json")
+    headers = {"Retry-After": str(max(1, math.ceil(retry_after)))} if retry_after else None
+    return web.Response(status=status, text=body, content_type="application/json",
+                        headers=headers)
 
 
 def _json(model: BaseModel | list[Any], status: int = 200) -> web.Response:
@@ -114,11 +139,15 @@ class EscrowServer:
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vault")
         self._waiters: dict[str, asyncio.Event] = {}
         self._closing = False
-        self._background: set[asyncio.Task[None]] = set()
+        self._background: set[asyncio.Task[object]] = set()
         self.escrow: Escrow | None = None
         self._hsm = HsmLink(opener(settings.hsm, pin), settings.hsm.token, self.metrics.hsm)
         self._reserve = Reserve(settings.data_dir, settings.server.disk_reserve_bytes)
         self._store: SqliteStore | None = None
+        self._limiter = SourceLimiter(settings.server.source_rate, settings.server.source_burst)
+        self._refusals = RefusalLog()
+        self._refusals_lock = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -140,8 +169,49 @@ class EscrowServer:
                 raise StoreError("the escrow is starting", "retry in a moment")
             vault = Vault(self._store, self._hsm, lambda: datetime.now(UTC), "escrow")
             self.escrow = Escrow(vault, self.settings.server, self.metrics.released.inc,
-                                 self._reserve.check_room)
+                                 self._reserve.check_room, self._unidentified, self._alert,
+                                 self._reserve.give_to_releases)
         return self.escrow
+
+    def _unidentified(self, action: str, reason: str, source: str) -> None:
+        """Count a refusal of an unidentified caller; log a summary per source now and then
+        (called on the vault thread and on the event loop)."""
+        self.metrics.unidentified.labels(action, reason).inc()
+        with self._refusals_lock:
+            summaries = self._refusals.note(source, action, reason, time.monotonic())
+        for summary in summaries:
+            log.warning("%s", summary.line())
+
+    def _summarise(self, *, everything: bool = False) -> None:
+        with self._refusals_lock:
+            summaries = self._refusals.flush(time.monotonic(), everything=everything)
+        for summary in summaries:
+            log.warning("%s", summary.line())
+
+    async def _summaries(self) -> None:
+        while True:
+            await asyncio.sleep(self._refusals.interval / 4)
+            self._summarise()
+
+    def _alert(self, event: AuditEvent) -> None:
+        """An audited event worth a page: logged, and sent to the webhook (called on the
+        vault thread)."""
+        details = json.dumps(dict(event.details), sort_keys=True)
+        log.warning("alert: %s in cluster %s: %s", event.event, event.cluster_id or "-", details)
+        url, loop = self.settings.server.webhook_url, self._loop
+        if not url or loop is None:
+            return
+        body = {"text": f"Escrow alert {webhook.chat_code(event.event)} in cluster "
+                        f"{webhook.chat_code(event.cluster_id or '-')}: "
+                        f"{webhook.chat_code(details)}",
+                "event": event.event, "cluster_id": event.cluster_id,
+                "details": dict(event.details)}
+        loop.call_soon_threadsafe(self._in_background, webhook.post(url, body, about=event.event))
+
+    def _in_background(self, work: Coroutine[Any, Any, object]) -> None:
+        task = asyncio.create_task(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     def _close(self) -> None:
         self._hsm.close()
@@ -152,10 +222,13 @@ class EscrowServer:
         return await asyncio.get_running_loop().run_in_executor(self.pool, fn)
 
     async def start(self, app: web.Application) -> None:
+        self._loop = asyncio.get_running_loop()
         await self.run(self._open)
+        self._in_background(self._summaries())
 
     async def shutdown(self, app: web.Application) -> None:
         self._closing = True
+        self._summarise(everything=True)
         for event in self._waiters.values():
             event.set()  # long polls answer with the current state at once
 
@@ -167,7 +240,7 @@ class EscrowServer:
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=self.settings.server.max_body_bytes,
-                              middlewares=[self._middleware])
+                              middlewares=[self._middleware, self._body_deadline])
         app.on_startup.append(self.start)
         app.on_shutdown.append(self.shutdown)
         app.on_cleanup.append(self.cleanup)
@@ -193,44 +266,68 @@ class EscrowServer:
     async def _middleware(self, request: web.Request,
                           handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
                           ) -> web.StreamResponse:
-        endpoint = request.match_info.route.resource.canonical if (
-            request.match_info.route.resource is not None) else "unmatched"
+        endpoint = _endpoint(request)
+        wait = self._limited(request, endpoint)
         if self._closing and endpoint not in ("/healthz", "/metrics"):
             response: web.StreamResponse = _error(503, "shutting_down",
                                                   "the escrow is shutting down",
                                                   "retry in a few seconds")
+        elif wait:
+            self.metrics.limited.labels(endpoint).inc()
+            response = _error(429, "source_rate_limited",
+                              f"too many requests from {self._source(request)}",
+                              "slow down; agents back off by themselves", wait)
         else:
             try:
                 response = await handler(request)
             except web.HTTPException as exc:
                 response = _error(exc.status, exc.reason.lower().replace(" ", "_"), exc.reason)
             except EscrowError as exc:
-                if isinstance(exc, DiskFull):
+                if isinstance(exc, DiskFull) and endpoint in RELEASE_PATHS:
                     self._reserve.release()  # so the next release finds room
                 reason = getattr(exc, "reason", type(exc).__name__)
-                response = _error(_status_of(exc), reason, exc.message, exc.hint)
+                response = _error(_status_of(exc), reason, exc.message, exc.hint,
+                                  getattr(exc, "retry_after", None))
             except Exception:
                 log.exception("unexpected error in %s", endpoint)
                 response = _error(500, "internal", "internal error; see the escrow's log")
         self.metrics.requests.labels(endpoint, str(response.status)).inc()
         return response
 
+    def _limited(self, request: web.Request, endpoint: str) -> float:
+        """Seconds the source must wait, or 0: every /v1 endpoint a caller can reach before
+        proving who it is costs it a token (the OpenAPI document and /info excepted)."""
+        if not endpoint.startswith("/v1/") or endpoint in UNLIMITED:
+            return 0.0
+        return self._limiter.take(self._source(request), time.monotonic())
+
+    @web.middleware
+    async def _body_deadline(self, request: web.Request,
+                             handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+                             ) -> web.StreamResponse:
+        """The whole body within server.body_timeout_seconds of the headers, or 408 and the
+        connection closes: read here, it is kept for the handler (request.read() caches it)."""
+        if request.body_exists:
+            seconds = self.settings.server.body_timeout_seconds
+            try:
+                async with asyncio.timeout(seconds):
+                    await request.read()
+            except TimeoutError:
+                request[SLOW_BODY] = True  # counted and logged by server/connections.py
+                response = _error(408, "body_timeout",
+                                  f"the request body did not arrive within {seconds:g} s",
+                                  "send the whole body at once")
+                response.force_close()
+                return response
+        return await handler(request)
+
     async def _body(self, request: web.Request, model: type[M]) -> tuple[M, bytes]:
         raw = await request.read()
         try:
-            data = json.loads(raw)
-        except (ValueError, RecursionError):  # RecursionError: absurdly deep nesting
-            raise _bad("malformed_json", "the body is not JSON") from None
-        try:
-            return model.model_validate(data), raw
-        except ValidationError as exc:
-            # Unknown fields first: they name what the sender got wrong most directly.
-            errors = sorted(exc.errors(include_input=False, include_url=False),
-                            key=lambda e: e["type"] != "extra_forbidden")
-            problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}"
-                                 for e in errors[:6])
-            raise _bad("invalid_body", f"the body does not match {model.__name__}: {problems}"
-                       ) from None
+            return parse_body(raw, model), raw
+        except RequestError as exc:
+            self._unidentified(_endpoint(request), exc.reason, self._source(request))
+            raise
 
     def _source(self, request: web.Request) -> str:
         return request.remote or "unknown"
@@ -239,12 +336,15 @@ class EscrowServer:
         escrow = await self._ready()
         key_id = request.headers.get("X-Escrow-Key-Id", "")
         date = request.headers.get("X-Escrow-Date", "")
+        nonce = request.headers.get("X-Escrow-Nonce", "")
         signature = request.headers.get("X-Escrow-Signature", "")
-        if not (key_id and date and signature):
+        if not (key_id and date and nonce and signature):
+            self._unidentified("custodian", "unauthenticated", self._source(request))
             raise _bad("unauthenticated", "custodian requests need X-Escrow-Key-Id, "
-                       "X-Escrow-Date and X-Escrow-Signature", status=401)
+                       "X-Escrow-Date, X-Escrow-Nonce and X-Escrow-Signature", status=401)
+        source = self._source(request)
         return await self.run(lambda: escrow.authenticate_custodian(
-            key_id, date, signature, request.method, request.path_qs, body))
+            key_id, date, nonce, signature, request.method, request.path_qs, body, source))
 
     async def _ready(self) -> Escrow:
         if self.escrow is not None:
@@ -268,7 +368,7 @@ class EscrowServer:
 
     async def metrics_endpoint(self, request: web.Request) -> web.Response:
         escrow = await self._ready()
-        pending = await self.run(lambda: sum(1 for r in escrow.pending("") if r.needed > 0))
+        pending = await self.run(escrow.awaiting_approval)
         self.metrics.pending.set(pending)
         self.metrics.free.set(self._reserve.free_bytes())
         return web.Response(body=generate_latest(self.metrics.registry),
@@ -297,9 +397,10 @@ class EscrowServer:
     async def deposit(self, request: web.Request) -> web.Response:
         body, _ = await self._body(request, DepositRequest)
         escrow, source = await self._ready(), self._source(request)
-        version, created, fingerprint = await self.run(lambda: escrow.deposit(body, source))
-        return _json(DepositResponse(version=version, created=created, fingerprint=fingerprint),
-                     201 if created else 200)
+        result = await self.run(lambda: escrow.deposit(body, source))
+        return _json(DepositResponse(version=result.version, created=result.created,
+                                     fingerprint=result.fingerprint),
+                     201 if result.created else 200)
 
     async def unseal(self, request: web.Request) -> web.Response:
         body, _ = await self._body(request, UnsealRequest)
@@ -309,11 +410,10 @@ class EscrowServer:
         await self.run(self._hsm.token)
         status = await self.run(lambda: escrow.unseal(body, source))
         if status.needed > 0 and self.settings.server.webhook_url:
-            task = asyncio.create_task(self._webhook(status.request_id, body.hostname,
-                                                     status.needed, status.expires_at,
-                                                     status.cluster_id, status.node_id))
-            self._background.add(task)
-            task.add_done_callback(self._background.discard)
+            self._in_background(webhook.notify(
+                self.settings.server.webhook_url, webhook.PendingApproval(
+                    status.request_id, status.cluster_id, status.node_id, body.hostname,
+                    status.needed, status.expires_at)))
         return _json(status, 201)
 
     async def unseal_status(self, request: web.Request) -> web.Response:
@@ -341,8 +441,8 @@ class EscrowServer:
     async def result(self, request: web.Request) -> web.Response:
         request_id = request.match_info["request_id"]
         body, _ = await self._body(request, ResultReport)
-        escrow = await self._ready()
-        await self.run(lambda: escrow.report(request_id, body))
+        escrow, source = await self._ready(), self._source(request)
+        await self.run(lambda: escrow.report(request_id, body, source))
         return _json(ResultResponse(recorded=True))
 
     # -- custodian endpoints ----------------------------------------------------------------
@@ -380,26 +480,28 @@ class EscrowServer:
                                                            body.ephemeral_public_key))
         return _json(share)
 
-    # -- webhook ----------------------------------------------------------------------------
-
-    async def _webhook(self, request_id: str, hostname: str, needed: int, expires_at: str,
-                       cluster_id: str, node_id: str) -> None:
-        payload = {
-            "text": f"Swarm manager {hostname} is locked and waits for {needed} custodian "
-                    f"approval(s): escrow approve {request_id}",
-            "request_id": request_id, "cluster_id": cluster_id, "node_id": node_id,
-            "hostname": hostname, "needed": needed, "expires_at": expires_at,
-        }
-        started = time.monotonic()
-        try:
-            timeout = aiohttp.ClientTimeout(total=5)
-            async with aiohttp.ClientSession(timeout=timeout) as session, \
-                    session.post(self.settings.server.webhook_url, json=payload) as response:
-                log.info("webhook for %s answered %s in %.2f s", request_id, response.status,
-                         time.monotonic() - started)
-        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
-            log.warning("webhook for %s failed: %s", request_id, type(exc).__name__)
+def parse_body(raw: bytes, model: type[M]) -> M:
+    """A request body as ``model``, or a 400 naming what is wrong with it."""
+    try:
+        data = json.loads(raw)
+    except (ValueError, RecursionError):  # RecursionError: absurdly deep nesting
+        raise _bad("malformed_json", "the body is not JSON") from None
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        # Unknown fields first: they name what the sender got wrong most directly.
+        errors = sorted(exc.errors(include_input=False, include_url=False),
+                        key=lambda e: e["type"] != "extra_forbidden")
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}"
+                             for e in errors[:6])
+        raise _bad("invalid_body", f"the body does not match {model.__name__}: {problems}"
+                   ) from None
 
 
-def _bad(code: str, message: str, status: int = 400) -> EscrowError:
+def _endpoint(request: web.Request) -> str:
+    resource = request.match_info.route.resource
+    return resource.canonical if resource is not None else "unmatched"
+
+
+def _bad(code: str, message: str, status: int = 400) -> RequestError:
     return RequestError(code, message, "see /v1/openapi.json for the request format", status)

@@ -97,7 +97,9 @@ def openapi_document() -> dict[str, Any]:
             "securitySchemes": {"custodianSignature": {
                 "type": "apiKey", "in": "header", "name": "X-Escrow-Signature",
                 "description": "ECDSA P-256 signature over custodian_http_payload(method, path, "
-                               "X-Escrow-Date, body), with X-Escrow-Key-Id the SHA-256 "
-                               "of the custodian's public key (DER)"}},
+                               "X-Escrow-Date, X-Escrow-Nonce, body), with X-Escrow-Key-Id "
+                               "the SHA-256 of the custodian's public key (DER) and "
+                               "X-Escrow-Nonce 16 to 64 random letters or digits, never "
+                               "reused"}},
         },
     }

@@ -7,11 +7,12 @@ several escrow replicas implements the same :class:`Store` protocol.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Protocol
 
-from escrow.audit import AuditEvent, AuditRecord
+from escrow.audit import AuditEvent, AuditRecord, Checkpoint
 from escrow.policy import Policy
 
 
@@ -146,11 +147,53 @@ class Store(Protocol):
                           event: AuditEvent) -> None: ...
     def add_approval(self, record: ApprovalRecord, event: AuditEvent) -> None: ...
     def list_approvals(self, request_id: str) -> list[ApprovalRecord]: ...
+    def list_releases(self, request_id: str) -> list[tuple[int, int, str]]:
+        """(version, slot, holder) of every share released to the request."""
+        ...
+
     def record_releases(self, request_id: str, released: Sequence[tuple[int, int, str]],
                         event: AuditEvent) -> int:
         """Note shares released to a request; audits and counts only the ones not released
         before."""
         ...
 
+    def record_result(self, request_id: str, version: int, outcome: str,
+                      event: AuditEvent) -> str | None:
+        """Record an agent's outcome for one version of a request, once (``unlocked``
+        completes the request); the earlier outcome when there was one, writing nothing."""
+        ...
+
+    def list_results(self, request_id: str) -> dict[int, str]: ...
+    def last_unlocked_versions(self, cluster_id: str) -> dict[str, int]:
+        """Each node's version of its most recent successful unlock."""
+        ...
+
+    def count_audit_since(self, event: str, actor: str, since: str) -> int: ...
+
     def append_audit(self, event: AuditEvent) -> AuditRecord: ...
-    def audit_records(self) -> list[AuditRecord]: ...
+
+    def iter_audit(self, after_seq: int = 0, cluster_id: str | None = None,
+                   through_seq: int | None = None) -> Iterator[AuditRecord]:
+        """Records in chain order (seq ascending), ``after_seq`` < seq <= ``through_seq``,
+        read in batches from one consistent read: memory stays flat however long the log."""
+        ...
+
+    def latest_audit(self, limit: int, cluster_id: str | None = None) -> list[AuditRecord]:
+        """The newest ``limit`` records (of one cluster), oldest first, reading only those."""
+        ...
+
+    def audit_snapshot(self) -> AbstractContextManager[None]:
+        """Reads inside agree with each other (checkpoints and records), even while an
+        archive commits."""
+        ...
+
+    def audit_checkpoints(self) -> list[Checkpoint]:
+        """Every archive checkpoint, oldest first; the database's chain continues from the
+        last one."""
+        ...
+
+    def archive_audit(self, checkpoint: Checkpoint, event: AuditEvent) -> AuditRecord:
+        """In one transaction: keep ``checkpoint``, delete the records it covers (already
+        written to its archive file), append ``event`` with its details. Refuses unless exactly
+        the records it describes are there."""
+        ...

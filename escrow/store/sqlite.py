@@ -77,10 +77,44 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         " version INTEGER NOT NULL, slot INTEGER NOT NULL, holder TEXT NOT NULL,"
         " released_at TEXT NOT NULL, PRIMARY KEY (request_id, version, slot))",
     ),
+    (
+        # One outcome per version per request: a replayed or repeated report changes nothing.
+        "CREATE TABLE results (request_id TEXT NOT NULL REFERENCES requests(request_id),"
+        " version INTEGER NOT NULL, outcome TEXT NOT NULL, reported_at TEXT NOT NULL,"
+        " PRIMARY KEY (request_id, version))",
+        "CREATE INDEX audit_by_actor ON audit (event, actor, ts)",
+    ),
+    (
+        # Audit archiving (`escrow audit archive`): one row per archive, append-only, each
+        # naming a record still in the log when it is made, newer than the last checkpoint.
+        "CREATE TABLE audit_checkpoints (seq INTEGER PRIMARY KEY, hash TEXT NOT NULL,"
+        " first_seq INTEGER NOT NULL, records INTEGER NOT NULL, archive_name TEXT NOT NULL,"
+        " archive_sha256 TEXT NOT NULL, created_at TEXT NOT NULL)",
+        "CREATE TRIGGER audit_checkpoints_name_a_record BEFORE INSERT ON audit_checkpoints"
+        " WHEN NOT EXISTS (SELECT 1 FROM audit WHERE seq = NEW.seq AND hash = NEW.hash)"
+        " OR NEW.seq <= (SELECT COALESCE(MAX(seq), 0) FROM audit_checkpoints)"
+        " BEGIN SELECT RAISE(ABORT, 'an audit checkpoint names a record in the log, newer"
+        " than the last checkpoint'); END",
+        "CREATE TRIGGER audit_checkpoints_no_update BEFORE UPDATE ON audit_checkpoints"
+        " BEGIN SELECT RAISE(ABORT, 'audit checkpoints are append-only'); END",
+        "CREATE TRIGGER audit_checkpoints_no_delete BEFORE DELETE ON audit_checkpoints"
+        " BEGIN SELECT RAISE(ABORT, 'audit checkpoints are append-only'); END",
+        # The audit log stays append-only, except for records a checkpoint covers: those are
+        # in an archive file, written and synced before the checkpoint was made.
+        "DROP TRIGGER audit_no_delete",
+        "CREATE TRIGGER audit_no_delete BEFORE DELETE ON audit"
+        " WHEN NOT EXISTS (SELECT 1 FROM audit_checkpoints WHERE seq >= OLD.seq)"
+        " BEGIN SELECT RAISE(ABORT, 'the audit log is append-only: only records an archive"
+        " checkpoint covers can be deleted (escrow audit archive)'); END",
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
 Clock = Callable[[], str]
+
+_AUDIT_COLUMNS = ("SELECT seq, ts, event, actor, cluster_id, details, prev_hash, hash"
+                  " FROM audit")
+AUDIT_BATCH = 500  # records fetched at a time while streaming the audit log
 
 
 def _policy(threshold: int, slots_json: str) -> Policy:
@@ -172,6 +206,9 @@ class SqliteStore:
 
     def _append(self, db: sqlite3.Connection, event: AuditEvent) -> AuditRecord:
         last = db.execute("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1").fetchone()
+        if last is None:  # an empty log, or every record archived: continue from the anchor
+            last = db.execute("SELECT seq, hash FROM audit_checkpoints ORDER BY seq DESC"
+                              " LIMIT 1").fetchone()
         prev_hash = last[1] if last else audit.GENESIS
         record = audit.seal(event, self._now(), prev_hash, 0)
         cursor = db.execute(
@@ -445,6 +482,11 @@ class SqliteStore:
                                 " created_at", (request_id,))
         return [ApprovalRecord(*row) for row in rows]
 
+    def list_releases(self, request_id: str) -> list[tuple[int, int, str]]:
+        rows = self._db.execute("SELECT version, slot, holder FROM releases WHERE"
+                                " request_id = ?", (request_id,))
+        return [(int(v), int(s), str(h)) for v, s, h in rows]
+
     def record_releases(self, request_id: str, released: Sequence[tuple[int, int, str]],
                         event: AuditEvent) -> int:
         with self._write() as db:
@@ -461,16 +503,133 @@ class SqliteStore:
                                             for v, s, h in fresh]}))
             return len(fresh)
 
+    def record_result(self, request_id: str, version: int, outcome: str,
+                      event: AuditEvent) -> str | None:
+        """Record an agent's outcome for one version of a request, once; ``unlocked`` completes
+        the request. Returns the outcome recorded before for that version (nothing is written
+        then), or None when this one was recorded."""
+        with self._write() as db:
+            before = db.execute("SELECT outcome FROM results WHERE request_id = ? AND"
+                                " version = ?", (request_id, version)).fetchone()
+            if before:
+                return str(before[0])
+            db.execute("INSERT INTO results VALUES (?, ?, ?, ?)",
+                       (request_id, version, outcome, self._now()))
+            if outcome == "unlocked":
+                db.execute("UPDATE requests SET state = 'completed', reason = '' WHERE"
+                           " request_id = ?", (request_id,))
+            self._append(db, event)
+            return None
+
+    def list_results(self, request_id: str) -> dict[int, str]:
+        rows = self._db.execute("SELECT version, outcome FROM results WHERE request_id = ?",
+                                (request_id,))
+        return {int(version): str(outcome) for version, outcome in rows}
+
+    def last_unlocked_versions(self, cluster_id: str) -> dict[str, int]:
+        """Each node's version of its most recent successful unlock."""
+        rows = self._db.execute(
+            "SELECT q.node_id, r.version FROM results r JOIN requests q USING (request_id)"
+            " WHERE q.cluster_id = ? AND r.outcome = 'unlocked' ORDER BY r.reported_at",
+            (cluster_id,))
+        return {str(node): int(version) for node, version in rows}
+
+    def count_audit_since(self, event: str, actor: str, since: str) -> int:
+        row = self._db.execute("SELECT COUNT(*) FROM audit WHERE event = ? AND actor = ? AND"
+                               " ts >= ?", (event, actor, since)).fetchone()
+        return int(row[0])
+
     # -- audit ------------------------------------------------------------------------------
 
     def append_audit(self, event: AuditEvent) -> AuditRecord:
         with self._write() as db:
             return self._append(db, event)
 
-    def audit_records(self) -> list[AuditRecord]:
-        rows = self._db.execute("SELECT seq, ts, event, actor, cluster_id, details, prev_hash, "
-                                "hash FROM audit ORDER BY seq")
-        return [AuditRecord(*row) for row in rows]
+    def iter_audit(self, after_seq: int = 0, cluster_id: str | None = None,
+                   through_seq: int | None = None) -> Iterator[AuditRecord]:
+        """Records in chain order, ``after_seq`` < seq <= ``through_seq``: one statement (one
+        consistent read) fetched in batches, so memory stays flat however long the log."""
+        sql = _AUDIT_COLUMNS + " WHERE seq > ?"
+        params: list[object] = [after_seq]
+        if through_seq is not None:
+            sql += " AND seq <= ?"
+            params.append(through_seq)
+        if cluster_id is not None:
+            sql += " AND cluster_id = ?"
+            params.append(cluster_id)
+        cursor = self._db.execute(sql + " ORDER BY seq", params)
+        try:
+            while batch := cursor.fetchmany(AUDIT_BATCH):
+                for row in batch:
+                    yield AuditRecord(*row)
+        finally:
+            cursor.close()
+
+    def latest_audit(self, limit: int, cluster_id: str | None = None) -> list[AuditRecord]:
+        """The newest ``limit`` records (of one cluster), oldest first; reads only those."""
+        if cluster_id is None:
+            rows = self._db.execute(_AUDIT_COLUMNS + " ORDER BY seq DESC LIMIT ?",
+                                    (limit,)).fetchall()
+        else:
+            rows = self._db.execute(_AUDIT_COLUMNS + " WHERE cluster_id = ? ORDER BY seq DESC"
+                                    " LIMIT ?", (cluster_id, limit)).fetchall()
+        return [AuditRecord(*row) for row in reversed(rows)]
+
+    @contextmanager
+    def audit_snapshot(self) -> Iterator[None]:
+        """Reads inside see one state of the database: the checkpoints and the records agree
+        even if an archive commits meanwhile (WAL: nobody else waits for this reader)."""
+        if self._db.in_transaction:
+            yield
+            return
+        self._db.execute("BEGIN")
+        try:
+            self._db.execute("SELECT COUNT(*) FROM audit_checkpoints").fetchone()  # snapshot
+            yield
+        finally:
+            if self._db.in_transaction:
+                self._db.execute("COMMIT")
+
+    def audit_checkpoints(self) -> list[audit.Checkpoint]:
+        rows = self._db.execute("SELECT seq, hash, first_seq, records, archive_name,"
+                                " archive_sha256, created_at FROM audit_checkpoints ORDER BY seq")
+        return [audit.Checkpoint(*row) for row in rows]
+
+    def archive_audit(self, checkpoint: audit.Checkpoint, event: AuditEvent) -> AuditRecord:
+        """Delete the records up to ``checkpoint.seq`` (already in the archive file it names),
+        keep the checkpoint, and append ``event`` with the checkpoint's details, in one
+        transaction. Refuses unless exactly the records ``checkpoint`` describes are there."""
+        with self._write() as db:
+            first, count = db.execute("SELECT MIN(seq), COUNT(*) FROM audit WHERE seq <= ?",
+                                      (checkpoint.seq,)).fetchone()
+            last = db.execute("SELECT hash FROM audit WHERE seq = ?",
+                              (checkpoint.seq,)).fetchone()
+            if (first, count) != (checkpoint.first_seq, checkpoint.records) or (
+                    last is None or last[0] != checkpoint.hash):
+                raise Conflict(
+                    f"the audit records {checkpoint.first_seq}..{checkpoint.seq} changed while "
+                    "the archive was written: nothing was deleted",
+                    "another `escrow audit archive` may have run at the same time: run "
+                    "`escrow audit verify`, then archive again into a new file",
+                )
+            db.execute("INSERT INTO audit_checkpoints VALUES (?, ?, ?, ?, ?, ?, ?)",
+                       (checkpoint.seq, checkpoint.hash, checkpoint.first_seq,
+                        checkpoint.records, checkpoint.archive_name, checkpoint.archive_sha256,
+                        checkpoint.created_at))
+            db.execute("DELETE FROM audit WHERE seq <= ?", (checkpoint.seq,))
+            return self._append(db, replace(event, details={**event.details,
+                                                            **checkpoint.details()}))
+
+    def compact(self) -> None:
+        """Give the space of deleted rows back to the file system (VACUUM). Holds the write
+        lock while it copies the whole database: only while no escrow serves."""
+        try:
+            self._db.execute("VACUUM")
+            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        except sqlite3.Error as exc:
+            raise StoreError(f"compacting the database failed: {exc}",
+                             "VACUUM needs free space about the size of the database; the "
+                             "archive itself is complete") from None
 
 
 def _request(row: tuple[Any, ...]) -> RequestRecord:

@@ -10,7 +10,7 @@ from typing import TypeVar
 from agent.client import EscrowClient
 from agent.release import candidate_keys
 from escrow.unlockkey import UnlockKey
-from tests.helpers.server import Cluster, EscrowProcess, Node
+from tests.helpers.server import BOOT_ID, Cluster, EscrowProcess, Node
 
 T = TypeVar("T")
 
@@ -38,7 +38,7 @@ async def unseal(escrow: EscrowProcess, node: Node) -> list[tuple[int, UnlockKey
     """Ask for shares as the node's agent would: the (version, key) pairs they rebuild."""
     async with client(escrow) as c:
         status, ephemeral = await c.unseal(node.cluster_id, node.node_id, node.cert_pem,
-                                           node.agent_key, node.hostname, "boot-1")
+                                           node.agent_key, node.hostname, BOOT_ID)
         return list(candidate_keys(status, ephemeral))
 
 

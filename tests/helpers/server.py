@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric import ec
+from prometheus_client.parser import text_string_to_metric_families
 
 from escrow import custodian_keys
 from tests.conftest import REPO, run_escrow
@@ -24,6 +25,8 @@ from tests.helpers.certs import Issued, make_node_cert, make_root_ca
 from tests.helpers.net import free_port
 
 PASSPHRASE = "correct horse battery staple"
+# A boot id as the kernel writes it (/proc/sys/kernel/random/boot_id).
+BOOT_ID = "3f0c8a52-1d4e-4b6a-9c7e-0a1b2c3d4e51"
 
 
 def swarm_id() -> str:
@@ -154,12 +157,27 @@ class EscrowProcess:
         return [(r["event"], r["details"]) for r in json.loads(result.stdout)
                 if r["event"].startswith(prefix)]
 
+    def metric(self, name: str, **labels: str) -> float:
+        """A sample of /metrics (0 when it has not been counted yet)."""
+        context = ssl.create_default_context(cafile=str(self.ca))
+        with urllib.request.urlopen(self.url + "/metrics", context=context,  # noqa: S310
+                                    timeout=10) as answer:
+            text = answer.read().decode()
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name == name and sample.labels == labels:
+                    return float(sample.value)
+        return 0.0
+
     def log(self) -> str:
         path = self.base / "serve.log"
         return path.read_text() if path.exists() else ""
 
 
 def make_escrow(base: Path, **env: str) -> EscrowProcess:
+    # Tests play many agents from one loopback address: the per-source limit is off unless a
+    # test sets it (tests/integration/test_hostile_clients.py does).
+    env.setdefault("ESCROW_REQUESTS_SOURCE_RATE", "0")
     escrow = EscrowProcess(base, free_port(), env)
     result = run_escrow("init", "--data-dir", str(escrow.data_dir))
     assert result.returncode == 0, result.stderr

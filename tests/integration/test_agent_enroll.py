@@ -57,9 +57,14 @@ def test_enroll_refuses_without_autolock_then_enrolls_and_deposits_once(
     assert first.returncode == 0, first.stderr
     assert "deposited the current unlock key as version 1" in first.stdout
     assert stat.S_IMODE((state / "agent-key.pem").stat().st_mode) == 0o600
+    # The escrow's deposit key is pinned on first use, and kept by a second enrollment.
+    assert "(pinned now, on first use" in first.stdout
+    pin = json.loads((state / "state.json").read_text())["deposit_key_sha256"]
+    assert f"deposits go only to the escrow's deposit key sha256 {pin}" in first.stdout
     second = agent(config, "enroll")
     assert second.returncode == 0, second.stderr
     assert "already holds the current unlock key" in second.stdout
+    assert f"deposit key sha256 {pin}\n" in second.stdout
 
     nodes = json.loads(escrow.cli("node", "list", "--json").stdout)
     assert [(n["cluster_id"], n["status"]) for n in nodes] == [(cluster_id, "active")]

@@ -62,7 +62,7 @@ def test_sigkill_during_deposits_never_leaves_a_partial_version(
         assert [r.slot for r in rows] == [0, 1, 2, 3, 4], f"version {version.version} is partial"
         mnemonics = [vault.open_share(r) for r in rows]
         assert shares.combine(mnemonics[1:4]).fingerprint(CLUSTER) == version.fingerprint
-    records = store.audit_records()
+    records = list(store.iter_audit())
     assert audit.verify(records) == []
     deposits = [r for r in records if r.event == "key.deposit"]
     assert sorted(r.details["version"] for r in deposits) == sorted(v.version for v in versions)

@@ -6,6 +6,7 @@ released; everything resumes by itself once space is freed.
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import json
 import os
@@ -15,14 +16,15 @@ from pathlib import Path
 
 import pytest
 
-from agent.errors import EscrowUnavailable
+from agent.errors import EscrowRejected, EscrowUnavailable
 from escrow.diskspace import RESERVE_NAME
 from escrow.unlockkey import UnlockKey
-from tests.helpers.api import deposit, enroll, enrolled, run, unseal
+from tests.helpers.api import client, deposit, enroll, enrolled, run, unseal
 from tests.helpers.server import EscrowProcess, make_escrow
 
 pytestmark = pytest.mark.slow
 RESERVE = 2 * 1024 * 1024
+BOOT_ID = "0b0e6b5e-2f7a-4c1e-9a51-6d3c2a1f0e99"
 
 
 def fill(directory: Path) -> Path:
@@ -92,9 +94,11 @@ def test_a_full_data_disk_refuses_new_keys_cleanly_but_still_releases_and_then_r
         run(unseal(escrow, node))
     second_filler.unlink()
 
+    # The refusals are logged, not audited: the reserve's space is for releases only.
     events = [(e, d.get("reason")) for e, d in escrow.audit()]
-    assert ("deposit.refused", "disk_full") in events
-    assert ("enroll.refused", "disk_full") in events
+    assert ("deposit.refused", "disk_full") not in events
+    assert "not audited for lack of disk space: deposit refused (disk_full)" in escrow.log()
+    assert "not audited for lack of disk space: enroll refused (disk_full)" in escrow.log()
     assert escrow.cli("audit", "verify").returncode == 0
 
     filler.unlink()  # the operator frees space: everything resumes with no restart
@@ -105,3 +109,32 @@ def test_a_full_data_disk_refuses_new_keys_cleanly_but_still_releases_and_then_r
     assert run(unseal(escrow, node)) == [(2, second), (1, first)]
     assert escrow.cli("audit", "verify").returncode == 0
     assert "released the 2097152-byte reserve for unseals" in escrow.log()
+
+
+def test_an_unauthenticated_flood_on_a_full_disk_leaves_the_reserve_to_unseals(
+        escrow: EscrowProcess) -> None:
+    """The attack: refusals written row by row used up the space, the reserve went to them, and
+    a legitimate unseal then got 507. Now a refusal before identification writes nothing."""
+    cluster, node, first = enrolled(escrow)
+    reserve = escrow.data_dir / RESERVE_NAME
+    filler = fill(escrow.data_dir)
+    stranger = cluster.node()  # never enrolled: every request of it fails identification
+
+    async def flood() -> list[int]:
+        async with client(escrow) as c:
+            async def one() -> int:
+                try:
+                    await c.unseal(stranger.cluster_id, stranger.node_id, stranger.cert_pem,
+                                   stranger.agent_key, stranger.hostname, BOOT_ID)
+                except EscrowRejected as refused:
+                    return refused.status
+                return 201
+            return list(await asyncio.gather(*(one() for _ in range(1_000))))
+
+    statuses = run(flood())
+    assert set(statuses) <= {403, 429}, set(statuses)
+    assert reserve.exists()  # untouched by the flood
+    assert run(unseal(escrow, node)) == [(1, first)]  # the reserve is spent on the release
+    assert not reserve.exists()
+    filler.unlink()
+    assert escrow.cli("audit", "verify").returncode == 0

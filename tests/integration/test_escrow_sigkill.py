@@ -22,7 +22,7 @@ from agent.errors import AgentError
 from agent.release import candidate_keys
 from escrow.unlockkey import UnlockKey
 from tests.helpers.api import client, deposit, enroll, run, unseal
-from tests.helpers.server import Cluster, EscrowProcess, Node, make_escrow
+from tests.helpers.server import BOOT_ID, Cluster, EscrowProcess, Node, make_escrow
 
 pytestmark = pytest.mark.slow
 KILLS = 50
@@ -91,7 +91,8 @@ def kill_repeatedly(escrow: EscrowProcess, cluster: Cluster, rng: random.Random
 
 def test_an_escrow_killed_50_times_while_serving_loses_nothing_it_acknowledged(
         tmp_path: Path) -> None:
-    escrow = make_escrow(tmp_path / "escrow")
+    # Every enrolled node deposits a key of its own: hundreds of versions in one cluster.
+    escrow = make_escrow(tmp_path / "escrow", ESCROW_KEYS_MAX_VERSIONS="100000")
     escrow.custodian("alice")
     escrow.custodian("bob")
     cluster = escrow.cluster(2, "auto,auto,alice,bob")
@@ -105,7 +106,7 @@ def test_an_escrow_killed_50_times_while_serving_loses_nothing_it_acknowledged(
     async def ask() -> tuple[str, X25519PrivateKey]:
         async with client(escrow) as c:
             status, ephemeral = await c.unseal(first.cluster_id, first.node_id, first.cert_pem,
-                                               first.agent_key, first.hostname, "boot-1")
+                                               first.agent_key, first.hostname, BOOT_ID)
             return status.request_id, ephemeral
 
     pending_id, pending_key = run(ask())

@@ -16,7 +16,7 @@ from agent.release import candidate_keys
 from agent.swarm_identity import CERT_DIR, read_identity, read_signing_identity
 from escrow import unlockkey
 from tests.helpers.dockerd import Dockerd
-from tests.helpers.server import EscrowProcess
+from tests.helpers.server import BOOT_ID, EscrowProcess
 
 pytestmark = pytest.mark.slow
 
@@ -59,7 +59,7 @@ def test_a_real_autolocked_manager_enrolls_and_is_unlocked_from_escrowed_shares(
         async with EscrowClient(escrow.url, escrow.ca) as client:
             started = time.monotonic()
             status, ephemeral = await client.unseal(cluster_id, locked.node_id, locked.cert_pem,
-                                                    agent_key, socket.gethostname(), "boot",
+                                                    agent_key, socket.gethostname(), BOOT_ID,
                                                     locked.kek_version)
             (version, key), = candidate_keys(status, ephemeral)
             await asyncio.to_thread(dockerd.api().unlock_swarm, key.swmkey())

@@ -19,9 +19,19 @@ from agent.release import candidate_keys
 from escrow import protocol
 from escrow.unlockkey import UnlockKey
 from tests.helpers.api import client, deposit, enroll, enrolled, run
-from tests.helpers.server import Cluster, EscrowProcess, Node, make_escrow
+from tests.helpers.server import BOOT_ID, Cluster, EscrowProcess, Node, make_escrow
 
 pytestmark = pytest.mark.slow
+
+
+def boot(n: int) -> str:
+    """The n-th boot id of a node, as the kernel writes it."""
+    return BOOT_ID[:-1] + str(n)
+
+
+BOOT = boot(0)
+
+
 @pytest.fixture(scope="module")
 def escrow(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EscrowProcess]:
     server = make_escrow(tmp_path_factory.mktemp("server"), ESCROW_REQUESTS_RATE_LIMIT="4")
@@ -45,7 +55,7 @@ def test_enrolled_node_gets_auto_shares_at_once_and_rebuilds_the_key(
     async def scenario() -> None:
         async with client(escrow) as c:
             status, ephemeral = await c.unseal(node.cluster_id, node.node_id, node.cert_pem,
-                                               node.agent_key, node.hostname, "boot-1", "10")
+                                               node.agent_key, node.hostname, boot(1), "10")
             assert (status.state, status.needed, len(status.releases)) == ("ready", 0, 2)
             assert all(r.holder == "auto" for r in status.releases)
             (version, rebuilt), = candidate_keys(status, ephemeral)
@@ -68,7 +78,7 @@ def test_deposit_over_the_api_is_idempotent_and_adds_versions(escrow: EscrowProc
     async def scenario() -> None:
         async with client(escrow) as c:
             status, ephemeral = await c.unseal(node.cluster_id, node.node_id, node.cert_pem,
-                                               node.agent_key, node.hostname, "boot-1")
+                                               node.agent_key, node.hostname, boot(1))
             assert [v for v, _ in candidate_keys(status, ephemeral)] == [2, 1]
             assert list(candidate_keys(status, ephemeral))[1][1] == key
             assert [r.version for r in status.releases] == [2, 2, 1, 1]
@@ -83,7 +93,7 @@ def test_approval_is_needed_shown_to_custodians_and_releases_their_share(
     async def scenario() -> None:
         async with client(escrow) as c:
             status, ephemeral = await c.unseal(node.cluster_id, node.node_id, node.cert_pem,
-                                               node.agent_key, "mgr-approval", "boot-2")
+                                               node.agent_key, "mgr-approval", boot(2))
             assert (status.state, status.needed) == ("pending", 1)
             assert list(candidate_keys(status, ephemeral)) == []
             listed = await asyncio.to_thread(escrow.as_custodian, "bob", "requests", "--json")
@@ -117,7 +127,7 @@ def test_a_denied_request_releases_nothing_more(escrow: EscrowProcess) -> None:
     async def scenario() -> None:
         async with client(escrow) as c:
             status, _ = await c.unseal(node.cluster_id, node.node_id, node.cert_pem,
-                                       node.agent_key, node.hostname, "boot-3")
+                                       node.agent_key, node.hostname, boot(3))
             denied = await asyncio.to_thread(escrow.as_custodian, "alice", "deny",
                                              status.request_id, "--reason", "not planned",
                                              "--yes")
@@ -128,22 +138,26 @@ def test_a_denied_request_releases_nothing_more(escrow: EscrowProcess) -> None:
             again = await asyncio.to_thread(escrow.as_custodian, "bob", "approve",
                                             status.request_id, "--yes")
             assert again.returncode == 1
-            assert "is not pending" in again.stderr
+            assert "is not among the pending requests" in again.stderr
 
     run(scenario())
 
 
-def test_a_custodian_without_a_slot_cannot_approve_or_export(escrow: EscrowProcess) -> None:
+def test_a_custodian_without_a_slot_cannot_see_approve_or_export(escrow: EscrowProcess) -> None:
     cluster, node, _ = enrolled(escrow, 2, "auto,alice,bob")
 
     async def scenario() -> None:
         async with client(escrow) as c:
             status, _ = await c.unseal(node.cluster_id, node.node_id, node.cert_pem,
-                                       node.agent_key, node.hostname, "boot-4")
+                                       node.agent_key, node.hostname, boot(4))
+            # What the node sent (hostname, source address, boot id) is not carol's to see.
+            listed = await asyncio.to_thread(escrow.as_custodian, "carol", "requests", "--json")
+            assert listed.returncode == 0, listed.stderr
+            assert json.loads(listed.stdout) == []
             refused = await asyncio.to_thread(escrow.as_custodian, "carol", "approve",
                                               status.request_id, "--yes")
             assert refused.returncode == 1
-            assert "holds no share" in refused.stderr
+            assert "where you hold a share" in refused.stderr
             assert (await c.poll(status.request_id)).approvals == []
 
     run(scenario())
@@ -208,13 +222,28 @@ def test_unseal_rejections_have_a_reason_an_audit_record_and_release_nothing(
                     return used
 
                 c.nonce = same_nonce  # type: ignore[method-assign]
-                await c.unseal(cluster.cluster_id, node_id, cert_pem, agent_key, "h", "b")
-            await c.unseal(cluster.cluster_id, node_id, cert_pem, agent_key, "h", "b")
+                await c.unseal(cluster.cluster_id, node_id, cert_pem, agent_key, "h", BOOT)
+            await c.unseal(cluster.cluster_id, node_id, cert_pem, agent_key, "h", BOOT)
 
+    counted_before = refusals_counted(escrow, "unseal", expected[1])
     with pytest.raises(EscrowRejected) as caught:
         run(attempt())
     assert (caught.value.status, caught.value.reason) == expected
-    assert_refused(escrow, "unseal.refused", expected[1])
+    if case in UNIDENTIFIED:
+        # Anyone can send these: counted, never written (the disk is not theirs to fill).
+        assert escrow.audit(last=1)[0][0] != "unseal.refused"
+        assert refusals_counted(escrow, "unseal", expected[1]) == counted_before + 1
+    else:
+        assert_refused(escrow, "unseal.refused", expected[1])
+
+
+# Refusals before the caller proved who it is (a signature by an enrolled key over a fresh
+# nonce): the rest come from an identified node and are audited.
+UNIDENTIFIED = {"unknown_node", "bad_signature", "replayed_nonce"}
+
+
+def refusals_counted(escrow: EscrowProcess, action: str, reason: str) -> float:
+    return escrow.metric("escrow_unauthenticated_refusals_total", action=action, reason=reason)
 
 
 def test_requests_are_rate_limited_per_node_and_one_stays_live(escrow: EscrowProcess) -> None:
@@ -225,13 +254,13 @@ def test_requests_are_rate_limited_per_node_and_one_stays_live(escrow: EscrowPro
             ids = []
             for _ in range(4):
                 status, _ = await c.unseal(node.cluster_id, node.node_id, node.cert_pem,
-                                           node.agent_key, node.hostname, "boot")
+                                           node.agent_key, node.hostname, BOOT)
                 ids.append(status.request_id)
             states = [(await c.poll(i)).state for i in ids]
             assert states == ["superseded", "superseded", "superseded", "pending"]
             with pytest.raises(EscrowRejected) as caught:
                 await c.unseal(node.cluster_id, node.node_id, node.cert_pem, node.agent_key,
-                               node.hostname, "boot")
+                               node.hostname, BOOT)
             assert (caught.value.status, caught.value.reason) == (429, "rate_limited")
 
     run(scenario())
@@ -303,7 +332,7 @@ def test_expired_requests_release_nothing(tmp_path: Path) -> None:
         async def scenario() -> None:
             async with client(server) as c:
                 status, _ = await c.unseal(node.cluster_id, node.node_id, node.cert_pem,
-                                           node.agent_key, node.hostname, "boot")
+                                           node.agent_key, node.hostname, BOOT)
                 assert status.state == "ready"
                 await asyncio.sleep(1.5)
                 expired = await c.poll(status.request_id)
@@ -342,7 +371,7 @@ def test_webhook_gets_the_pending_request_and_its_failure_never_blocks(tmp_path:
                 _, node, _ = await asyncio.to_thread(enrolled, server, 2, "auto,alice")
                 async with client(server) as c:
                     status, _ = await c.unseal(node.cluster_id, node.node_id, node.cert_pem,
-                                               node.agent_key, "hooked-host", "boot")
+                                               node.agent_key, "hooked-host", BOOT)
                     assert status.state == "pending"
             for _ in range(50):
                 if received:
@@ -370,7 +399,7 @@ def test_sigterm_answers_long_polls_and_exits_cleanly(tmp_path: Path) -> None:
         async def scenario() -> None:
             async with client(server) as c:
                 status, _ = await c.unseal(node.cluster_id, node.node_id, node.cert_pem,
-                                           node.agent_key, node.hostname, "boot")
+                                           node.agent_key, node.hostname, BOOT)
                 poll = asyncio.create_task(c.poll(status.request_id, wait=50))
                 await asyncio.sleep(0.5)
                 started = time.monotonic()
@@ -387,8 +416,8 @@ def test_sigterm_answers_long_polls_and_exits_cleanly(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("case", ["wrong_root_ca", "bad_swarm_signature", "bad_agent_signature",
                                   "garbage_nonce", "revoked", "unknown_cluster"])
-def test_enrollment_rejections_are_specific_and_audited(escrow: EscrowProcess,
-                                                        case: str) -> None:
+def test_enrollment_rejections_are_specific_and_audited_once_identified(escrow: EscrowProcess,
+                                                                       case: str) -> None:
     from cryptography.hazmat.primitives.asymmetric import ec  # noqa: PLC0415
 
     cluster = escrow.cluster(1, "alice")
@@ -429,13 +458,19 @@ def test_enrollment_rejections_are_specific_and_audited(escrow: EscrowProcess,
                 return
             await c.enroll(cluster_id, node.node_id, cert_pem, swarm_key, agent_key, "h")
 
+    counted_before = refusals_counted(escrow, "enroll", expected[1])
     with pytest.raises(EscrowRejected) as caught:
         run(attempt())
     assert (caught.value.status, caught.value.reason) == expected
-    assert_refused(escrow, "enroll.refused", expected[1])
+    if case == "revoked":  # the swarm's CA and both keys vouch for who asks: audited
+        assert_refused(escrow, "enroll.refused", expected[1])
+    else:  # nothing proves who sent these: counted, never written
+        assert escrow.audit(last=1)[0][0] != "enroll.refused"
+        assert refusals_counted(escrow, "enroll", expected[1]) == counted_before + 1
 
 
-def test_deposits_from_unknown_or_forged_agents_store_nothing(escrow: EscrowProcess) -> None:
+def test_deposits_from_unknown_or_forged_agents_store_nothing_not_even_a_row(
+        escrow: EscrowProcess) -> None:
     from cryptography.hazmat.primitives.asymmetric import ec  # noqa: PLC0415
 
     cluster, node, _ = enrolled(escrow)
@@ -446,6 +481,7 @@ def test_deposits_from_unknown_or_forged_agents_store_nothing(escrow: EscrowProc
         with pytest.raises(EscrowRejected) as caught:
             run(deposit(escrow, sender, UnlockKey(os.urandom(32))))
         assert caught.value.reason == reason
-        assert_refused(escrow, "deposit.refused", reason)
+        assert escrow.audit(last=1)[0][0] != "deposit.refused"
+        assert refusals_counted(escrow, "deposit", reason) >= 1
     listed = escrow.cli("key", "list", "--cluster", cluster.cluster_id, "--json")
     assert [v["version"] for v in json.loads(listed.stdout)] == [1]

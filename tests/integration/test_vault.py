@@ -56,7 +56,7 @@ def test_depositing_a_known_key_adds_nothing_but_is_audited(vault: Vault, cluste
     assert (again.version, again.created) == (1, False)
     assert len(vault.store.list_key_versions(cluster)) == 1
     assert len(vault.store.get_shares(cluster, 1)) == 5
-    assert vault.store.audit_records()[-1].event == "key.deposit_existing"
+    assert vault.store.latest_audit(1)[0].event == "key.deposit_existing"
 
 
 def test_versions_are_listed_newest_first(vault: Vault, cluster: str, clock: Clock) -> None:
@@ -95,12 +95,12 @@ def test_a_deposit_that_fails_half_way_stores_nothing(store: SqliteStore, token:
 
     vault = Vault(store, FailingOnThirdShare(), clock, "test")
     vault.add_cluster(CLUSTER, root_ca_pem, 2, ["auto"] * 4, allow_no_paper=True)
-    audit_before = len(store.audit_records())
+    audit_before = sum(1 for _ in store.iter_audit())
     with pytest.raises(StoreError, match="simulated"):
         vault.deposit(CLUSTER, UnlockKey(os.urandom(32)))
     assert store.list_key_versions(CLUSTER) == []
     assert store.get_shares(CLUSTER, 1) == []
-    assert len(store.audit_records()) == audit_before
+    assert sum(1 for _ in store.iter_audit()) == audit_before
 
 
 def test_prune_destroys_only_versions_past_retention_and_audits_it(
@@ -109,15 +109,15 @@ def test_prune_destroys_only_versions_past_retention_and_audits_it(
         vault.deposit(cluster, UnlockKey(os.urandom(32)))
         clock.advance(days=10)
     retention = timedelta(days=15)
-    assert vault.prune(cluster, retention, dry_run=True) == [1]
+    assert vault.prune(cluster, retention, dry_run=True).destroyed == [1]
     assert len(vault.store.list_key_versions(cluster)) == 3
-    assert vault.prune(cluster, retention) == [1]
+    assert vault.prune(cluster, retention).destroyed == [1]
     assert [v.version for v in vault.store.list_key_versions(cluster)] == [3, 2]
     assert vault.store.get_shares(cluster, 1) == []
-    last = vault.store.audit_records()[-1]
+    last = vault.store.latest_audit(1)[0]
     assert (last.event, last.details["versions"]) == ("key.prune", [1])
     clock.advance(days=1000)
-    assert vault.prune(cluster, timedelta(0)) == [2]
+    assert vault.prune(cluster, timedelta(0)).destroyed == [2]
     assert [v.version for v in vault.store.list_key_versions(cluster)] == [3]
 
 
@@ -134,7 +134,7 @@ def test_policy_rules_are_enforced_on_registration(vault: Vault, root_ca_pem: by
         vault.add_cluster(CLUSTER, root_ca_pem, 2, ["auto", "auto"])
     assert vault.store.list_clusters() == []
     vault.add_cluster(CLUSTER, root_ca_pem, 2, ["auto", "auto"], allow_no_paper=True)
-    assert vault.store.audit_records()[-1].details["paper_recoverable"] is False
+    assert vault.store.latest_audit(1)[0].details["paper_recoverable"] is False
 
 
 def test_a_custodian_in_a_policy_cannot_be_removed(vault: Vault, cluster: str) -> None:

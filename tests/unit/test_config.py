@@ -59,3 +59,56 @@ def test_bad_config_names_the_setting(tmp_path: Path, text: str, message: str) -
 def test_arbitrary_config_text_raises_only_config_error(tmp_path: Path, text: str) -> None:
     with contextlib.suppress(ConfigError):
         config.load(write(tmp_path, text), env={})
+
+
+SLOW_CLIENT_SETTINGS = {  # server.KEY: (default, environment variable)
+    "tls_handshake_timeout_seconds": (30.0, "ESCROW_SERVER_TLS_HANDSHAKE_TIMEOUT_SECONDS"),
+    "header_timeout_seconds": (10.0, "ESCROW_SERVER_HEADER_TIMEOUT_SECONDS"),
+    "body_timeout_seconds": (10.0, "ESCROW_SERVER_BODY_TIMEOUT_SECONDS"),
+    "keepalive_seconds": (75.0, "ESCROW_SERVER_KEEPALIVE_SECONDS"),
+    "max_connections": (8192, "ESCROW_SERVER_MAX_CONNECTIONS"),
+    "max_connections_per_source": (6144, "ESCROW_SERVER_MAX_CONNECTIONS_PER_SOURCE"),
+}
+HSM_TABLE = '[hsm]\nmodule = "/a.so"\ntoken = "t"\n'
+
+
+def test_slow_client_limits_default_to_room_for_the_unseal_storm(tmp_path: Path) -> None:
+    server = config.load(write(tmp_path, HSM_TABLE), env={}).server
+    for key, (default, _) in SLOW_CLIENT_SETTINGS.items():
+        assert getattr(server, key) == default, key
+    # bench/unseal_storm.py runs 5,000 agents from 127.0.0.1 at once, within both caps.
+    assert server.max_connections_per_source > 5000
+    assert server.max_connections > server.max_connections_per_source
+    # Above the agent's own 60 s keep-alive, so the agent always closes an idle connection
+    # first (agent/daemon.py keeps one warm while dockerd restarts).
+    assert server.keepalive_seconds > 60
+
+
+def test_slow_client_limits_come_from_the_file_and_the_environment(tmp_path: Path) -> None:
+    text = HSM_TABLE + "[server]\n" + "".join(f"{key} = 3\n" for key in SLOW_CLIENT_SETTINGS)
+    server = config.load(write(tmp_path, text), env={}).server
+    assert all(getattr(server, key) == 3 for key in SLOW_CLIENT_SETTINGS)
+    assert isinstance(server.max_connections, int)
+    env = {name: "7" for _, name in SLOW_CLIENT_SETTINGS.values()}
+    server = config.load(tmp_path, env=env).server
+    assert all(getattr(server, key) == 7 for key in SLOW_CLIENT_SETTINGS)
+
+
+@pytest.mark.parametrize(("key", "value"), [
+    ("tls_handshake_timeout_seconds", "0"), ("header_timeout_seconds", "0"),
+    ("body_timeout_seconds", "0"), ("max_connections", "0"),
+    ("max_connections_per_source", "0.5"),
+])
+def test_slow_client_limits_of_zero_are_refused_naming_where_they_came_from(
+        tmp_path: Path, key: str, value: str) -> None:
+    write(tmp_path, HSM_TABLE + f"[server]\n{key} = {value}\n")
+    with pytest.raises(ConfigError, match=rf"escrow.toml: server\.{key} must be"):
+        config.load(tmp_path, env={})
+    name = SLOW_CLIENT_SETTINGS[key][1]
+    with pytest.raises(ConfigError, match=rf"^{name}: server\.{key} must be"):
+        config.load(write(tmp_path, HSM_TABLE), env={name: value})
+
+
+def test_keepalive_of_zero_means_no_keepalive(tmp_path: Path) -> None:
+    write(tmp_path, HSM_TABLE + "[server]\nkeepalive_seconds = 0\n")
+    assert config.load(tmp_path, env={}).server.keepalive_seconds == 0

@@ -21,17 +21,17 @@ import io
 import json
 import os
 import tarfile
-from collections.abc import Callable, Coroutine, Sequence
+import uuid
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from functools import partial
 from pathlib import Path
-from typing import Any, TypeVar, cast
+from typing import Any, TypeVar
 from unittest import mock
 
 import pytest
 import shamir_mnemonic
 import tomli_w
-from aiohttp import web
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, padding, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
@@ -424,7 +424,7 @@ VALID_BODIES: dict[type[Message], dict[str, Any]] = {
     DepositRequest: {"cluster_id": CLUSTER, "node_id": NODE, "nonce": "AAAA",
                      "sealed_key": "AAAA", "signature": ""},
     UnsealRequest: {"cluster_id": CLUSTER, "node_id": NODE, "node_cert": MANAGER.pem.decode(),
-                    "ephemeral_public_key": "AAAA", "hostname": "m1", "boot_id": "b",
+                    "ephemeral_public_key": "AAAA", "hostname": "m1", "boot_id": str(uuid.uuid4()),
                     "kek_version": "3", "nonce": "AAAA", "signature": ""},
     ApproveRequest: {"signature": "AAAA"},
     DenyRequest: {"reason": "not planned", "signature": "AAAA"},
@@ -454,31 +454,8 @@ def request_bodies(draw: st.DrawFn) -> tuple[type[Message], bytes]:
     return model, json.dumps(body).encode()
 
 
-class _Request:
-    """What EscrowServer._body reads of an aiohttp request."""
-
-    def __init__(self, raw: bytes) -> None:
-        self.raw = raw
-
-    async def read(self) -> bytes:
-        return self.raw
-
-
-def _done(coroutine: Coroutine[Any, Any, T]) -> T:
-    """Run a coroutine that never suspends (no event loop needed)."""
-    try:
-        coroutine.send(None)
-    except StopIteration as finished:
-        return cast(T, finished.value)
-    coroutine.close()
-    raise AssertionError("the coroutine suspended")
-
-
 def _server_body(model: type[Message], raw: bytes) -> Message:
-    # _body uses nothing of the server's state: an instance without a token or a store will do.
-    server = object.__new__(app.EscrowServer)
-    body, _ = _done(server._body(cast(web.Request, _Request(raw)), model))
-    return body
+    return app.parse_body(raw, model)
 
 
 def _use_like_the_service(body: Message) -> None:
