@@ -115,6 +115,13 @@ class EscrowClient:
     async def info(self) -> InfoResponse:
         return await self._call("GET", "/v1/info", InfoResponse)
 
+    async def deposit_key_sha256(self) -> str:
+        """The fingerprint of the deposit key the escrow offers now (what trust on first use
+        pins)."""
+        info = await self.info()
+        return deposit_key.fingerprint(deposit_key.offered_key(self.url,
+                                                               info.deposit_public_key))
+
     async def nonce(self) -> bytes:
         return protocol.b64d((await self._call("POST", "/v1/nonce", NonceResponse)).nonce)
 
@@ -133,15 +140,12 @@ class EscrowClient:
         return await self._call("POST", "/v1/enroll", EnrollResponse, body)
 
     async def deposit(self, cluster_id: str, node_id: str, agent_key: ec.EllipticCurvePrivateKey,
-                      key: UnlockKey, pinned: str | None = None) -> DepositResponse:
+                      key: UnlockKey, pinned: str) -> DepositResponse:
         """Deposit ``key``, encrypted to the escrow's deposit key only if that key's
-        fingerprint is ``pinned`` (DepositKeyMismatch otherwise: nothing more is sent). The
-        agent always passes its pin (agent/deposit.py); None, unchecked, is for tests and
-        benchmarks that deposit to an escrow they have just started."""
+        fingerprint is ``pinned`` (DepositKeyMismatch otherwise: nothing more is sent)."""
         info = await self.info()
         offered = deposit_key.offered_key(self.url, info.deposit_public_key)
-        if pinned is not None:
-            deposit_key.check(self.url, offered, pinned)
+        deposit_key.check(self.url, offered, pinned)
         nonce = await self.nonce()
         server_key = X25519PublicKey.from_public_bytes(offered)
         sealed = HPKE.encrypt(key.swmkey().encode("ascii"), server_key,

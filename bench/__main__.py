@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from bench import agent_overhead, hostile_flood, slow_clients, unseal_storm, vault_bench
+from bench.checkout import REPO
 from bench.machine import Machine, invocation, this_machine
 from bench.plot import plot_unseal_latency
 
@@ -148,11 +149,11 @@ def main() -> None:
                      lambda: agent_overhead.measure(args.restarts, args.idle_seconds))
     (out / "agent_overhead.md").write_text(agent_overhead.document(overhead, machine, command))
     flood = timed("hostile floods", durations, lambda: hostile_flood.measure(
-        hostile_flood.REPO, args.flood_baseline, requests=args.flood_requests,
+        REPO, args.flood_baseline, requests=args.flood_requests,
         seconds=args.flood_seconds))
     (out / "hostile_flood.md").write_text(hostile_flood.document(flood, machine, command))
     slow = timed("slow clients", durations, lambda: slow_clients.measure(
-        slow_clients.REPO, args.slow_baseline, slow=args.slow_connections,
+        REPO, args.slow_baseline, slow=args.slow_connections,
         seconds=args.slow_seconds))
     (out / "slow_clients.md").write_text(slow_clients.document(slow, machine, command))
     (out / "SUMMARY.md").write_text(summary(machine, command, vault, storms, overhead, flood,

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import signal
 import socket
 import subprocess
 import sys
@@ -31,7 +30,7 @@ from pathlib import Path
 import docker
 
 from bench.machine import Machine, invocation, preamble, this_machine
-from bench.proc import cpu_seconds, memory_mib
+from bench.proc import cpu_seconds, memory_mib, terminate
 from bench.stats import percentile
 from tests.conftest import REPO
 from tests.helpers.agent import agent_env
@@ -140,15 +139,6 @@ def start(command: list[str], log: Path) -> subprocess.Popen[bytes]:
                             stderr=log.open("ab"))
 
 
-def stop(process: subprocess.Popen[bytes]) -> None:
-    process.send_signal(signal.SIGTERM)
-    try:
-        process.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
-
-
 def measure_unlocks(rounds: int, commands: dict[str, list[str]], daemon: Dockerd,
                     tap: UnlockTap, base: Path) -> dict[str, list[float]]:
     results: dict[str, list[float]] = {name: [] for name in commands}
@@ -163,7 +153,7 @@ def measure_unlocks(rounds: int, commands: dict[str, list[str]], daemon: Dockerd
                 raise RuntimeError(f"{name} did not unlock; its log ends:\n{log[-3000:]}"
                                    f"\ndockerd's log ends:\n{daemon.log()}") from None
             finally:
-                stop(process)
+                terminate(process)
         print(f"round {round_ + 1}: " + ", ".join(
             f"{name} {values[-1] * 1000:.0f} ms" for name, values in results.items()),
             file=sys.stderr)
@@ -219,7 +209,7 @@ def measure(restarts: int, idle_seconds: float) -> Overhead:
                 time.sleep(5)
                 rss, cpu = rss_and_cpu(agent.pid, idle_seconds)
             finally:
-                stop(agent)
+                terminate(agent)
         finally:
             if tap is not None:
                 tap.close()

@@ -32,18 +32,13 @@ import base64
 import json
 import multiprocessing
 import os
-import secrets
 import shutil
-import signal
 import sqlite3
 import ssl
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 import uuid
 from collections import Counter
 from collections.abc import Iterator, Sequence
@@ -57,84 +52,36 @@ import aiohttp
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from bench.checkout import REPO, Checkout, Server, checkout
 from bench.machine import Machine, invocation, preamble, this_machine
 from bench.proc import cpu_seconds
 from bench.stats import percentile
 from tests.helpers.certs import Issued, make_node_cert, make_root_ca
-from tests.helpers.net import free_port
+from tests.helpers.server import swarm_id
 
 TITLE = "Hostile floods: what unauthenticated callers cost the escrow"
-REPO = Path(__file__).resolve().parent.parent
 PROBE_INTERVAL = 0.05  # seconds between /healthz probes
 IDLE_SECONDS = 2.0  # of /healthz probing before each flood
 EDGE_SECONDS = 2.0  # nonces issued in the flood's first and last this-many seconds
 CLIENT_TIMEOUT = 120.0  # long, so slow answers stay in the figures instead of becoming errors
 NO_LIMIT = {"ESCROW_REQUESTS_SOURCE_RATE": "0"}
-SWARM_ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789"
 
 
 # -- the escrows under test -----------------------------------------------------------------
 
-@dataclass(frozen=True)
-class Checkout:
-    """A source tree of the escrow and the Python that runs its code."""
-
-    role: str  # "baseline" or "current"
-    path: Path
-    python: str
-    revision: str  # what git says it is, for the results
-    escrow_file: str  # escrow.__file__ as that environment imports it
-    source_rate: float | None  # the checkout's default requests.source_rate (None: no such)
-    source_burst: float | None
-
-    def env(self, extra: dict[str, str]) -> dict[str, str]:
-        """The environment its commands run in: nothing escrow-related from ours (SoftHSM's
-        config, ESCROW_* overrides), its own tree first on the import path."""
-        env = {k: v for k, v in os.environ.items()
-               if k != "SOFTHSM2_CONF" and not k.startswith("ESCROW_")}
-        env["PYTHONPATH"] = str(self.path)
-        env.update(extra)
-        return env
-
-
-_INSPECT = """\
-import escrow, escrow.config as c
+_SOURCE_LIMIT = """\
+import escrow.config as c
 s = c.ServerSettings()
-print(escrow.__file__)
 print(getattr(s, "source_rate", ""))
 print(getattr(s, "source_burst", ""))
 """
 
 
-def _git(path: Path, *args: str) -> str:
-    # Read-only, and --no-optional-locks so it never takes the index lock from anyone else.
-    result = subprocess.run(["git", "--no-optional-locks", "-C", str(path), *args],
-                            capture_output=True, text=True, check=False)
-    return result.stdout.strip() if result.returncode == 0 else ""
-
-
-def checkout(role: str, path: Path) -> Checkout:
-    """Inspect `path`: which Python runs it, and proof that this Python imports its code."""
-    path = path.resolve()
-    if not (path / "escrow" / "__init__.py").is_file():
-        raise SystemExit(f"{path} is not a checkout of this repository (no escrow/__init__.py)")
-    own = path / ".venv" / "bin" / "python"
-    python = str(own) if own.exists() else sys.executable
-    probe = Checkout(role, path, python, "", "", None, None)
-    result = subprocess.run([python, "-c", _INSPECT], cwd=path, env=probe.env({}),
-                            capture_output=True, text=True, check=False)
-    if result.returncode != 0:
-        raise SystemExit(f"{python} cannot import the escrow from {path}:\n{result.stderr}")
-    escrow_file, rate, burst = result.stdout.splitlines()
-    if not Path(escrow_file).resolve().is_relative_to(path):
-        raise SystemExit(f"{python} with PYTHONPATH={path} imports {escrow_file}, not {path}'s "
-                         "escrow")
-    commit = _git(path, "rev-parse", "--short", "HEAD") or "not a git checkout"
-    changed = _git(path, "status", "--porcelain", "--untracked-files=normal")
-    changes = len(changed.splitlines())
-    revision = f"{commit}" + (f" + {changes} uncommitted files" if changes else "")
-    return Checkout(role, path, python, revision, escrow_file,
-                    float(rate) if rate else None, float(burst) if burst else None)
+def source_limit(owner: Checkout) -> tuple[float, float] | None:
+    """The checkout's default per-source rate limit (requests.source_rate, source_burst);
+    None if it has no such limit."""
+    rate, burst = owner.run_python(_SOURCE_LIMIT).splitlines()
+    return (float(rate), float(burst)) if rate else None
 
 
 @dataclass(frozen=True)
@@ -143,134 +90,64 @@ class Target:
 
     key: str  # short and unique, for directories
     checkout: Checkout
+    source_limit: tuple[float, float] | None = None  # the checkout's default, if it has one
     extra_env: dict[str, str] = field(default_factory=dict)
 
     @property
     def label(self) -> str:
         if self.checkout.role == "baseline":
-            return f"baseline ({self.checkout.revision})"
-        if self.checkout.source_rate is None:
+            return self.checkout.label
+        if self.source_limit is None:
             return "current"
         if self.extra_env == NO_LIMIT:
             return "current, per-source limit off (ESCROW_REQUESTS_SOURCE_RATE=0)"
-        return (f"current, default per-source limit ({self.checkout.source_rate:g}/s, "
-                f"burst {self.checkout.source_burst:g})")
+        rate, burst = self.source_limit
+        return f"current, default per-source limit ({rate:g}/s, burst {burst:g})"
 
 
 def targets(baseline: Checkout | None, current: Checkout) -> list[Target]:
     found = [Target("baseline", baseline)] if baseline is not None else []
-    found.append(Target("current", current))
-    if current.source_rate is not None:  # a checkout with the per-source limit: also without
-        found.append(Target("current-nolimit", current, dict(NO_LIMIT)))
+    limit = source_limit(current)
+    found.append(Target("current", current, limit))
+    if limit is not None:  # a checkout with the per-source limit: also without
+        found.append(Target("current-nolimit", current, limit, dict(NO_LIMIT)))
     return found
 
 
-class Escrow:
-    """A target's data directory and, while started, its `escrow serve` on loopback."""
+class Escrow(Server):
+    """A target's data directory and, while started, its `escrow serve` on loopback, with one
+    registered cluster whose root CA we hold."""
 
     def __init__(self, target: Target, base: Path) -> None:
+        super().__init__(target.checkout, base, target.extra_env, target.label)
         self.target = target
-        self.base = base
-        self.base.mkdir(parents=True)
-        self.data_dir = base / "data"
-        self.port = free_port()
-        self.process: subprocess.Popen[bytes] | None = None
         self.cluster_id = ""
         self.cluster_ca: Issued | None = None
-
-    @property
-    def url(self) -> str:
-        # The address, not `localhost`, so no client tries ::1 first; the cert covers it.
-        return f"https://127.0.0.1:{self.port}"
-
-    @property
-    def ca(self) -> Path:
-        return self.data_dir / "tls" / "ca.pem"
-
-    @property
-    def log(self) -> Path:
-        return self.base / "serve.log"
 
     @property
     def db(self) -> Path:
         return self.data_dir / "escrow.db"
 
-    def _escrow(self, *args: str) -> None:
-        owner = self.target.checkout
-        result = subprocess.run(
-            [owner.python, "-m", "escrow", *args, "--data-dir", str(self.data_dir)],
-            cwd=owner.path, env=owner.env(self.target.extra_env), capture_output=True,
-            text=True, check=False)
-        if result.returncode != 0:
-            raise RuntimeError(f"escrow {args[0]} failed for {self.target.label}:\n"
-                               f"{result.stderr}")
-
     def init(self) -> None:
         """`escrow init`, then a cluster (auto policy, t=2) whose root CA we hold."""
-        self._escrow("init")
-        self.cluster_id = "".join(secrets.choice(SWARM_ALPHABET) for _ in range(25))
+        super().init()
+        self.cluster_id = swarm_id()
         self.cluster_ca = make_root_ca()
         root = self.base / "swarm-root-ca.pem"
         root.write_bytes(self.cluster_ca.pem)
-        self._escrow("cluster", "add", self.cluster_id, "--root-ca", str(root), "--threshold",
-                     "2", "--slots", "auto,auto", "--allow-no-paper-recovery")
-
-    def start(self) -> None:
-        owner = self.target.checkout
-        with self.log.open("ab") as log:
-            self.process = subprocess.Popen(
-                [owner.python, "-m", "escrow", "serve", "--data-dir", str(self.data_dir),
-                 "--listen", f"127.0.0.1:{self.port}"], cwd=owner.path,
-                env=owner.env(self.target.extra_env), stdout=subprocess.DEVNULL, stderr=log)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"escrow serve exited ({self.target.label}):\n"
-                                   f"{self.log.read_text()}")
-            try:
-                if self._get("/healthz")[0] == 200:
-                    return
-            except OSError:
-                pass
-            time.sleep(0.1)
-        raise RuntimeError(f"escrow serve did not become healthy ({self.target.label}):\n"
-                           f"{self.log.read_text()}")
-
-    def stop(self) -> None:
-        if self.process is None:
-            return
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-        self.process = None
+        self.escrow("cluster", "add", self.cluster_id, "--root-ca", str(root), "--threshold",
+                    "2", "--slots", "auto,auto", "--allow-no-paper-recovery")
 
     def restart(self) -> None:
-        """A fresh `escrow serve` on the same data: nothing a previous flood left in memory."""
+        """A fresh `escrow serve` on the same data (and a new port): nothing a previous flood
+        left in memory."""
         self.stop()
-        self.port = free_port()
         self.start()
-
-    @property
-    def pid(self) -> int:
-        assert self.process is not None
-        return self.process.pid
-
-    def _get(self, path: str) -> tuple[int, bytes]:
-        context = ssl.create_default_context(cafile=str(self.ca))
-        try:
-            with urllib.request.urlopen(self.url + path, context=context,  # noqa: S310
-                                        timeout=10) as answer:
-                return answer.status, answer.read()
-        except urllib.error.HTTPError as error:
-            return error.code, error.read()
 
     def unidentified_metric(self) -> int | None:
         """escrow_unauthenticated_refusals_total summed over its labels; None if this escrow
         has no such metric."""
-        status, body = self._get("/metrics")
+        status, body = self.get("/metrics")
         if status != 200:
             return None
         values = [float(line.rsplit(" ", 1)[1]) for line in body.decode().splitlines()
@@ -322,8 +199,7 @@ def unknown_node_bodies(count: int, cluster_id: str, ca: Issued) -> list[bytes]:
     UUID boot id, base64 of the right sizes) from nodes nobody enrolled: each names a node id
     of its own, carries a node certificate the cluster's CA did issue (to another id) and a
     well-formed signature, so the escrow refuses it only when it looks the node up."""
-    issued = make_node_cert(ca, "".join(secrets.choice(SWARM_ALPHABET) for _ in range(25)),
-                            cluster_id)
+    issued = make_node_cert(ca, swarm_id(), cluster_id)
     signature = issued.key.sign(b"not the unseal payload", ec.ECDSA(hashes.SHA256()))
 
     def b64(raw: bytes) -> str:
@@ -331,7 +207,7 @@ def unknown_node_bodies(count: int, cluster_id: str, ca: Issued) -> list[bytes]:
 
     return [json.dumps({
         "cluster_id": cluster_id,
-        "node_id": "".join(secrets.choice(SWARM_ALPHABET) for _ in range(25)),
+        "node_id": swarm_id(),
         "node_cert": issued.pem.decode("ascii"),
         "ephemeral_public_key": b64(os.urandom(32)),
         "hostname": "manager-1",

@@ -30,13 +30,8 @@ import argparse
 import asyncio
 import contextlib
 import multiprocessing
-import os
 import resource
-import signal
-import socket
 import ssl
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -45,11 +40,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bench.checkout import REPO, Checkout, Server, checkout
 from bench.machine import Machine, invocation, preamble, this_machine
+from bench.proc import allow_open_files
 from bench.stats import percentile
 
 TITLE = "Slow clients: /healthz latency while slow connections are held open"
-REPO = Path(__file__).resolve().parent.parent
 GOOD_SOURCE, SLOW_SOURCE = "127.0.0.1", "127.0.0.2"
 REQUEST_START = b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nX-Slow: "
 
@@ -176,67 +172,6 @@ def _pack(clients: SlowClients) -> bytes:
 # -- the server under test ----------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Checkout:
-    """A source tree of the escrow, the Python that runs it, and what git says it is."""
-
-    role: str  # "baseline" or "current"
-    path: Path
-    python: str
-    revision: str
-
-    @property
-    def label(self) -> str:
-        return f"{self.role} ({self.revision})"
-
-    def env(self) -> dict[str, str]:
-        """Nothing escrow-related from ours (SoftHSM's config, ESCROW_* overrides), and its
-        own tree first on the import path."""
-        env = {k: v for k, v in os.environ.items()
-               if k != "SOFTHSM2_CONF" and not k.startswith("ESCROW_")}
-        env["PYTHONPATH"] = str(self.path)
-        return env
-
-
-def _git(path: Path, *args: str) -> str:
-    # Read-only, and --no-optional-locks so it never takes the index lock from anyone else.
-    result = subprocess.run(["git", "--no-optional-locks", "-C", str(path), *args],
-                            capture_output=True, text=True, check=False)
-    return result.stdout.strip() if result.returncode == 0 else ""
-
-
-def checkout(role: str, path: Path) -> Checkout:
-    """``path`` as a checkout: its own .venv's Python if it has one, else this one, checked to
-    import the escrow from ``path``."""
-    path = path.resolve()
-    if not (path / "escrow" / "__init__.py").is_file():
-        raise SystemExit(f"{path} is not a checkout of this repository (no escrow/__init__.py)")
-    own = path / ".venv" / "bin" / "python"
-    found = Checkout(role, path, str(own) if own.exists() else sys.executable, "")
-    imported = subprocess.run([found.python, "-c", "import escrow; print(escrow.__file__)"],
-                              cwd=path, env=found.env(), capture_output=True, text=True,
-                              check=False).stdout.strip()
-    if not imported or not Path(imported).resolve().is_relative_to(path):
-        raise SystemExit(f"{found.python} with PYTHONPATH={path} imports {imported or 'nothing'}"
-                         f", not {path}'s escrow")
-    commit = _git(path, "rev-parse", "--short", "HEAD") or "not a git checkout"
-    changes = len(_git(path, "status", "--porcelain", "--untracked-files=normal").splitlines())
-    revision = commit + (f" + {changes} uncommitted files" if changes else "")
-    return Checkout(role, path, found.python, revision)
-
-
-@dataclass
-class Served:
-    port: int
-    ca: Path
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind((GOOD_SOURCE, 0))
-        return int(probe.getsockname()[1])
-
-
 @contextlib.contextmanager
 def soft_open_files(limit: int) -> Iterator[None]:
     """This process's soft open-files limit set to ``limit`` (0: unchanged) while inside, so
@@ -254,47 +189,18 @@ def soft_open_files(limit: int) -> Iterator[None]:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
-def allow_open_files(needed: int) -> None:
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft != resource.RLIM_INFINITY and soft < needed:
-        if hard != resource.RLIM_INFINITY and hard < needed:
-            raise RuntimeError(f"this needs {needed} open files but the hard limit is {hard}")
-        resource.setrlimit(resource.RLIMIT_NOFILE, (needed, hard))
-
-
 @contextlib.contextmanager
-def serve(owner: Checkout, workdir: Path, open_files: int) -> Iterator[Served]:
-    """`escrow init` and `escrow serve` of ``owner`` on loopback; stopped on the way out."""
-    data, log = workdir / "data", workdir / "serve.log"
-    subprocess.run([owner.python, "-m", "escrow", "init", "--data-dir", str(data)],
-                   cwd=owner.path, env=owner.env(), check=True, capture_output=True, timeout=120)
-    port = _free_port()
-    with soft_open_files(open_files), log.open("ab") as errors:
-        process = subprocess.Popen(
-            [owner.python, "-m", "escrow", "serve", "--data-dir", str(data), "--listen",
-             f"{GOOD_SOURCE}:{port}"], cwd=owner.path, env=owner.env(),
-            stdout=subprocess.DEVNULL, stderr=errors)
-    served = Served(port, data / "tls" / "ca.pem")
+def serve(owner: Checkout, workdir: Path, open_files: int) -> Iterator[Server]:
+    """`escrow init` and `escrow serve` of ``owner`` on loopback, started with a soft
+    open-files limit of ``open_files``; stopped on the way out."""
+    server = Server(owner, workdir)
+    server.init()
     try:
-        deadline = time.monotonic() + 30
-        context: ssl.SSLContext | None = None
-        while True:
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"escrow serve of {owner.path} did not answer:\n"
-                                   + log.read_text())
-            if context is None and served.ca.exists():
-                context = ssl.create_default_context(cafile=str(served.ca))
-            if context is not None and asyncio.run(probe(port, context, 2.0)) is not None:
-                break
-            time.sleep(0.1)
-        yield served
+        with soft_open_files(open_files):  # inherited by `escrow serve`
+            server.start()
+        yield server
     finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        server.stop()
 
 
 async def probe(port: int, context: ssl.SSLContext, timeout: float) -> float | None:

@@ -68,7 +68,8 @@ async def enroll_all(escrow: EscrowProcess, nodes: list[Node], key: UnlockKey) -
                                     node.agent_key, node.hostname)
 
         await asyncio.gather(*(one(n) for n in nodes))
-        await client.deposit(nodes[0].cluster_id, nodes[0].node_id, nodes[0].agent_key, key)
+        await client.deposit(nodes[0].cluster_id, nodes[0].node_id, nodes[0].agent_key, key,
+                             await client.deposit_key_sha256())
 
 
 def _kind(error: Exception) -> str:

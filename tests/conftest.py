@@ -117,6 +117,21 @@ def run_escrow(*args: str, data_dir: Path | None = None, stdin: str = "",
                           check=False, cwd=REPO)
 
 
+def ok(result: subprocess.CompletedProcess[str]) -> str:
+    """The output of a command that must have succeeded."""
+    assert result.returncode == 0, (result.stdout, result.stderr)
+    return result.stdout
+
+
+def fails(result: subprocess.CompletedProcess[str], code: int, *fragments: str) -> str:
+    """The error output of a command that must have failed with ``code``, saying each of
+    ``fragments``."""
+    assert result.returncode == code, (result.stdout, result.stderr)
+    for fragment in fragments:
+        assert fragment in result.stderr, result.stderr
+    return result.stderr
+
+
 @pytest.fixture
 def data_dir(tmp_path: Path, hsm_settings: HsmSettings, token: Token) -> Path:
     """A data directory whose config points at the session token (and this test's key), for

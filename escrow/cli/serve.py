@@ -20,6 +20,7 @@ from escrow.errors import ConfigError
 from escrow.hsm import resolve_pin
 from escrow.lock import DataDirLock
 from escrow.notify import Notifier
+from escrow.plaintext import PlainLogArgs
 from escrow.server.app import EscrowServer
 from escrow.server.connections import ConnectionGate, Limits, fit_open_files
 from escrow.tls import server_context
@@ -41,6 +42,10 @@ def parse_listen(listen: str) -> tuple[str, int]:
 def serve(data_dir: Path, listen: str | None, hsm_pin_file: Path | None) -> None:
     """Serve the escrow API over TLS until SIGTERM or SIGINT."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    for handler in logging.getLogger().handlers:
+        # Every logger's quoted values, not only the server's: nothing a client sent can start
+        # a forged line or carry terminal escapes into the journal.
+        handler.addFilter(PlainLogArgs())
     settings = config.load(data_dir)
     if listen:
         settings = replace(settings, server=replace(settings.server, listen=listen))

@@ -31,7 +31,8 @@ async def enroll(escrow: EscrowProcess, node: Node) -> None:
 
 async def deposit(escrow: EscrowProcess, node: Node, key: UnlockKey) -> int:
     async with client(escrow) as c:
-        return (await c.deposit(node.cluster_id, node.node_id, node.agent_key, key)).version
+        return (await c.deposit(node.cluster_id, node.node_id, node.agent_key, key,
+                                await c.deposit_key_sha256())).version
 
 
 async def unseal(escrow: EscrowProcess, node: Node) -> list[tuple[int, UnlockKey]]:

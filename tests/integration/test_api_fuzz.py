@@ -33,7 +33,8 @@ def test_fuzzing_the_api_finds_no_server_error_and_releases_nothing(tmp_path: Pa
                 await client.enroll(node.cluster_id, node.node_id, node.cert_pem, node.cert.key,
                                     node.agent_key, node.hostname)
                 await client.deposit(node.cluster_id, node.node_id, node.agent_key,
-                                     UnlockKey(os.urandom(32)))
+                                     UnlockKey(os.urandom(32)),
+                                     await client.deposit_key_sha256())
 
         asyncio.run(setup())
 

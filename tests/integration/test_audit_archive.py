@@ -35,23 +35,13 @@ from escrow.lock import DataDirLock
 from escrow.store import sqlite as sqlite_store
 from escrow.store.sqlite import SqliteStore
 from escrow.vault import timestamp
-from tests.conftest import REPO, run_escrow
+from tests.conftest import REPO, fails, ok, run_escrow
 
 pytestmark = pytest.mark.slow
 CLUSTER = "abcdefghijklmnopqrstuvwx1"
 NOW = datetime.now(UTC)
 
 
-def ok(result: subprocess.CompletedProcess[str]) -> str:
-    assert result.returncode == 0, (result.stdout, result.stderr)
-    return result.stdout
-
-
-def fails(result: subprocess.CompletedProcess[str], code: int, *fragments: str) -> str:
-    assert result.returncode == code, (result.stdout, result.stderr)
-    for fragment in fragments:
-        assert fragment in result.stderr, result.stderr
-    return result.stderr
 
 
 def days_ago(days: float) -> dict[str, str]:

@@ -9,7 +9,6 @@ import select
 import signal
 import sqlite3
 import stat
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -18,23 +17,13 @@ import pytest
 
 from escrow import shares
 from escrow.unlockkey import UnlockKey
-from tests.conftest import REPO, run_escrow
+from tests.conftest import REPO, fails, ok, run_escrow
 from tests.helpers.certs import make_node_cert, make_root_ca
 
 pytestmark = pytest.mark.slow
 CLUSTER = "abcdefghijklmnopqrstuvwx1"
 
 
-def ok(result: subprocess.CompletedProcess[str]) -> str:
-    assert result.returncode == 0, result.stderr
-    return result.stdout
-
-
-def fails(result: subprocess.CompletedProcess[str], code: int, *fragments: str) -> str:
-    assert result.returncode == code, (result.stdout, result.stderr)
-    for fragment in fragments:
-        assert fragment in result.stderr, result.stderr
-    return result.stderr
 
 
 @pytest.fixture(scope="module")

@@ -27,6 +27,7 @@ from agent.release import candidate_keys
 from escrow import custodian_keys, protocol
 from escrow.unlockkey import UnlockKey
 from tests.helpers.api import client, deposit, enroll, enrolled, run
+from tests.helpers.receiver import collector, receiving
 from tests.helpers.server import PASSPHRASE, EscrowProcess, Node, make_escrow
 
 pytestmark = pytest.mark.slow
@@ -269,3 +270,31 @@ def test_junk_deposits_from_a_node_cannot_push_the_real_key_out_of_reach(
     listed = json.loads(escrow.cli("key", "list", "--cluster", cluster.cluster_id,
                                    "--json").stdout)
     assert [v["version"] for v in listed] == [4, 1]
+
+
+def test_a_node_filling_the_retained_versions_pages_on_call_through_the_webhook(
+        tmp_path: Path) -> None:
+    received: list[dict[str, object]] = []
+
+    async def scenario() -> None:
+        async with receiving("/hook", collector(received)) as url:
+            escrow = make_escrow(tmp_path, ESCROW_SERVER_WEBHOOK_URL=url,
+                                 ESCROW_KEYS_MAX_VERSIONS="2")
+            try:
+                await asyncio.to_thread(escrow.start)
+                _, node, _ = await asyncio.to_thread(enrolled, escrow, 1, "auto")
+                await deposit(escrow, node, UnlockKey(os.urandom(32)))
+                with pytest.raises(EscrowRejected):
+                    await deposit(escrow, node, UnlockKey(os.urandom(32)))
+                for _ in range(50):
+                    if received:
+                        break
+                    await asyncio.sleep(0.1)
+            finally:
+                await asyncio.to_thread(escrow.stop)
+
+    run(scenario())
+    [alert] = received
+    assert alert["event"] == "key.versions_full"
+    assert alert["details"] == {"retained": 2, "limit": 2}
+    assert "`key.versions_full`" in str(alert["text"])

@@ -42,7 +42,8 @@ def test_a_real_autolocked_manager_enrolls_and_is_unlocked_from_escrowed_shares(
             enrolled = await client.enroll(cluster_id, identity.node_id, identity.cert_pem,
                                            swarm_key, agent_key, socket.gethostname())
             assert enrolled.keys == []
-            deposit = await client.deposit(cluster_id, identity.node_id, agent_key, unlock_key)
+            deposit = await client.deposit(cluster_id, identity.node_id, agent_key, unlock_key,
+                                           await client.deposit_key_sha256())
             assert (deposit.version, deposit.created) == (1, True)
             # Signing with a key that is not this certificate's is refused.
             with pytest.raises(EscrowRejected) as caught:

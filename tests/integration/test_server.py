@@ -19,6 +19,7 @@ from agent.release import candidate_keys
 from escrow import protocol
 from escrow.unlockkey import UnlockKey
 from tests.helpers.api import client, deposit, enroll, enrolled, run
+from tests.helpers.receiver import collector, receiving
 from tests.helpers.server import BOOT_ID, Cluster, EscrowProcess, Node, make_escrow
 
 pytestmark = pytest.mark.slow
@@ -344,43 +345,29 @@ def test_expired_requests_release_nothing(tmp_path: Path) -> None:
 
 
 def test_webhook_gets_the_pending_request_and_its_failure_never_blocks(tmp_path: Path) -> None:
-    from aiohttp import web  # noqa: PLC0415
-
     received: list[dict[str, object]] = []
 
     async def scenario() -> None:
-        async def hook(request: web.Request) -> web.Response:
-            received.append(await request.json())
-            return web.Response(text="ok")
-
-        app = web.Application()
-        app.router.add_post("/hook", hook)
-        runner = web.AppRunner(app)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        port = runner.addresses[0][1]
-        servers = [make_escrow(tmp_path / "ok", ESCROW_SERVER_WEBHOOK_URL=
-                               f"http://127.0.0.1:{port}/hook"),
-                   make_escrow(tmp_path / "broken", ESCROW_SERVER_WEBHOOK_URL=
-                               "http://127.0.0.1:9/nothing-listens")]
-        try:
-            for server in servers:
-                await asyncio.to_thread(server.custodian, "alice")
-                await asyncio.to_thread(server.start)
-                _, node, _ = await asyncio.to_thread(enrolled, server, 2, "auto,alice")
-                async with client(server) as c:
-                    status, _ = await c.unseal(node.cluster_id, node.node_id, node.cert_pem,
-                                               node.agent_key, "hooked-host", BOOT)
-                    assert status.state == "pending"
-            for _ in range(50):
-                if received:
-                    break
-                await asyncio.sleep(0.1)
-        finally:
-            for server in servers:
-                await asyncio.to_thread(server.stop)
-            await runner.cleanup()
+        async with receiving("/hook", collector(received)) as url:
+            servers = [make_escrow(tmp_path / "ok", ESCROW_SERVER_WEBHOOK_URL=url),
+                       make_escrow(tmp_path / "broken", ESCROW_SERVER_WEBHOOK_URL=
+                                   "http://127.0.0.1:9/nothing-listens")]
+            try:
+                for server in servers:
+                    await asyncio.to_thread(server.custodian, "alice")
+                    await asyncio.to_thread(server.start)
+                    _, node, _ = await asyncio.to_thread(enrolled, server, 2, "auto,alice")
+                    async with client(server) as c:
+                        status, _ = await c.unseal(node.cluster_id, node.node_id, node.cert_pem,
+                                                   node.agent_key, "hooked-host", BOOT)
+                        assert status.state == "pending"
+                for _ in range(50):
+                    if received:
+                        break
+                    await asyncio.sleep(0.1)
+            finally:
+                for server in servers:
+                    await asyncio.to_thread(server.stop)
 
     run(scenario())
     assert len(received) == 1

@@ -34,6 +34,7 @@ from escrow.store import NodeRecord
 from escrow.store.sqlite import SqliteStore
 from escrow.tls import client_context
 from tests.helpers.api import client, enrolled, run
+from tests.helpers.receiver import receiving
 from tests.helpers.server import PASSPHRASE, EscrowProcess, Node, make_escrow, swarm_id
 
 pytestmark = pytest.mark.slow
@@ -256,43 +257,35 @@ def test_webhook_does_not_follow_redirects(tmp_path: Path) -> None:
     log: list[str] = []
 
     async def scenario() -> None:
-        async def redirecting(request: web.Request) -> web.Response:
-            hooked.append(await request.json())
-            raise web.HTTPTemporaryRedirect(f"http://127.0.0.1:{other_port}/collect")
-
         async def collect(request: web.Request) -> web.Response:
             elsewhere.append(await request.read())
             return web.Response(text="ok")
 
-        runners = []
-        for route, handler in (("/collect", collect), ("/hook", redirecting)):
-            app = web.Application()
-            app.router.add_post(route, handler)
-            runner = web.AppRunner(app)
-            await runner.setup()
-            await web.TCPSite(runner, "127.0.0.1", 0).start()
-            runners.append(runner)
-        other_port = runners[0].addresses[0][1]
-        hook_port = runners[1].addresses[0][1]
-        server = make_escrow(tmp_path, ESCROW_SERVER_WEBHOOK_URL=
-                             f"http://127.0.0.1:{hook_port}/hook")
-        try:
-            await asyncio.to_thread(server.custodian, "alice")
-            await asyncio.to_thread(server.start)
-            _, node, _ = await asyncio.to_thread(enrolled, server, 2, "auto,alice")
-            async with client(server) as c:
-                status, _ = await c.unseal(node.cluster_id, node.node_id, node.cert_pem,
-                                           node.agent_key, "hooked-host", BOOT)
-                assert status.state == "pending"
-            deadline = time.monotonic() + 10
-            while not (hooked and "redirect" in server.log()) and time.monotonic() < deadline:
-                await asyncio.sleep(0.1)
-            await asyncio.sleep(0.5)  # time for a followed redirect to arrive, were it followed
-        finally:
-            await asyncio.to_thread(server.stop)
-            for runner in runners:
-                await runner.cleanup()
-            log.append(server.log())
+        async with receiving("/collect", collect) as other:
+            async def redirecting(request: web.Request) -> web.Response:
+                hooked.append(await request.json())
+                raise web.HTTPTemporaryRedirect(other)
+
+            async with receiving("/hook", redirecting) as url:
+                server = make_escrow(tmp_path, ESCROW_SERVER_WEBHOOK_URL=url)
+                try:
+                    await asyncio.to_thread(server.custodian, "alice")
+                    await asyncio.to_thread(server.start)
+                    _, node, _ = await asyncio.to_thread(enrolled, server, 2, "auto,alice")
+                    async with client(server) as c:
+                        status, _ = await c.unseal(node.cluster_id, node.node_id,
+                                                   node.cert_pem, node.agent_key,
+                                                   "hooked-host", BOOT)
+                        assert status.state == "pending"
+                    deadline = time.monotonic() + 10
+                    while not (hooked and "redirect" in server.log()) and (
+                            time.monotonic() < deadline):
+                        await asyncio.sleep(0.1)
+                    # Time for a followed redirect to arrive, were it followed.
+                    await asyncio.sleep(0.5)
+                finally:
+                    await asyncio.to_thread(server.stop)
+                    log.append(server.log())
 
     run(scenario())
     assert elsewhere == []  # the redirect's target got nothing: not the body, not the node's name
