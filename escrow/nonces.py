@@ -1,8 +1,9 @@
 """Freshness: server nonces that cost nothing to issue, and single-use guards for signed requests.
 
-A nonce is ``expiry (8 bytes, ms) || random (16) || HMAC-SHA256 tag (8)`` under a secret the
-escrow keeps wrapped by the token. Issuing one stores nothing, so a flood of ``POST /v1/nonce``
-costs neither memory nor a table scan, and any escrow holding the same secret accepts it.
+A nonce is ``expiry (8 bytes, ms) || random (16) || HMAC-SHA256 tag (8)`` under a secret (the
+service derives it from one the escrow keeps wrapped by the token and one of its process's
+start). Issuing one stores nothing, so a flood of ``POST /v1/nonce`` costs neither memory nor a
+table scan.
 Single use is enforced only once a request's signature has been checked (:class:`SeenOnce`):
 the set of used nonces then grows with what identified callers did, not with what anyone sent.
 """

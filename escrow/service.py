@@ -148,7 +148,12 @@ class Escrow:
         self._deposit_key = X25519PrivateKey.from_private_bytes(
             self._sealed_secret(DEPOSIT_KEY, lambda: X25519PrivateKey.generate()
                                 .private_bytes_raw()))
-        self.nonces = NonceMinter(self._sealed_secret(NONCE_KEY, lambda: secrets.token_bytes(32)),
+        # The used nonces live in this process's memory, so a nonce must not outlive it: the
+        # stored secret is mixed with one of this process's start, and a restart voids every
+        # nonce issued before (agents just fetch new ones). Replicas sharing nonces will need
+        # the used set in the store first.
+        stored = self._sealed_secret(NONCE_KEY, lambda: secrets.token_bytes(32))
+        self.nonces = NonceMinter(hmac.new(stored, secrets.token_bytes(32), "sha256").digest(),
                                   vault.clock)
 
     # -- set-up -----------------------------------------------------------------------------

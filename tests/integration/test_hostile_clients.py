@@ -298,3 +298,28 @@ def test_a_node_filling_the_retained_versions_pages_on_call_through_the_webhook(
     assert alert["event"] == "key.versions_full"
     assert alert["details"] == {"retained": 2, "limit": 2}
     assert "`key.versions_full`" in str(alert["text"])
+
+
+def test_a_nonce_used_before_a_restart_cannot_be_replayed_after_it(tmp_path: Path) -> None:
+    escrow = make_escrow(tmp_path)
+    escrow.start()
+    try:
+        _, node, _ = enrolled(escrow, 1, "auto")
+        status, _, text = run(post(escrow, "/v1/nonce", {}))
+        assert status == 200
+        escrow.stop()
+        escrow.start()
+
+        async def replay() -> None:
+            async with client(escrow) as c:
+                async def the_old_nonce() -> bytes:
+                    return protocol.b64d(json.loads(text)["nonce"])
+                c.nonce = the_old_nonce  # type: ignore[method-assign]
+                await c.unseal(node.cluster_id, node.node_id, node.cert_pem, node.agent_key,
+                               node.hostname, BOOT_ID)
+
+        with pytest.raises(EscrowRejected) as caught:
+            run(replay())
+        assert (caught.value.status, caught.value.reason) == (401, "stale_nonce")
+    finally:
+        escrow.stop()
