@@ -73,6 +73,11 @@ MAX_WAIT = 60.0
 RELEASE_PATHS = frozenset({"/v1/unseal", "/v1/unseal/{request_id}",
                            "/v1/unseal/{request_id}/result", "/v1/requests/{request_id}/approve"})
 UNLIMITED = frozenset({"/v1/openapi.json", "/v1/info"})
+# The action a refused body counts under, as the service names it.
+ACTIONS = {"/v1/enroll": "enroll", "/v1/deposit": "deposit", "/v1/unseal": "unseal",
+           "/v1/unseal/{request_id}/result": "unseal.result",
+           "/v1/requests/{request_id}/approve": "custodian",
+           "/v1/requests/{request_id}/deny": "custodian", "/v1/shares/export": "custodian"}
 
 
 class Metrics:
@@ -326,7 +331,9 @@ class EscrowServer:
         try:
             return parse_body(raw, model), raw
         except RequestError as exc:
-            self._unidentified(_endpoint(request), exc.reason, self._source(request))
+            endpoint = _endpoint(request)
+            self._unidentified(ACTIONS.get(endpoint, endpoint), exc.reason,
+                               self._source(request))
             raise
 
     def _source(self, request: web.Request) -> str:

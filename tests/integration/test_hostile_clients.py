@@ -66,6 +66,8 @@ def test_a_flood_of_unauthenticated_requests_writes_no_audit_rows(
     stranger = cluster.node()
     impostor = Node(node.cluster_id, node.node_id, node.cert)  # the node's id, another key
     before = audit_rows(escrow)
+    bodies_before = escrow.metric("escrow_unauthenticated_refusals_total", action="unseal",
+                                  reason="invalid_body")
 
     async def flood() -> list[int]:
         async with client(escrow) as c:
@@ -91,6 +93,8 @@ def test_a_flood_of_unauthenticated_requests_writes_no_audit_rows(
                + escrow.metric("escrow_unauthenticated_refusals_total", action="unseal",
                                reason="bad_signature"))
     assert counted >= 150
+    assert escrow.metric("escrow_unauthenticated_refusals_total", action="unseal",
+                         reason="invalid_body") == bodies_before + 20
     summaries = [line for line in escrow.log().splitlines()
                  if "unauthenticated request(s) from 127.0.0.1" in line]
     assert 1 <= len(summaries) <= 3  # one line a minute per source, not one per refusal
