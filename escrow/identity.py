@@ -59,11 +59,6 @@ def parse_root_ca(pem: bytes) -> x509.Certificate:
     return cert
 
 
-def subject_cn(cert: x509.Certificate) -> str:
-    values = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
-    return str(values[0].value) if values else ""
-
-
 MANAGER_OU = "swarm-manager"
 
 

@@ -37,10 +37,6 @@ class Policy:
         return tuple(s for s in self.slots if s != AUTO)
 
     @property
-    def auto_slots(self) -> int:
-        return sum(1 for s in self.slots if s == AUTO)
-
-    @property
     def paper_recoverable(self) -> bool:
         """Whether custodians alone hold enough shares to rebuild the key without the escrow."""
         return len(self.custodians) >= self.threshold

@@ -1,8 +1,8 @@
 """Persistence behind one narrow interface.
 
 Every mutation appends its audit record in the same transaction, so the log and the data can
-never disagree. SQLite (``escrow.store.sqlite``) is the backend today; a PostgreSQL backend for
-several escrow replicas implements the same :class:`Store` protocol.
+never disagree. SQLite (``escrow.store.sqlite``) is the only backend; another one (PostgreSQL,
+for several escrow replicas) would implement the same :class:`Store` protocol.
 """
 
 from __future__ import annotations

@@ -472,3 +472,26 @@ def test_deposits_from_unknown_or_forged_agents_store_nothing_not_even_a_row(
         assert refusals_counted(escrow, "deposit", reason) >= 1
     listed = escrow.cli("key", "list", "--cluster", cluster.cluster_id, "--json")
     assert [v["version"] for v in json.loads(listed.stdout)] == [1]
+
+
+def test_revoking_a_node_ends_its_pending_request_and_releases_nothing_more(
+        escrow: EscrowProcess) -> None:
+    cluster, node, _ = enrolled(escrow, 2, "auto,alice,bob")
+
+    async def scenario() -> None:
+        async with client(escrow) as c:
+            status, _ = await c.unseal(node.cluster_id, node.node_id, node.cert_pem,
+                                       node.agent_key, node.hostname, boot(5))
+            assert (status.state, status.needed) == ("pending", 1)
+            revoked = await asyncio.to_thread(escrow.cli, "node", "revoke", "--cluster",
+                                              cluster.cluster_id, node.node_id, "--reason",
+                                              "disk missing")
+            assert revoked.returncode == 0, revoked.stderr
+            ended = await c.poll(status.request_id)
+            assert (ended.state, ended.releases) == ("revoked", [])
+            approved = await asyncio.to_thread(escrow.as_custodian, "alice", "approve",
+                                               status.request_id, "--yes")
+            assert approved.returncode == 1
+
+    run(scenario())
+    assert escrow.audit("node.revoke")

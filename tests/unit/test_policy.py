@@ -10,7 +10,7 @@ PEOPLE = ["alice", "bob", "carol"]
 
 def test_usual_production_policy_is_valid_and_paper_recoverable() -> None:
     policy = make_policy(2, parse_slots("auto,auto,alice,bob,carol"), PEOPLE)
-    assert policy.auto_slots == 2
+    assert policy.slots.count("auto") == 2
     assert policy.custodians == ("alice", "bob", "carol")
     assert policy.paper_recoverable
 
