@@ -30,6 +30,7 @@ from escrow.protocol import (
     InfoResponse,
     NonceResponse,
     RequestStatus,
+    ResultOutcome,
 )
 from escrow.tls import client_context
 from escrow.unlockkey import UnlockKey
@@ -178,9 +179,9 @@ class EscrowClient:
                                 timeout=wait + 30)
 
     async def report(self, request_id: str, node_id: str, agent_key: ec.EllipticCurvePrivateKey,
-                     outcome: str, version: int) -> None:
+                     outcome: ResultOutcome, version: int) -> None:
         body = protocol.ResultReport(
-            node_id=node_id, outcome=outcome,  # type: ignore[arg-type]
+            node_id=node_id, outcome=outcome,
             version=version, signature=protocol.sign(agent_key, protocol.result_payload(
                 request_id, node_id, outcome, version)))
         await self._call("POST", f"/v1/unseal/{request_id}/result", protocol.ResultResponse,

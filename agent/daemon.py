@@ -54,6 +54,7 @@ from escrow.errors import EscrowError
 from escrow.notify import Notifier, watchdog_interval
 from escrow.plaintext import plain
 from escrow.protocol import RequestStatus
+from escrow.states import Outcome, RequestState
 from escrow.tls import client_context
 from escrow.unlockkey import UnlockKey
 
@@ -455,7 +456,8 @@ class Agent:
         """Seconds before asking again if the request ended without a key, None while it is
         pending."""
         request_id, fields = status.request_id, {"REQUEST_ID": status.request_id}
-        if status.state == "denied":
+        state = RequestState(status.state)
+        if state == RequestState.DENIED:
             delay = self.config.refused_retry_seconds
             self._error("a custodian denied unseal request %s: %s; asking again in %.0f s",
                         request_id, plain(status.denial_reason or "no reason given"), delay,
@@ -463,11 +465,11 @@ class Agent:
             self.notifier.status(f"locked; request {request_id} was denied, asking again in "
                                  f"{delay:.0f} s")
             return delay
-        if status.state in ("expired", "superseded", "completed"):
+        if state in (RequestState.EXPIRED, RequestState.SUPERSEDED, RequestState.COMPLETED):
             self._info("unseal request %s ended (%s) before a quorum; asking again",
                        request_id, status.state, **fields)
             return 0.0
-        if status.state == "revoked":
+        if state == RequestState.REVOKED:
             self._error("the escrow revoked this node while request %s was waiting; an admin "
                         "can re-admit it with `escrow node allow`", request_id, **fields)
             self.notifier.status("locked; this node is revoked at the escrow")
@@ -489,14 +491,15 @@ class Agent:
                 refused.add(version)
                 self._warn("key version %d does not unlock this manager", version,
                            KEY_VERSION=str(version), **fields)
-                self._report(request_id, identity.node_id, agent_key, "invalid_key", version)
+                self._report(request_id, identity.node_id, agent_key, Outcome.INVALID_KEY,
+                             version)
             else:
                 return None
         except (DockerUnavailable, SharesUnusable) as exc:
             self._warn("unlock abandoned: %s", exc.message, **fields)
             return 0.0
         seconds = time.monotonic() - seen_locked
-        self._report(request_id, identity.node_id, agent_key, "unlocked", version)
+        self._report(request_id, identity.node_id, agent_key, Outcome.UNLOCKED, version)
         self._info("unlocked the manager with key version %d (request %s) %.2f s after "
                    "seeing it locked", version, request_id, seconds,
                    KEY_VERSION=str(version), **fields)
@@ -534,14 +537,15 @@ class Agent:
                    ACTIVE_TIMEOUT)
 
     def _report(self, request_id: str, node_id: str, agent_key: ec.EllipticCurvePrivateKey,
-                outcome: str, version: int) -> None:
+                outcome: Outcome, version: int) -> None:
         """Report in the background: the audit record matters, but must not hold up the
         unlock. A few tries, then a warning."""
         async def send() -> None:
             backoff = Backoff(first=1.0, cap=10.0)
             for _ in range(5):
                 try:
-                    await self.client.report(request_id, node_id, agent_key, outcome, version)
+                    await self.client.report(request_id, node_id, agent_key, outcome.value,
+                                             version)
                 except EscrowRejected as exc:
                     self._warn("the escrow did not record the result of request %s: %s",
                                request_id, exc.message, REQUEST_ID=request_id)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
-from typing import Annotated, Literal
+from typing import Annotated, Literal, get_args
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, hpke, serialization
@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import (
 )
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
 
-from escrow import plaintext
+from escrow import plaintext, states
 from escrow.encoding import encode
 
 API_VERSION = "v1"
@@ -131,8 +131,15 @@ class ReleasedShare(Message):
     sealed_share: B64 = Field(description="HPKE ciphertext of the SLIP-39 mnemonic")
 
 
+# The wire spells states and outcomes as these literals, the values of the enums in
+# escrow.states (checked below); an enum member's ``.value`` has the literal type.
 RequestState = Literal["pending", "ready", "denied", "expired", "superseded", "completed",
                        "revoked"]
+ResultOutcome = Literal["unlocked", "invalid_key", "failed"]
+
+for _literal, _enum in ((RequestState, states.RequestState), (ResultOutcome, states.Outcome)):
+    if set(get_args(_literal)) != {member.value for member in _enum}:
+        raise RuntimeError(f"escrow.protocol and escrow.states disagree on {_enum.__name__}")
 
 
 class RequestStatus(Message):
@@ -151,7 +158,7 @@ class RequestStatus(Message):
 
 class ResultReport(Message):
     node_id: SwarmId
-    outcome: Literal["unlocked", "invalid_key", "failed"]
+    outcome: ResultOutcome
     version: Int63
     signature: B64
 

@@ -43,6 +43,7 @@ from escrow.protocol import (
     ResultReport,
     UnsealRequest,
 )
+from escrow.states import Decision, NodeStatus, Outcome, RequestState
 from escrow.store import (
     ApprovalRecord,
     KeyVersionRecord,
@@ -236,7 +237,7 @@ class Escrow:
 
     @staticmethod
     def _not_revoked(node: NodeRecord) -> None:
-        if node.status != "active":
+        if node.status != NodeStatus.ACTIVE:
             raise IdentityError("revoked", f"node {node.node_id} is revoked",
                                 "an admin can re-admit it with `escrow node allow`")
 
@@ -288,7 +289,7 @@ class Escrow:
         now = timestamp(self.clock())
         self.store.enroll_node(
             NodeRecord(body.cluster_id, body.node_id, protocol.public_pem(agent_key),
-                       body.hostname, now, "active"),
+                       body.hostname, now, NodeStatus.ACTIVE),
             AuditEvent("node.enroll", f"node:{body.node_id}", body.cluster_id,
                        {"node_id": body.node_id, "hostname": body.hostname,
                         "agent_key_sha256": protocol.sha256_hex(protocol.public_der(agent_key)),
@@ -401,7 +402,8 @@ class Escrow:
         record = RequestRecord(
             request_id, body.cluster_id, body.node_id, body.hostname, body.boot_id, source,
             body.node_cert, ephemeral, body.kek_version, timestamp(now),
-            timestamp(now + timedelta(seconds=self.settings.request_ttl_seconds)), "pending")
+            timestamp(now + timedelta(seconds=self.settings.request_ttl_seconds)),
+            RequestState.PENDING)
         self.store.create_request(record, AuditEvent(
             "unseal.request", f"node:{body.node_id}", body.cluster_id,
             {"request_id": request_id, "node_id": body.node_id, "hostname": body.hostname,
@@ -409,14 +411,15 @@ class Escrow:
              "cert_serial": str(cert.serial_number)}))
         return self.status(request_id)
 
-    def _state(self, request: RequestRecord) -> str:
-        if request.state == "pending" and self.clock() > parse_timestamp(request.expires_at):
-            return "expired"
+    def _state(self, request: RequestRecord) -> RequestState:
+        if (request.state == RequestState.PENDING
+                and self.clock() > parse_timestamp(request.expires_at)):
+            return RequestState.EXPIRED
         return request.state
 
     def _approvers(self, request_id: str) -> list[str]:
         return [a.custodian for a in self.store.list_approvals(request_id)
-                if a.decision == "approve"]
+                if a.decision == Decision.APPROVE]
 
     def _plan(self, request: RequestRecord) -> list[Release]:
         """Shares each retained version would release now: auto slots, then approvers'. Only
@@ -467,7 +470,7 @@ class Escrow:
         threshold = newest.version.policy.threshold if newest else 0
         needed = threshold - len(newest.shares) if newest else 0
         releases: list[ReleasedShare] = []
-        if state == "pending":
+        if state == RequestState.PENDING:
             releases = [self._encrypt_to(request, release, share)
                         for release in plan for share in release.shares]
             if releases:
@@ -477,16 +480,17 @@ class Escrow:
                     AuditEvent("unseal.release", "escrow", request.cluster_id,
                                {"request_id": request_id, "node_id": request.node_id})))
             if needed == 0:
-                state = "ready"
+                state = RequestState.READY
         else:
             with self._lock:
                 self._released.pop(request_id, None)
         return RequestStatus(
             request_id=request_id, cluster_id=request.cluster_id, node_id=request.node_id,
-            state=state,  # type: ignore[arg-type]
+            state=state.value,
             created_at=request.created_at, expires_at=request.expires_at, threshold=threshold,
             needed=max(0, needed), approvals=self._approvers(request_id),
-            denial_reason=request.reason if state == "denied" else "", releases=releases)
+            denial_reason=request.reason if state == RequestState.DENIED else "",
+            releases=releases)
 
     def report(self, request_id: str, body: ResultReport, source: str) -> None:
         request, node = self._identify("unseal.result", source,
@@ -511,11 +515,12 @@ class Escrow:
         """One outcome per version, and only about shares this request was given: a replayed
         report changes nothing, and no report turns a denied request into a completed one."""
         self._not_revoked(node)
+        outcome = Outcome(body.outcome)
         reported = self.store.list_results(request.request_id).get(body.version)
         # After the unlock, stragglers (the versions tried before it) and retries still count.
-        late = request.state == "completed" and (body.outcome != "unlocked"
-                                                 or reported == "unlocked")
-        if request.state != "pending" and not late:
+        late = request.state == RequestState.COMPLETED and (outcome != Outcome.UNLOCKED
+                                                            or reported == Outcome.UNLOCKED)
+        if request.state != RequestState.PENDING and not late:
             raise RequestError("not_pending", f"request {request.request_id} is "
                                f"{request.state}: no result is taken for it",
                                "results are reported only for requests that released shares",
@@ -526,15 +531,15 @@ class Escrow:
                                "report only versions the request released", 409)
         self.for_release()
         earlier = self.store.record_result(
-            request.request_id, body.version, body.outcome,
+            request.request_id, body.version, outcome,
             AuditEvent("unseal.result", f"node:{body.node_id}", request.cluster_id,
                        {"request_id": request.request_id, "outcome": body.outcome,
                         "version": body.version}))
-        if earlier is not None and earlier != body.outcome:
+        if earlier is not None and earlier != outcome:
             raise RequestError("already_reported", f"version {body.version} of request "
                                f"{request.request_id} was reported {earlier} already",
                                "each version's outcome is reported once", 409)
-        if earlier is None and body.outcome == "unlocked":
+        if earlier is None and outcome == Outcome.UNLOCKED:
             self._unconfirmed(request, body.version)
 
     def _unconfirmed(self, request: RequestRecord, version: int) -> None:
@@ -542,7 +547,7 @@ class Escrow:
         for a node that was down during a rotation, otherwise a deposit that was never the
         swarm's key (a junk deposit from a compromised node)."""
         refused = sorted(v for v, outcome in self.store.list_results(request.request_id).items()
-                         if outcome == "invalid_key" and v > version)
+                         if outcome == Outcome.INVALID_KEY and v > version)
         if refused:
             event = AuditEvent("key.unconfirmed", "escrow", request.cluster_id,
                                {"request_id": request.request_id, "node_id": request.node_id,
@@ -621,7 +626,8 @@ class Escrow:
             ephemeral_public_key=protocol.b64e(request.ephemeral_key), eligible=eligible)
 
     def _live(self) -> list[RequestRecord]:
-        return [r for r in self.store.list_requests("pending") if self._state(r) == "pending"]
+        return [r for r in self.store.list_requests(RequestState.PENDING)
+                if self._state(r) == RequestState.PENDING]
 
     def pending(self, custodian: str) -> list[PendingRequest]:
         """Live requests of the clusters where ``custodian`` holds a slot: what a node sent
@@ -644,7 +650,7 @@ class Escrow:
                 count += 1
         return count
 
-    def decide(self, custodian: str, request_id: str, decision: str, signature: str,
+    def decide(self, custodian: str, request_id: str, decision: Decision, signature: str,
                reason: str = "") -> RequestStatus:
         request = self.store.get_request(request_id)
         if request is None:
@@ -657,7 +663,7 @@ class Escrow:
                 raise IdentityError("not_a_custodian", f"{custodian} holds no share of "
                                     f"{request.cluster_id}", "only slot holders decide")
             state = self._state(request)
-            if state != "pending":
+            if state != RequestState.PENDING:
                 raise RequestError("not_pending", f"request {request_id} is {state}",
                                    "only pending requests can be decided", 409)
             key = custodian_keys.load_public(

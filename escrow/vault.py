@@ -16,6 +16,7 @@ from escrow.audit import AuditEvent
 from escrow.encoding import share_aad
 from escrow.errors import HsmError, InputError, PolicyError, ShareAuthFailed
 from escrow.policy import Policy, make_policy, validate_custodian_name
+from escrow.states import NodeStatus
 from escrow.store import (
     ClusterRecord,
     CustodianRecord,
@@ -245,7 +246,7 @@ class Vault:
         newer versions are junk (deposited by a compromised node), such a version may be the
         real key, so it is never pruned while a node relies on it."""
         active = {n.node_id for n in self.store.list_nodes()
-                  if n.cluster_id == cluster_id and n.status == "active"}
+                  if n.cluster_id == cluster_id and n.status == NodeStatus.ACTIVE}
         users: dict[int, list[str]] = {}
         for node, version in self.store.last_unlocked_versions(cluster_id).items():
             if node in active:

@@ -27,6 +27,7 @@ from escrow.protocol import (
     ReleasedShare,
     ShareExportRequest,
 )
+from escrow.states import Decision
 
 F = TypeVar("F", bound=Callable[..., Any])
 _PENDING = TypeAdapter(list[PendingRequest])
@@ -112,7 +113,7 @@ def approve(url: str, ca: Path, key: Path, passphrase_file: Path | None, request
     client = _client(url, ca, key, passphrase_file)
     view = _find(client, request_id)
     _confirm(view, "approve", yes)
-    signature = protocol.sign(client.key, protocol.approval_payload("approve", view))
+    signature = protocol.sign(client.key, protocol.approval_payload(Decision.APPROVE, view))
     result = client.call("POST", f"/v1/requests/{request_id}/approve", DecisionResponse,
                          ApproveRequest(signature=signature))
     click.echo(plain(f"approved {request_id}: state {result.state}, approvals "
@@ -131,7 +132,7 @@ def deny(url: str, ca: Path, key: Path, passphrase_file: Path | None, request_id
     client = _client(url, ca, key, passphrase_file)
     view = _find(client, request_id)
     _confirm(view, "deny", yes)
-    signature = protocol.sign(client.key, protocol.approval_payload("deny", view, reason))
+    signature = protocol.sign(client.key, protocol.approval_payload(Decision.DENY, view, reason))
     result = client.call("POST", f"/v1/requests/{request_id}/deny", DecisionResponse,
                          DenyRequest(reason=reason, signature=signature))
     click.echo(plain(f"denied {request_id}: state {result.state}"))

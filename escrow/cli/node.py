@@ -16,6 +16,7 @@ from escrow.cli.context import (
     table,
 )
 from escrow.plaintext import plain
+from escrow.states import NodeStatus
 
 _cluster = click.option("--cluster", "cluster_id", required=True, help="Swarm cluster id.")
 
@@ -41,13 +42,14 @@ def list_(data_dir: Path, as_json: bool) -> None:
               [list(r.values()) for r in rows])
 
 
-def _set(data_dir: Path, cluster_id: str, node_id: str, status: str, reason: str) -> None:
+def _set(data_dir: Path, cluster_id: str, node_id: str, status: NodeStatus,
+         reason: str) -> None:
     if reason:
         checked_text(reason, "--reason", 500)
     with open_vault(data_dir) as (_, vault):
+        event = "node.revoke" if status == NodeStatus.REVOKED else "node.allow"
         vault.store.set_node_status(cluster_id, node_id, status, AuditEvent(
-            f"node.{'revoke' if status == 'revoked' else 'allow'}", vault.actor, cluster_id,
-            {"node_id": node_id, "reason": reason}))
+            event, vault.actor, cluster_id, {"node_id": node_id, "reason": reason}))
 
 
 @node.command()
@@ -57,7 +59,7 @@ def _set(data_dir: Path, cluster_id: str, node_id: str, status: str, reason: str
 @click.option("--reason", default="", help="Why, for the audit log.")
 def revoke(data_dir: Path, cluster_id: str, node_id: str, reason: str) -> None:
     """Revoke NODE_ID: it gets nothing, and its pending requests end."""
-    _set(data_dir, cluster_id, node_id, "revoked", reason)
+    _set(data_dir, cluster_id, node_id, NodeStatus.REVOKED, reason)
     click.echo(f"node {plain(node_id)} revoked; rotate the unlock key if the node may be "
                "compromised")
 
@@ -69,5 +71,5 @@ def revoke(data_dir: Path, cluster_id: str, node_id: str, reason: str) -> None:
 @click.option("--reason", default="", help="Why, for the audit log.")
 def allow(data_dir: Path, cluster_id: str, node_id: str, reason: str) -> None:
     """Re-admit a revoked NODE_ID."""
-    _set(data_dir, cluster_id, node_id, "active", reason)
+    _set(data_dir, cluster_id, node_id, NodeStatus.ACTIVE, reason)
     click.echo(f"node {plain(node_id)} re-admitted")

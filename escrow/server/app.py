@@ -61,6 +61,7 @@ from escrow.server.connections import SLOW_BODY
 from escrow.server.hsmlink import HsmLink, opener
 from escrow.server.openapi import openapi_document
 from escrow.service import Escrow
+from escrow.states import Decision
 from escrow.store.sqlite import SqliteStore
 from escrow.vault import Vault, timestamp
 
@@ -459,10 +460,10 @@ class EscrowServer:
         escrow = await self._ready()
         return _json(await self.run(lambda: escrow.pending(custodian)))
 
-    async def _decide(self, request: web.Request, decision: str) -> web.Response:
+    async def _decide(self, request: web.Request, decision: Decision) -> web.Response:
         request_id = request.match_info["request_id"]
         model: type[ApproveRequest] | type[protocol.DenyRequest] = (
-            ApproveRequest if decision == "approve" else protocol.DenyRequest)
+            ApproveRequest if decision == Decision.APPROVE else protocol.DenyRequest)
         body, raw = await self._body(request, model)
         custodian = await self._custodian(request, raw)
         reason = getattr(body, "reason", "")
@@ -474,10 +475,10 @@ class EscrowServer:
                                       approvals=status.approvals))
 
     async def approve(self, request: web.Request) -> web.Response:
-        return await self._decide(request, "approve")
+        return await self._decide(request, Decision.APPROVE)
 
     async def deny(self, request: web.Request) -> web.Response:
-        return await self._decide(request, "deny")
+        return await self._decide(request, Decision.DENY)
 
     async def export(self, request: web.Request) -> web.Response:
         body, raw = await self._body(request, ShareExportRequest)

@@ -14,6 +14,7 @@ from typing import Protocol
 
 from escrow.audit import AuditEvent, AuditRecord, Checkpoint
 from escrow.policy import Policy
+from escrow.states import Decision, NodeStatus, Outcome, RequestState
 
 
 @dataclass(frozen=True)
@@ -58,7 +59,7 @@ class NodeRecord:
     agent_public_key_pem: str
     hostname: str
     enrolled_at: str
-    status: str  # "active" or "revoked"
+    status: NodeStatus
 
 
 @dataclass(frozen=True)
@@ -74,7 +75,7 @@ class RequestRecord:
     kek_version: str
     created_at: str
     expires_at: str
-    state: str  # pending, denied, superseded, completed, revoked (expiry is derived from time)
+    state: RequestState  # as stored: never expired (time tells) or ready (shares tell)
     reason: str = ""
 
 
@@ -82,7 +83,7 @@ class RequestRecord:
 class ApprovalRecord:
     request_id: str
     custodian: str
-    decision: str  # "approve" or "deny"
+    decision: Decision
     signature: str
     reason: str
     created_at: str
@@ -133,7 +134,7 @@ class Store(Protocol):
 
     def get_node(self, cluster_id: str, node_id: str) -> NodeRecord | None: ...
     def list_nodes(self) -> list[NodeRecord]: ...
-    def set_node_status(self, cluster_id: str, node_id: str, status: str,
+    def set_node_status(self, cluster_id: str, node_id: str, status: NodeStatus,
                         event: AuditEvent) -> None: ...
 
     def create_request(self, record: RequestRecord, event: AuditEvent) -> list[str]:
@@ -142,8 +143,8 @@ class Store(Protocol):
 
     def count_requests_since(self, cluster_id: str, node_id: str, since: str) -> int: ...
     def get_request(self, request_id: str) -> RequestRecord | None: ...
-    def list_requests(self, state: str) -> list[RequestRecord]: ...
-    def set_request_state(self, request_id: str, state: str, reason: str,
+    def list_requests(self, state: RequestState) -> list[RequestRecord]: ...
+    def set_request_state(self, request_id: str, state: RequestState, reason: str,
                           event: AuditEvent) -> None: ...
     def add_approval(self, record: ApprovalRecord, event: AuditEvent) -> None: ...
     def list_approvals(self, request_id: str) -> list[ApprovalRecord]: ...
@@ -157,13 +158,13 @@ class Store(Protocol):
         before."""
         ...
 
-    def record_result(self, request_id: str, version: int, outcome: str,
-                      event: AuditEvent) -> str | None:
+    def record_result(self, request_id: str, version: int, outcome: Outcome,
+                      event: AuditEvent) -> Outcome | None:
         """Record an agent's outcome for one version of a request, once (``unlocked``
         completes the request); the earlier outcome when there was one, writing nothing."""
         ...
 
-    def list_results(self, request_id: str) -> dict[int, str]: ...
+    def list_results(self, request_id: str) -> dict[int, Outcome]: ...
     def last_unlocked_versions(self, cluster_id: str) -> dict[str, int]:
         """Each node's version of its most recent successful unlock."""
         ...

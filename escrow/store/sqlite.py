@@ -14,12 +14,12 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 from escrow import audit, audit_journal
 from escrow.audit import AuditEvent, AuditRecord
 from escrow.errors import Conflict, DiskFull, NotFound, StoreError
 from escrow.policy import Policy
+from escrow.states import Decision, NodeStatus, Outcome, RequestState
 from escrow.store import (
     ApprovalRecord,
     ClusterRecord,
@@ -114,6 +114,14 @@ Clock = Callable[[], str]
 
 _AUDIT_COLUMNS = ("SELECT seq, ts, event, actor, cluster_id, details, prev_hash, hash"
                   " FROM audit")
+# Rows that become records are read by column name (sqlite3.Row), never by position.
+_SELECT_NODES = ("SELECT cluster_id, node_id, agent_public_key_pem, hostname, enrolled_at,"
+                 " status FROM nodes")
+_SELECT_REQUESTS = ("SELECT request_id, cluster_id, node_id, hostname, boot_id, source,"
+                    " cert_pem, ephemeral_key, kek_version, created_at, expires_at, state,"
+                    " reason FROM requests")
+_SELECT_APPROVALS = ("SELECT request_id, custodian, decision, signature, reason, created_at"
+                     " FROM approvals")
 AUDIT_BATCH = 500  # records fetched at a time while streaming the audit log
 
 
@@ -175,6 +183,12 @@ class SqliteStore:
 
     def close(self) -> None:
         self._db.close()
+
+    def _named(self, sql: str, params: Sequence[object] = ()) -> sqlite3.Cursor:
+        """Run a query whose rows are read by column name."""
+        cursor = self._db.cursor()
+        cursor.row_factory = sqlite3.Row
+        return cursor.execute(sql, params)
 
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
@@ -392,7 +406,8 @@ class SqliteStore:
     def enroll_node(self, record: NodeRecord, event: AuditEvent) -> None:
         with self._write() as db:
             db.execute(
-                "INSERT INTO nodes VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (cluster_id, node_id)"
+                "INSERT INTO nodes (cluster_id, node_id, agent_public_key_pem, hostname,"
+                " enrolled_at, status) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (cluster_id, node_id)"
                 " DO UPDATE SET agent_public_key_pem = excluded.agent_public_key_pem,"
                 " hostname = excluded.hostname, enrolled_at = excluded.enrolled_at",
                 (record.cluster_id, record.node_id, record.agent_public_key_pem,
@@ -400,15 +415,15 @@ class SqliteStore:
             self._append(db, event)
 
     def get_node(self, cluster_id: str, node_id: str) -> NodeRecord | None:
-        row = self._db.execute("SELECT * FROM nodes WHERE cluster_id = ? AND node_id = ?",
-                               (cluster_id, node_id)).fetchone()
-        return NodeRecord(*row) if row else None
+        row = self._named(_SELECT_NODES + " WHERE cluster_id = ? AND node_id = ?",
+                          (cluster_id, node_id)).fetchone()
+        return _node(row) if row else None
 
     def list_nodes(self) -> list[NodeRecord]:
-        rows = self._db.execute("SELECT * FROM nodes ORDER BY cluster_id, hostname, node_id")
-        return [NodeRecord(*row) for row in rows]
+        rows = self._named(_SELECT_NODES + " ORDER BY cluster_id, hostname, node_id")
+        return [_node(row) for row in rows]
 
-    def set_node_status(self, cluster_id: str, node_id: str, status: str,
+    def set_node_status(self, cluster_id: str, node_id: str, status: NodeStatus,
                         event: AuditEvent) -> None:
         with self._write() as db:
             cursor = db.execute("UPDATE nodes SET status = ? WHERE cluster_id = ? AND node_id = ?",
@@ -416,7 +431,7 @@ class SqliteStore:
             if cursor.rowcount == 0:
                 raise NotFound(f"node {node_id} of cluster {cluster_id} is not enrolled",
                                "see `escrow node list`")
-            if status == "revoked":
+            if status == NodeStatus.REVOKED:
                 db.execute("UPDATE requests SET state = 'revoked', reason = 'node revoked'"
                            " WHERE cluster_id = ? AND node_id = ? AND state = 'pending'",
                            (cluster_id, node_id))
@@ -430,7 +445,9 @@ class SqliteStore:
             db.execute("UPDATE requests SET state = 'superseded', reason = ? WHERE"
                        " cluster_id = ? AND node_id = ? AND state = 'pending'",
                        (f"superseded by {record.request_id}", record.cluster_id, record.node_id))
-            db.execute("INSERT INTO requests VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            db.execute("INSERT INTO requests (request_id, cluster_id, node_id, hostname,"
+                       " boot_id, source, cert_pem, ephemeral_key, kek_version, created_at,"
+                       " expires_at, state, reason) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                        (record.request_id, record.cluster_id, record.node_id, record.hostname,
                         record.boot_id, record.source, record.cert_pem, record.ephemeral_key,
                         record.kek_version, record.created_at, record.expires_at, record.state,
@@ -446,16 +463,14 @@ class SqliteStore:
         return int(row[0])
 
     def get_request(self, request_id: str) -> RequestRecord | None:
-        row = self._db.execute("SELECT * FROM requests WHERE request_id = ?",
-                               (request_id,)).fetchone()
+        row = self._named(_SELECT_REQUESTS + " WHERE request_id = ?", (request_id,)).fetchone()
         return _request(row) if row else None
 
-    def list_requests(self, state: str) -> list[RequestRecord]:
-        rows = self._db.execute("SELECT * FROM requests WHERE state = ? ORDER BY created_at",
-                                (state,))
+    def list_requests(self, state: RequestState) -> list[RequestRecord]:
+        rows = self._named(_SELECT_REQUESTS + " WHERE state = ? ORDER BY created_at", (state,))
         return [_request(row) for row in rows]
 
-    def set_request_state(self, request_id: str, state: str, reason: str,
+    def set_request_state(self, request_id: str, state: RequestState, reason: str,
                           event: AuditEvent) -> None:
         with self._write() as db:
             db.execute("UPDATE requests SET state = ?, reason = ? WHERE request_id = ?",
@@ -468,19 +483,23 @@ class SqliteStore:
                           (record.request_id, record.custodian)).fetchone():
                 raise Conflict(f"{record.custodian} has already decided on {record.request_id}",
                                "each custodian decides once per request")
-            db.execute("INSERT INTO approvals VALUES (?, ?, ?, ?, ?, ?)",
+            db.execute("INSERT INTO approvals (request_id, custodian, decision, signature,"
+                       " reason, created_at) VALUES (?, ?, ?, ?, ?, ?)",
                        (record.request_id, record.custodian, record.decision, record.signature,
                         record.reason, record.created_at))
-            if record.decision == "deny":
+            if record.decision == Decision.DENY:
                 db.execute("UPDATE requests SET state = 'denied', reason = ? WHERE"
                            " request_id = ?", (f"denied by {record.custodian}: {record.reason}",
                                                record.request_id))
             self._append(db, event)
 
     def list_approvals(self, request_id: str) -> list[ApprovalRecord]:
-        rows = self._db.execute("SELECT * FROM approvals WHERE request_id = ? ORDER BY"
-                                " created_at", (request_id,))
-        return [ApprovalRecord(*row) for row in rows]
+        rows = self._named(_SELECT_APPROVALS + " WHERE request_id = ? ORDER BY created_at",
+                           (request_id,))
+        return [ApprovalRecord(request_id=row["request_id"], custodian=row["custodian"],
+                               decision=Decision(row["decision"]), signature=row["signature"],
+                               reason=row["reason"], created_at=row["created_at"])
+                for row in rows]
 
     def list_releases(self, request_id: str) -> list[tuple[int, int, str]]:
         rows = self._db.execute("SELECT version, slot, holder FROM releases WHERE"
@@ -503,8 +522,8 @@ class SqliteStore:
                                             for v, s, h in fresh]}))
             return len(fresh)
 
-    def record_result(self, request_id: str, version: int, outcome: str,
-                      event: AuditEvent) -> str | None:
+    def record_result(self, request_id: str, version: int, outcome: Outcome,
+                      event: AuditEvent) -> Outcome | None:
         """Record an agent's outcome for one version of a request, once; ``unlocked`` completes
         the request. Returns the outcome recorded before for that version (nothing is written
         then), or None when this one was recorded."""
@@ -512,19 +531,19 @@ class SqliteStore:
             before = db.execute("SELECT outcome FROM results WHERE request_id = ? AND"
                                 " version = ?", (request_id, version)).fetchone()
             if before:
-                return str(before[0])
+                return Outcome(before[0])
             db.execute("INSERT INTO results VALUES (?, ?, ?, ?)",
                        (request_id, version, outcome, self._now()))
-            if outcome == "unlocked":
+            if outcome == Outcome.UNLOCKED:
                 db.execute("UPDATE requests SET state = 'completed', reason = '' WHERE"
                            " request_id = ?", (request_id,))
             self._append(db, event)
             return None
 
-    def list_results(self, request_id: str) -> dict[int, str]:
+    def list_results(self, request_id: str) -> dict[int, Outcome]:
         rows = self._db.execute("SELECT version, outcome FROM results WHERE request_id = ?",
                                 (request_id,))
-        return {int(version): str(outcome) for version, outcome in rows}
+        return {int(version): Outcome(outcome) for version, outcome in rows}
 
     def last_unlocked_versions(self, cluster_id: str) -> dict[str, int]:
         """Each node's version of its most recent successful unlock."""
@@ -632,11 +651,21 @@ class SqliteStore:
                              "archive itself is complete") from None
 
 
-def _request(row: tuple[Any, ...]) -> RequestRecord:
-    (request_id, cluster_id, node_id, hostname, boot_id, source, cert_pem, ephemeral_key,
-     kek_version, created_at, expires_at, state, reason) = row
-    return RequestRecord(request_id, cluster_id, node_id, hostname, boot_id, source, cert_pem,
-                         bytes(ephemeral_key), kek_version, created_at, expires_at, state, reason)
+def _node(row: sqlite3.Row) -> NodeRecord:
+    return NodeRecord(cluster_id=row["cluster_id"], node_id=row["node_id"],
+                      agent_public_key_pem=row["agent_public_key_pem"],
+                      hostname=row["hostname"], enrolled_at=row["enrolled_at"],
+                      status=NodeStatus(row["status"]))
+
+
+def _request(row: sqlite3.Row) -> RequestRecord:
+    return RequestRecord(request_id=row["request_id"], cluster_id=row["cluster_id"],
+                         node_id=row["node_id"], hostname=row["hostname"],
+                         boot_id=row["boot_id"], source=row["source"], cert_pem=row["cert_pem"],
+                         ephemeral_key=bytes(row["ephemeral_key"]),
+                         kek_version=row["kek_version"], created_at=row["created_at"],
+                         expires_at=row["expires_at"], state=RequestState(row["state"]),
+                         reason=row["reason"])
 
 
 def _no_cluster(cluster_id: str) -> NotFound:

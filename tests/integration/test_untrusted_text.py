@@ -30,6 +30,7 @@ from escrow import custodian_keys, protocol
 from escrow.audit import AuditEvent
 from escrow.custodian_client import CustodianClient
 from escrow.errors import EscrowError
+from escrow.states import NodeStatus
 from escrow.store import NodeRecord
 from escrow.store.sqlite import SqliteStore
 from escrow.tls import client_context
@@ -236,7 +237,7 @@ def test_markup_in_a_stored_node_hostname_is_shown_literally_by_node_list(
     try:
         node_id = swarm_id()
         store.enroll_node(NodeRecord(cluster.cluster_id, node_id, "pem", HOSTILE,
-                                     "2026-11-01T12:00:00Z", "active"),
+                                     "2026-11-01T12:00:00Z", NodeStatus.ACTIVE),
                           AuditEvent("node.enroll", f"node:{node_id}", cluster.cluster_id,
                                      {"node_id": node_id, "hostname": HOSTILE}))
     finally:

@@ -1,0 +1,42 @@
+"""The states a request, a node, a custodian's decision and an agent's report can be in.
+
+Pure and stdlib only, so the agent can share them. Each value is the string stored in the
+database and sent on the wire; a ``StrEnum`` member compares equal to it.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class RequestState(StrEnum):
+    """A request's state. The store keeps pending, denied, superseded, completed and revoked;
+    ``expired`` is derived from the time and ``ready`` from the shares released."""
+
+    PENDING = "pending"
+    READY = "ready"
+    DENIED = "denied"
+    EXPIRED = "expired"
+    SUPERSEDED = "superseded"
+    COMPLETED = "completed"
+    REVOKED = "revoked"
+
+
+class NodeStatus(StrEnum):
+    ACTIVE = "active"
+    REVOKED = "revoked"
+
+
+class Decision(StrEnum):
+    """A custodian's decision on a request."""
+
+    APPROVE = "approve"
+    DENY = "deny"
+
+
+class Outcome(StrEnum):
+    """What an agent reports after trying one key version."""
+
+    UNLOCKED = "unlocked"
+    INVALID_KEY = "invalid_key"
+    FAILED = "failed"
