@@ -15,7 +15,7 @@ from agent.state import LastUnlock
 from agent.swarm_identity import read_identity
 from escrow.errors import EscrowError
 from escrow.plaintext import plain
-from escrow.vault import parse_timestamp
+from escrow.timestamps import parse_timestamp
 
 CLOCK_WARNING_SECONDS = 60
 

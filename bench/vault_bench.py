@@ -25,8 +25,9 @@ from escrow.encoding import share_aad
 from escrow.hsm import HsmSettings, Pin, Token
 from escrow.softhsm import create_token, default_module
 from escrow.store.sqlite import SqliteStore
+from escrow.timestamps import timestamp
 from escrow.unlockkey import UnlockKey
-from escrow.vault import Vault, timestamp
+from escrow.vault import Vault
 from tests.helpers.certs import make_root_ca
 
 TITLE = "Vault: deposits and share unwrapping"

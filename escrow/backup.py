@@ -33,7 +33,7 @@ from escrow.audit import AuditEvent
 from escrow.config import CONFIG_NAME, DB_NAME
 from escrow.errors import ConfigError, InputError, StoreError
 from escrow.store.sqlite import SqliteStore
-from escrow.vault import timestamp
+from escrow.timestamps import timestamp
 
 FORMAT = 1
 MANIFEST = "MANIFEST.json"

@@ -13,7 +13,6 @@ import hashlib
 import hmac
 import logging
 import secrets
-import threading
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -51,7 +50,8 @@ from escrow.store import (
     RequestRecord,
     ShareRecord,
 )
-from escrow.vault import DepositResult, Vault, parse_timestamp, timestamp
+from escrow.timestamps import parse_timestamp, timestamp
+from escrow.vault import DepositResult, Vault
 
 CUSTODIAN_SKEW = timedelta(minutes=5)
 DEPOSIT_KEY = "deposit-key"
@@ -142,7 +142,6 @@ class Escrow:
         self.store = vault.store
         self.settings = settings
         self.clock = vault.clock
-        self._lock = threading.Lock()
         self._used_nonces = SeenOnce(SEEN_CAPACITY)
         self._custodian_requests = SeenOnce(SEEN_CAPACITY)
         self._released: OrderedDict[str, dict[tuple[int, int], ReleasedShare]] = OrderedDict()
@@ -218,11 +217,9 @@ class Escrow:
 
     def _use_once(self, guard: SeenOnce, key: bytes, expires: datetime) -> None:
         now = self.clock()
-        with self._lock:
-            if guard.first_time(key, expires, now):
-                return
-            full = guard.full(now)
-        if full:
+        if guard.first_time(key, expires, now):
+            return
+        if guard.full(now):
             raise RequestError("busy", "the escrow is tracking too many signed requests at once",
                                "retry in a minute", 503, retry_after=60)
         raise _stale()
@@ -434,30 +431,31 @@ class Escrow:
             plan.append(Release(version, chosen[: version.policy.threshold]))
         return plan
 
-    def _encrypt_to(self, request: RequestRecord, release: Release,
-                    share: ShareRecord) -> ReleasedShare:
-        """One share encrypted to the request's key, unwrapped once per request: polling
-        returns the same ciphertext without touching the token again."""
-        with self._lock:
-            cached = self._released.get(request.request_id, {}).get((share.version, share.slot))
-        if cached is not None:
-            return cached
-        mnemonic = self.vault.open_share(share).encode("ascii")
-        info = protocol.share_info(request.request_id, request.cluster_id, share.version,
-                                   share.slot)
-        released = ReleasedShare(
-            version=share.version, fingerprint=release.version.fingerprint, slot=share.slot,
-            holder=share.holder,
-            sealed_share=protocol.b64e(HPKE.encrypt(
-                mnemonic, X25519PublicKey.from_public_bytes(request.ephemeral_key), info=info)))
-        del mnemonic
-        with self._lock:
-            self._released.setdefault(request.request_id, {})[(share.version, share.slot)] = (
-                released)
-            self._released.move_to_end(request.request_id)
-            while len(self._released) > RELEASE_CACHE:
-                self._released.popitem(last=False)
-        return released
+    def _encrypt_to(self, request: RequestRecord, plan: list[Release]
+                    ) -> tuple[list[ReleasedShare], list[ReleasedShare]]:
+        """The planned shares encrypted to the request's key, and which of them are new. Each
+        share is unwrapped once per request: a poll returns the same ciphertexts without
+        touching the token or writing anything."""
+        done = self._released.setdefault(request.request_id, {})
+        self._released.move_to_end(request.request_id)
+        while len(self._released) > RELEASE_CACHE:
+            self._released.popitem(last=False)
+        peer = X25519PublicKey.from_public_bytes(request.ephemeral_key)
+        fresh = []
+        for release in plan:
+            for share in release.shares:
+                if (share.version, share.slot) in done:
+                    continue
+                mnemonic = self.vault.open_share(share).encode("ascii")
+                info = protocol.share_info(request.request_id, request.cluster_id,
+                                           share.version, share.slot)
+                done[(share.version, share.slot)] = ReleasedShare(
+                    version=share.version, fingerprint=release.version.fingerprint,
+                    slot=share.slot, holder=share.holder,
+                    sealed_share=protocol.b64e(HPKE.encrypt(mnemonic, peer, info=info)))
+                del mnemonic
+                fresh.append(done[(share.version, share.slot)])
+        return [done[(s.version, s.slot)] for r in plan for s in r.shares], fresh
 
     def status(self, request_id: str) -> RequestStatus:
         request = self.store.get_request(request_id)
@@ -471,19 +469,17 @@ class Escrow:
         needed = threshold - len(newest.shares) if newest else 0
         releases: list[ReleasedShare] = []
         if state == RequestState.PENDING:
-            releases = [self._encrypt_to(request, release, share)
-                        for release in plan for share in release.shares]
-            if releases:
+            releases, fresh = self._encrypt_to(request, plan)
+            if fresh:
                 self.for_release()
                 self.on_release(self.store.record_releases(
-                    request_id, [(r.version, r.slot, r.holder) for r in releases],
+                    request_id, [(r.version, r.slot, r.holder) for r in fresh],
                     AuditEvent("unseal.release", "escrow", request.cluster_id,
                                {"request_id": request_id, "node_id": request.node_id})))
             if needed == 0:
                 state = RequestState.READY
         else:
-            with self._lock:
-                self._released.pop(request_id, None)
+            self._released.pop(request_id, None)
         return RequestStatus(
             request_id=request_id, cluster_id=request.cluster_id, node_id=request.node_id,
             state=state.value,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Protocol
 
 from escrow import custodian_keys, identity, shares
@@ -24,6 +24,7 @@ from escrow.store import (
     ShareRecord,
     Store,
 )
+from escrow.timestamps import parse_timestamp, timestamp
 from escrow.unlockkey import UnlockKey
 
 FINGERPRINT_PREFIX = 16
@@ -34,14 +35,6 @@ class Sealer(Protocol):
 
     def seal(self, plaintext: bytes, aad: bytes) -> bytes: ...
     def open(self, sealed: bytes, aad: bytes) -> bytes: ...
-
-
-def timestamp(moment: datetime) -> str:
-    return moment.astimezone(UTC).isoformat(timespec="milliseconds")
-
-
-def parse_timestamp(text: str) -> datetime:
-    return datetime.fromisoformat(text)
 
 
 @dataclass(frozen=True)

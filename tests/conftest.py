@@ -24,7 +24,8 @@ from escrow import config
 from escrow.hsm import HsmSettings, Pin, Token
 from escrow.softhsm import create_token, default_module
 from escrow.store.sqlite import SqliteStore
-from escrow.vault import Vault, timestamp
+from escrow.timestamps import timestamp
+from escrow.vault import Vault
 from tests.helpers.certs import make_root_ca
 from tests.helpers.dockerd import Dockerd
 from tests.helpers.netlab import NetLab

@@ -39,7 +39,7 @@ from escrow.cli.context import (
 from escrow.errors import AuditChainBroken, EscrowError, InputError, StoreError
 from escrow.lock import DataDirLock
 from escrow.store import Store
-from escrow.vault import timestamp
+from escrow.timestamps import timestamp
 
 # Records younger than this never leave the database: the last week stays where `escrow audit
 # show` and an investigation look first, and an archive run by mistake cannot empty the log.

@@ -23,7 +23,8 @@ from escrow.config import Settings
 from escrow.errors import InputError
 from escrow.hsm import Token, resolve_pin
 from escrow.store.sqlite import SqliteStore
-from escrow.vault import Vault, timestamp
+from escrow.timestamps import timestamp
+from escrow.vault import Vault
 
 F = TypeVar("F", bound=Callable[..., Any])
 DEFAULT_DATA_DIR = Path("/var/lib/escrow")

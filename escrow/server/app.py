@@ -63,7 +63,8 @@ from escrow.server.openapi import openapi_document
 from escrow.service import Escrow
 from escrow.states import Decision
 from escrow.store.sqlite import SqliteStore
-from escrow.vault import Vault, timestamp
+from escrow.timestamps import timestamp
+from escrow.vault import Vault
 
 log = logging.getLogger("escrow.server")
 log.addFilter(PlainLogArgs())  # no quoted value can forge a log line or carry escapes

@@ -14,8 +14,9 @@ from pathlib import Path
 from escrow import config
 from escrow.hsm import Token, resolve_pin
 from escrow.store.sqlite import SqliteStore
+from escrow.timestamps import timestamp
 from escrow.unlockkey import UnlockKey
-from escrow.vault import Vault, timestamp
+from escrow.vault import Vault
 
 
 def main() -> None:

@@ -34,7 +34,7 @@ from escrow.hsm import HsmSettings
 from escrow.lock import DataDirLock
 from escrow.store import sqlite as sqlite_store
 from escrow.store.sqlite import SqliteStore
-from escrow.vault import timestamp
+from escrow.timestamps import timestamp
 from tests.conftest import REPO, fails, ok, run_escrow
 
 pytestmark = pytest.mark.slow
