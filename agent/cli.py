@@ -19,10 +19,9 @@ import click
 from agent import config as agent_config
 from agent import daemon, log, status
 from agent.enroll import enroll as do_enroll
-from agent.errors import AgentError
 from agent.rotate import rotate as do_rotate
-from escrow.errors import EscrowError
-from escrow.plaintext import plain
+from escrow.core.errors import EscrowError
+from escrow.core.plaintext import plain
 
 EX_CONFIG = 78
 
@@ -31,7 +30,7 @@ class AgentGroup(click.Group):
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
-        except (AgentError, EscrowError) as exc:
+        except EscrowError as exc:
             click.echo(exc.diagnostics(), err=True)
             ctx.exit(1)
 
@@ -81,7 +80,7 @@ def run(config: Path | None, **flags: Any) -> None:
         settings = agent_config.load(config, flags)
         # Checked before READY=1, so a wrong path fails the start instead of every unlock.
         daemon.check_startup(settings)
-    except (AgentError, EscrowError) as exc:
+    except EscrowError as exc:
         # No traceback: the message names the setting, and a trace would bury it.
         logger.error("cannot start: %s%s",  # noqa: TRY400
                      exc.message, f" ({exc.hint})" if exc.hint else "")

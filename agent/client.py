@@ -21,9 +21,9 @@ from pydantic import BaseModel, ValidationError
 
 from agent import deposit_key
 from agent.errors import EscrowRejected, EscrowUnavailable
-from escrow import protocol
-from escrow.plaintext import plain
-from escrow.protocol import (
+from escrow.core import protocol
+from escrow.core.plaintext import plain
+from escrow.core.protocol import (
     HPKE,
     DepositResponse,
     EnrollResponse,
@@ -32,8 +32,8 @@ from escrow.protocol import (
     RequestStatus,
     ResultOutcome,
 )
-from escrow.tls import client_context
-from escrow.unlockkey import UnlockKey
+from escrow.core.tls import client_context
+from escrow.core.unlockkey import UnlockKey
 
 M = TypeVar("M", bound=BaseModel)
 

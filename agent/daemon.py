@@ -50,13 +50,13 @@ from agent.release import candidate_keys
 from agent.state import AgentState, LastUnlock
 from agent.swarm_identity import CERT_DIR, NodeIdentity, kek_version, read_identity
 from agent.token_key import TokenKey
-from escrow.errors import EscrowError
-from escrow.notify import Notifier, watchdog_interval
-from escrow.plaintext import plain
-from escrow.protocol import RequestStatus
-from escrow.states import Outcome, RequestState
-from escrow.tls import client_context
-from escrow.unlockkey import UnlockKey
+from escrow.core.errors import EscrowError
+from escrow.core.notify import Notifier, watchdog_interval
+from escrow.core.plaintext import plain
+from escrow.core.protocol import RequestStatus
+from escrow.core.states import Outcome, RequestState
+from escrow.core.tls import client_context
+from escrow.core.unlockkey import UnlockKey
 
 T = TypeVar("T")
 BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
@@ -251,7 +251,7 @@ class Agent:
         if self._key is None:
             try:
                 self._key = keys.load(self.config)
-            except (AgentError, EscrowError) as exc:
+            except EscrowError as exc:
                 self._once("agent-key", self._error, "%s (%s)", exc.message, exc.hint)
                 return None
             self._clear("agent-key")

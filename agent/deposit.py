@@ -8,7 +8,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from agent import deposit_key
 from agent.client import EscrowClient
 from agent.state import AgentState
-from escrow.unlockkey import UnlockKey
+from escrow.core.unlockkey import UnlockKey
 
 
 async def pin_deposit_key(client: EscrowClient, state: AgentState, configured: str) -> bool:

@@ -16,7 +16,7 @@ import hashlib
 import hmac
 
 from agent.errors import AgentError, DepositKeyMismatch, EscrowUnavailable
-from escrow import protocol
+from escrow.core import protocol
 
 FROM_CONFIG = "in escrow_deposit_key_sha256"
 FROM_ENROLLMENT = "at enrollment"

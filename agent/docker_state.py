@@ -10,8 +10,8 @@ import docker.errors
 import requests
 
 from agent.errors import AgentError
-from escrow import unlockkey
-from escrow.unlockkey import UnlockKey
+from escrow.core import unlockkey
+from escrow.core.unlockkey import UnlockKey
 
 
 class DockerUnavailable(AgentError):

@@ -1,16 +1,13 @@
-"""The agent's exception hierarchy; messages are for the operator reading the journal."""
+"""The agent's errors, in the project's one hierarchy (escrow.core.errors); messages are for
+the operator reading the journal."""
 
 from __future__ import annotations
 
+from escrow.core.errors import EscrowError
 
-class AgentError(Exception):
-    def __init__(self, message: str, hint: str = "") -> None:
-        super().__init__(message)
-        self.message = message
-        self.hint = hint
 
-    def diagnostics(self) -> str:
-        return f"error: {self.message}" + (f"\nhint: {self.hint}" if self.hint else "")
+class AgentError(EscrowError):
+    """Something this agent could not do."""
 
 
 class EscrowUnavailable(AgentError):

@@ -9,7 +9,7 @@ import socket
 from pathlib import Path
 
 from agent.errors import AgentError
-from escrow import plaintext
+from escrow.core import plaintext
 
 BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
 UNKNOWN_BOOT = plaintext.UNKNOWN_BOOT_ID

@@ -12,7 +12,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from agent.config import AgentConfig
 from agent.errors import AgentError
 from agent.token_key import TokenKey
-from escrow.hsm import HsmSettings, Pin, read_pin_file
+from escrow.core.hsm import HsmSettings, Pin, credential_pin, read_pin_file
 
 PIN_CREDENTIAL = "agent-key-pin"
 
@@ -34,10 +34,9 @@ def load_or_create(config: AgentConfig) -> ec.EllipticCurvePrivateKey:
 
 
 def _token_pin(config: AgentConfig) -> Pin:
-    credentials = os.environ.get("CREDENTIALS_DIRECTORY")
-    if credentials and (Path(credentials) / PIN_CREDENTIAL).exists():
-        return read_pin_file(Path(credentials) / PIN_CREDENTIAL,
-                             f"systemd credential {PIN_CREDENTIAL}", "LoadCredential=")
+    credential = credential_pin(os.environ, PIN_CREDENTIAL, "LoadCredential=")
+    if credential is not None:
+        return credential
     if config.agent_key_pkcs11_pin_file:
         path = Path(config.agent_key_pkcs11_pin_file)
         return read_pin_file(path, f"file {path}", "agent_key_pkcs11_pin_file")

@@ -15,10 +15,10 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from agent.errors import SharesUnusable
-from escrow import protocol, shares
-from escrow.errors import RecoveryError
-from escrow.protocol import HPKE, RequestStatus
-from escrow.unlockkey import UnlockKey
+from escrow.core import protocol, shares
+from escrow.core.errors import RecoveryError
+from escrow.core.protocol import HPKE, RequestStatus
+from escrow.core.unlockkey import UnlockKey
 
 
 def candidate_keys(status: RequestStatus, ephemeral: X25519PrivateKey,

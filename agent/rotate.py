@@ -26,7 +26,7 @@ from agent.docker_state import Docker
 from agent.errors import AgentError, DepositKeyMismatch, EscrowRejected, EscrowUnavailable
 from agent.state import AgentState
 from agent.swarm_identity import read_identity
-from escrow.unlockkey import UnlockKey
+from escrow.core.unlockkey import UnlockKey
 
 
 @dataclass(frozen=True)

@@ -13,9 +13,9 @@ from agent.docker_state import Docker
 from agent.errors import AgentError
 from agent.state import LastUnlock
 from agent.swarm_identity import read_identity
-from escrow.errors import EscrowError
-from escrow.plaintext import plain
-from escrow.timestamps import parse_timestamp
+from escrow.core.errors import EscrowError
+from escrow.core.plaintext import plain
+from escrow.core.timestamps import parse_timestamp
 
 CLOCK_WARNING_SECONDS = 60
 
@@ -67,7 +67,7 @@ async def gather(config: AgentConfig) -> Status:
         status.enrolled_at = saved.enrolled_at
         status.escrowed_versions = saved.versions()
         status.last_unlock = saved.last_unlock
-    except (AgentError, EscrowError) as exc:
+    except EscrowError as exc:
         status.problems.append(_problem(exc))
     try:
         async with EscrowClient(config.escrow_url, config.escrow_ca, timeout=10) as client:
@@ -88,6 +88,6 @@ async def gather(config: AgentConfig) -> Status:
         deposit_key.pin_for(config.escrow_url,
                             deposit_key.offered_key(config.escrow_url, info.deposit_public_key),
                             configured=config.escrow_deposit_key_sha256, pinned=pinned)
-    except (AgentError, EscrowError) as exc:
+    except EscrowError as exc:
         status.problems.append(_problem(exc))
     return status

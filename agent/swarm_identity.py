@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from agent.errors import AgentError
-from escrow.unlockkey import UnlockKey
+from escrow.core.unlockkey import UnlockKey
 
 CERT_DIR = Path("swarm") / "certificates"
 

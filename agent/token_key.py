@@ -13,10 +13,19 @@ import hashlib
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, NoReturn
 
+import pkcs11
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from pkcs11 import Attribute, KeyType, Mechanism, ObjectClass
+from pkcs11.util.ec import (
+    encode_ec_public_key,
+    encode_ecdsa_signature,
+    encode_named_curve_parameters,
+)
 
-from escrow.hsm import HsmSettings, Pin, Token
+from escrow.core.errors import HsmError
+from escrow.core.hsm import HsmSettings, Pin
+from escrow.core.pkcs11 import Session
 
 
 class TokenKey(ec.EllipticCurvePrivateKey):
@@ -25,10 +34,10 @@ class TokenKey(ec.EllipticCurvePrivateKey):
         """Log in to the token and find (or create) the key pair labelled `label`."""
         pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="agent-token")
 
-        def find() -> tuple[Token, Any, bytes]:
-            token = Token(settings, pin)
+        def find() -> tuple[Session, Any, bytes]:
+            token = Session(settings, pin)
             try:
-                return token, *token.signing_key(label, create=create)
+                return token, *_signing_key(token, label, create=create)
             except BaseException:
                 token.close()
                 raise
@@ -40,7 +49,7 @@ class TokenKey(ec.EllipticCurvePrivateKey):
             raise
         return cls(pool, token, private, public)
 
-    def __init__(self, pool: ThreadPoolExecutor, token: Token, private: Any,
+    def __init__(self, pool: ThreadPoolExecutor, token: Session, private: Any,
                  public_der: bytes) -> None:
         self._pool = pool
         self._token = token
@@ -67,7 +76,7 @@ class TokenKey(ec.EllipticCurvePrivateKey):
                 and isinstance(signature_algorithm.algorithm, hashes.SHA256)):
             raise TypeError("the token key signs ECDSA with SHA-256 only")
         digest = hashlib.sha256(bytes(data)).digest()
-        return self._pool.submit(Token.sign_digest, self._private, digest).result()
+        return self._pool.submit(_sign_digest, self._private, digest).result()
 
     def _stays_in_the_token(self, *args: object) -> NoReturn:
         raise TypeError("the agent key lives in a PKCS#11 token and cannot leave it")
@@ -81,3 +90,36 @@ class TokenKey(ec.EllipticCurvePrivateKey):
     def close(self) -> None:
         self._pool.submit(self._token.close).result()
         self._pool.shutdown()
+
+
+def _signing_key(token: Session, label: str, *, create: bool) -> tuple[Any, bytes]:
+    """A P-256 key pair inside the token, its private half sensitive and never extractable:
+    (private key object, public key as DER SubjectPublicKeyInfo)."""
+    session = token.pkcs11_session
+    try:
+        private = session.get_key(label=label, key_type=KeyType.EC,
+                                  object_class=ObjectClass.PRIVATE_KEY)
+        public = session.get_key(label=label, key_type=KeyType.EC,
+                                 object_class=ObjectClass.PUBLIC_KEY)
+    except pkcs11.NoSuchKey:
+        if not create:
+            raise HsmError(f"the token {token.settings.token!r} holds no key pair labelled "
+                           f"{label!r}", "run `unseal-agent enroll` to create it") from None
+        parameters = session.create_domain_parameters(
+            KeyType.EC, {Attribute.EC_PARAMS: encode_named_curve_parameters("secp256r1")},
+            local=True)
+        public, private = parameters.generate_keypair(
+            store=True, label=label,
+            private_template={Attribute.SENSITIVE: True, Attribute.EXTRACTABLE: False,
+                              Attribute.SIGN: True, Attribute.PRIVATE: True})
+    return private, bytes(encode_ec_public_key(public))
+
+
+def _sign_digest(private: Any, digest: bytes) -> bytes:
+    """ECDSA over a SHA-256 digest (tokens such as SoftHSM lack CKM_ECDSA_SHA256), as DER."""
+    try:
+        raw = private.sign(digest, mechanism=Mechanism.ECDSA)
+    except pkcs11.PKCS11Error as exc:
+        raise HsmError(f"the token failed to sign: {type(exc).__name__}",
+                       "check the token's health") from None
+    return bytes(encode_ecdsa_signature(raw))

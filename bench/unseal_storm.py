@@ -25,7 +25,7 @@ from agent.release import candidate_keys
 from bench.machine import Machine, invocation, preamble, this_machine
 from bench.proc import allow_open_files, cpu_seconds, listen_overflows, memory_mib
 from bench.stats import percentile
-from escrow.unlockkey import UnlockKey
+from escrow.core.unlockkey import UnlockKey
 from tests.helpers.server import BOOT_ID, EscrowProcess, Node, make_escrow
 
 TITLE = "Unseal storm: unseal latency against concurrent agents"

@@ -21,13 +21,14 @@ from pathlib import Path
 
 from bench.machine import Machine, invocation, preamble, this_machine
 from bench.stats import percentile
-from escrow.encoding import share_aad
-from escrow.hsm import HsmSettings, Pin, Token
+from escrow.core.encoding import share_aad
+from escrow.core.hsm import HsmSettings, Pin
+from escrow.core.timestamps import timestamp
+from escrow.core.unlockkey import UnlockKey
 from escrow.softhsm import create_token, default_module
 from escrow.store.sqlite import SqliteStore
-from escrow.timestamps import timestamp
-from escrow.unlockkey import UnlockKey
 from escrow.vault import Vault
+from escrow.wrapping import Token
 from tests.helpers.certs import make_root_ca
 
 TITLE = "Vault: deposits and share unwrapping"
@@ -54,12 +55,12 @@ def bench_deposits(vault: Vault, cluster_id: str, count: int) -> list[float]:
 
 def bench_unwrap(token: Token, seconds: float) -> tuple[int, float]:
     aad = share_aad("b" * 25, 1, 0)
-    sealed = token.seal(b"x" * 250, aad)  # a 33-word mnemonic is about 250 bytes
+    wrapped = token.wrap(b"x" * 250, aad)  # a 33-word mnemonic is about 250 bytes
     done = 0
     started = time.perf_counter()
     while time.perf_counter() - started < seconds:
         for _ in range(100):
-            token.open(sealed, aad)
+            token.unwrap(wrapped, aad)
         done += 100
     return done, time.perf_counter() - started
 

@@ -31,7 +31,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from escrow.encoding import AUDIT_DOMAIN, canonical_json, encode
+from escrow.core.encoding import AUDIT_DOMAIN, canonical_json, encode
 
 GENESIS = "0" * 64
 ARCHIVE_EVENT = "audit.archive"
@@ -74,7 +74,7 @@ def record_hash(
     ).hexdigest()
 
 
-def seal(event: AuditEvent, timestamp: str, prev_hash: str, seq: int) -> AuditRecord:
+def chained(event: AuditEvent, timestamp: str, prev_hash: str, seq: int) -> AuditRecord:
     details_json = canonical_json(dict(event.details))
     digest = record_hash(prev_hash, timestamp, event.event, event.actor, event.cluster_id,
                          details_json)

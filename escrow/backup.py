@@ -31,9 +31,9 @@ from pathlib import Path, PurePosixPath
 from escrow import audit
 from escrow.audit import AuditEvent
 from escrow.config import CONFIG_NAME, DB_NAME
-from escrow.errors import ConfigError, InputError, StoreError
+from escrow.core.errors import ConfigError, InputError, StoreError
+from escrow.core.timestamps import timestamp
 from escrow.store.sqlite import SqliteStore
-from escrow.timestamps import timestamp
 
 FORMAT = 1
 MANIFEST = "MANIFEST.json"

@@ -73,8 +73,8 @@ from typing import Any
 
 import tomli_w
 
-from escrow.errors import ConfigError
-from escrow.hsm import HsmSettings
+from escrow.core.errors import ConfigError
+from escrow.core.hsm import HsmSettings
 
 CONFIG_NAME = "escrow.toml"
 DB_NAME = "escrow.db"

@@ -14,10 +14,10 @@ from urllib.parse import urlsplit
 from cryptography.hazmat.primitives.asymmetric import ec
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
-from escrow import protocol
-from escrow.errors import ConfigError, EscrowError, IdentityError
-from escrow.plaintext import plain
-from escrow.tls import client_context
+from escrow.core import protocol
+from escrow.core.errors import ConfigError, EscrowError, IdentityError
+from escrow.core.plaintext import plain
+from escrow.core.tls import client_context
 
 T = TypeVar("T")
 

@@ -10,7 +10,7 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from escrow.errors import InputError
+from escrow.core.errors import InputError
 
 MIN_PASSPHRASE = 12
 

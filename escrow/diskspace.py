@@ -15,7 +15,7 @@ import logging
 import os
 from pathlib import Path
 
-from escrow.errors import DiskFull
+from escrow.core.errors import DiskFull
 
 RESERVE_NAME = "disk-reserve"
 log = logging.getLogger("escrow.diskspace")

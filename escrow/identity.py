@@ -12,7 +12,7 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.x509.oid import NameOID
 
-from escrow.errors import IdentityError, InputError
+from escrow.core.errors import IdentityError, InputError
 
 # Swarm makes node and cluster ids with identity.NewID(): 25 characters of lower-case base 36.
 _SWARM_ID = re.compile(r"^[a-z0-9]{25}$")

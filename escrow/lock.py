@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from types import TracebackType
 
-from escrow.errors import ConfigError
+from escrow.core.errors import ConfigError
 
 LOCK_NAME = "serve.lock"
 

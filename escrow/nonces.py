@@ -17,7 +17,7 @@ from collections import deque
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
-from escrow.encoding import encode
+from escrow.core.encoding import encode
 
 NONCE_TTL = timedelta(minutes=2)
 NONCE_SIZE = 32

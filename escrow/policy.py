@@ -10,8 +10,8 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from escrow.errors import PolicyError
-from escrow.shares import MAX_SHARES
+from escrow.core.errors import PolicyError
+from escrow.core.shares import MAX_SHARES
 
 AUTO = "auto"
 _NAME = re.compile(r"^[a-z][a-z0-9_.-]{0,63}$")

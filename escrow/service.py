@@ -25,13 +25,20 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 
-from escrow import custodian_keys, identity, protocol, unlockkey
+from escrow import custodian_keys, identity
 from escrow.audit import AuditEvent
 from escrow.config import ServerSettings
-from escrow.encoding import encode
-from escrow.errors import DiskFull, EscrowError, IdentityError, InputError, RequestError
-from escrow.nonces import NONCE_SIZE, NonceMinter, SeenOnce
-from escrow.protocol import (
+from escrow.core import protocol, unlockkey
+from escrow.core.encoding import encode
+from escrow.core.errors import (
+    DiskFull,
+    EscrowError,
+    IdentityError,
+    InputError,
+    RequestError,
+    reason_of,
+)
+from escrow.core.protocol import (
     HPKE,
     DepositRequest,
     EnrollRequest,
@@ -42,7 +49,9 @@ from escrow.protocol import (
     ResultReport,
     UnsealRequest,
 )
-from escrow.states import Decision, NodeStatus, Outcome, RequestState
+from escrow.core.states import Decision, NodeStatus, Outcome, RequestState
+from escrow.core.timestamps import parse_timestamp, timestamp
+from escrow.nonces import NONCE_SIZE, NonceMinter, SeenOnce
 from escrow.store import (
     ApprovalRecord,
     KeyVersionRecord,
@@ -50,17 +59,10 @@ from escrow.store import (
     RequestRecord,
     ShareRecord,
 )
-from escrow.timestamps import parse_timestamp, timestamp
+from escrow.stored_secrets import DEPOSIT_KEY, NONCE_KEY, wrapped_secret
 from escrow.vault import DepositResult, Vault
 
 CUSTODIAN_SKEW = timedelta(minutes=5)
-DEPOSIT_KEY = "deposit-key"
-DEPOSIT_KEY_AAD = encode("swarm-unseal/v1/deposit-key")
-NONCE_KEY = "nonce-key"
-NONCE_KEY_AAD = encode("swarm-unseal/v1/nonce-key")
-# Secrets the escrow keeps in the store, wrapped by the token, with their associated data
-# (escrow hsm rewrap moves them with the shares).
-SEALED_META = {DEPOSIT_KEY: DEPOSIT_KEY_AAD, NONCE_KEY: NONCE_KEY_AAD}
 # Used nonces and custodian requests remembered at once: far above what rate-limited
 # identified callers can use within a nonce's lifetime, and a few MiB at most.
 SEEN_CAPACITY = 100_000
@@ -70,10 +72,6 @@ log = logging.getLogger("escrow.service")
 
 T = TypeVar("T")
 Unidentified = Callable[[str, str, str], None]  # (action, reason, source)
-
-
-def reason_of(error: EscrowError) -> str:
-    return str(getattr(error, "reason", type(error).__name__))
 
 
 def _load_ec_public(pem: str, what: str) -> ec.EllipticCurvePublicKey:
@@ -146,28 +144,18 @@ class Escrow:
         self._custodian_requests = SeenOnce(SEEN_CAPACITY)
         self._released: OrderedDict[str, dict[tuple[int, int], ReleasedShare]] = OrderedDict()
         self._deposit_key = X25519PrivateKey.from_private_bytes(
-            self._sealed_secret(DEPOSIT_KEY, lambda: X25519PrivateKey.generate()
-                                .private_bytes_raw()))
+            wrapped_secret(self.store, vault.wrapper, DEPOSIT_KEY,
+                           lambda: X25519PrivateKey.generate().private_bytes_raw()))
         # The used nonces live in this process's memory, so a nonce must not outlive it: the
         # stored secret is mixed with one of this process's start, and a restart voids every
         # nonce issued before (agents just fetch new ones). Replicas sharing nonces will need
         # the used set in the store first.
-        stored = self._sealed_secret(NONCE_KEY, lambda: secrets.token_bytes(32))
+        stored = wrapped_secret(self.store, vault.wrapper, NONCE_KEY,
+                                lambda: secrets.token_bytes(32))
         self.nonces = NonceMinter(hmac.new(stored, secrets.token_bytes(32), "sha256").digest(),
                                   vault.clock)
 
     # -- set-up -----------------------------------------------------------------------------
-
-    def _sealed_secret(self, name: str, make: Callable[[], bytes]) -> bytes:
-        """A secret kept in the store wrapped by the token, made on first use."""
-        aad = SEALED_META[name]
-        sealed = self.store.get_meta(name)
-        if sealed is None:
-            raw = make()
-            self.store.put_meta(name, self.vault.sealer.seal(raw, aad),
-                                AuditEvent(f"escrow.{name}", "escrow", "", {"action": "created"}))
-            return raw
-        return self.vault.sealer.open(sealed, aad)
 
     @property
     def deposit_public_key(self) -> bytes:
@@ -176,7 +164,7 @@ class Escrow:
     def check_health(self) -> None:
         """Raise unless the database answers and the token opens a share-sized test value."""
         self.store.get_meta(DEPOSIT_KEY)
-        self.vault.sealer.open(self.vault.sealer.seal(b"health", b"health"), b"health")
+        self.vault.wrapper.unwrap(self.vault.wrapper.wrap(b"health", b"health"), b"health")
 
     # -- the two stages ---------------------------------------------------------------------
 
@@ -331,7 +319,7 @@ class Escrow:
         actor = f"node:{body.node_id}"
         if key.fingerprint(body.cluster_id) not in {v.fingerprint for v in versions}:
             self._may_add_version(body.cluster_id, actor, len(versions))
-        return Vault(self.store, self.vault.sealer, self.clock, actor).deposit(body.cluster_id,
+        return Vault(self.store, self.vault.wrapper, self.clock, actor).deposit(body.cluster_id,
                                                                                key)
 
     def _may_add_version(self, cluster_id: str, actor: str, retained: int) -> None:
@@ -446,7 +434,7 @@ class Escrow:
             for share in release.shares:
                 if (share.version, share.slot) in done:
                     continue
-                mnemonic = self.vault.open_share(share).encode("ascii")
+                mnemonic = self.vault.unwrap_share(share).encode("ascii")
                 info = protocol.share_info(request.request_id, request.cluster_id,
                                            share.version, share.slot)
                 done[(share.version, share.slot)] = ReleasedShare(
@@ -697,7 +685,7 @@ class Escrow:
             raise error
         share = mine[0]
         info = protocol.share_info("export", cluster_id, share.version, share.slot)
-        sealed = HPKE.encrypt(self.vault.open_share(share).encode("ascii"),
+        sealed = HPKE.encrypt(self.vault.unwrap_share(share).encode("ascii"),
                               X25519PublicKey.from_public_bytes(ephemeral), info=info)
         self.store.append_audit(AuditEvent("share.export", f"custodian:{custodian}", cluster_id,
                                            {"version": share.version, "slot": share.slot}))

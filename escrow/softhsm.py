@@ -11,7 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from escrow.errors import HsmError, HsmModuleMissing
+from escrow.core.errors import HsmError, HsmModuleMissing
 
 MODULE_CANDIDATES = (
     "/usr/lib/softhsm/libsofthsm2.so",

@@ -11,12 +11,15 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Protocol
 
-from escrow import custodian_keys, identity, shares
+from escrow import custodian_keys, identity
 from escrow.audit import AuditEvent
-from escrow.encoding import share_aad
-from escrow.errors import HsmError, InputError, PolicyError, ShareAuthFailed
+from escrow.core import shares
+from escrow.core.encoding import share_aad
+from escrow.core.errors import HsmError, InputError, PolicyError, ShareAuthFailed
+from escrow.core.states import NodeStatus
+from escrow.core.timestamps import parse_timestamp, timestamp
+from escrow.core.unlockkey import UnlockKey
 from escrow.policy import Policy, make_policy, validate_custodian_name
-from escrow.states import NodeStatus
 from escrow.store import (
     ClusterRecord,
     CustodianRecord,
@@ -24,17 +27,15 @@ from escrow.store import (
     ShareRecord,
     Store,
 )
-from escrow.timestamps import parse_timestamp, timestamp
-from escrow.unlockkey import UnlockKey
 
 FINGERPRINT_PREFIX = 16
 
 
-class Sealer(Protocol):
-    """What the vault needs of the HSM (escrow.hsm.Token implements it)."""
+class Wrapper(Protocol):
+    """What the vault needs of the HSM (escrow.wrapping.Token implements it)."""
 
-    def seal(self, plaintext: bytes, aad: bytes) -> bytes: ...
-    def open(self, sealed: bytes, aad: bytes) -> bytes: ...
+    def wrap(self, plaintext: bytes, aad: bytes) -> bytes: ...
+    def unwrap(self, wrapped: bytes, aad: bytes) -> bytes: ...
 
 
 @dataclass(frozen=True)
@@ -85,10 +86,10 @@ class Pruned:
 
 
 class Vault:
-    def __init__(self, store: Store, sealer: Sealer, clock: Callable[[], datetime],
+    def __init__(self, store: Store, wrapper: Wrapper, clock: Callable[[], datetime],
                  actor: str) -> None:
         self.store = store
-        self.sealer = sealer
+        self.wrapper = wrapper
         self.clock = clock
         self.actor = actor
 
@@ -159,7 +160,7 @@ class Vault:
             mnemonics = shares.split(key, policy.threshold, len(policy.slots))
             return [
                 ShareRecord(cluster_id, version, slot, holder,
-                            self.sealer.seal(mnemonic.encode("ascii"),
+                            self.wrapper.wrap(mnemonic.encode("ascii"),
                                              share_aad(cluster_id, version, slot)))
                 for slot, (holder, mnemonic) in enumerate(zip(policy.slots, mnemonics,
                                                               strict=True))
@@ -176,53 +177,53 @@ class Vault:
                 fingerprint=fingerprint[:FINGERPRINT_PREFIX]))
         return DepositResult(record.version, created, fingerprint)
 
-    def open_share(self, share: ShareRecord) -> str:
+    def unwrap_share(self, share: ShareRecord) -> str:
         """Unwrap one share's mnemonic. Callers release it encrypted, never in the clear."""
-        return self.sealer.open(share.sealed,
+        return self.wrapper.unwrap(share.wrapped,
                                 share_aad(share.cluster_id, share.version, share.slot)
                                 ).decode("ascii")
 
     # -- wrapping keys ----------------------------------------------------------------------
 
-    def rewrap(self, target: Sealer, sealed_meta: Mapping[str, bytes], **details: object) -> int:
+    def rewrap(self, target: Wrapper, wrapped_meta: Mapping[str, bytes], **details: object) -> int:
         """Re-wrap every share, and the meta values named with their associated data, from
-        this vault's sealer to ``target``, in one transaction. A value only ``target`` opens
+        this vault's wrapper to ``target``, in one transaction. A value only ``target`` opens
         was re-wrapped by an earlier run that stopped before the config named the new key,
         and is kept. Returns the number of shares."""
 
-        def move(sealed: bytes, aad: bytes) -> bytes:
+        def move(wrapped: bytes, aad: bytes) -> bytes:
             try:
-                plaintext = self.sealer.open(sealed, aad)
+                plaintext = self.wrapper.unwrap(wrapped, aad)
             except ShareAuthFailed:
-                target.open(sealed, aad)  # raises unless the earlier run moved it
-                return sealed
-            moved = target.seal(plaintext, aad)
-            if target.open(moved, aad) != plaintext:
+                target.unwrap(wrapped, aad)  # raises unless the earlier run moved it
+                return wrapped
+            moved = target.wrap(plaintext, aad)
+            if target.unwrap(moved, aad) != plaintext:
                 raise HsmError("the token re-wrapped a share it then did not open back",
                                "nothing was changed; check the token's health")
             return moved
 
         def mover(aad: bytes) -> Callable[[bytes], bytes]:
-            return lambda sealed: move(sealed, aad)
+            return lambda wrapped: move(wrapped, aad)
 
-        return self.store.reseal(
-            lambda row: move(row.sealed, share_aad(row.cluster_id, row.version, row.slot)),
-            {name: mover(aad) for name, aad in sealed_meta.items()},
+        return self.store.rewrap(
+            lambda row: move(row.wrapped, share_aad(row.cluster_id, row.version, row.slot)),
+            {name: mover(aad) for name, aad in wrapped_meta.items()},
             self._event("hsm.rewrap", "", **details))
 
-    def check_all_open(self, sealed_meta: Mapping[str, bytes]) -> int:
-        """Open every share and named meta value with this vault's sealer; ShareAuthFailed
+    def check_all_unwrap(self, wrapped_meta: Mapping[str, bytes]) -> int:
+        """Open every share and named meta value with this vault's wrapper; ShareAuthFailed
         names the first that does not open. Returns the number of shares."""
         count = 0
         for cluster in self.store.list_clusters():
             for version in self.store.list_key_versions(cluster.cluster_id):
                 for share in self.store.get_shares(cluster.cluster_id, version.version):
-                    self.open_share(share)
+                    self.unwrap_share(share)
                     count += 1
-        for name, aad in sealed_meta.items():
-            sealed = self.store.get_meta(name)
-            if sealed is not None:
-                self.sealer.open(sealed, aad)
+        for name, aad in wrapped_meta.items():
+            wrapped = self.store.get_meta(name)
+            if wrapped is not None:
+                self.wrapper.unwrap(wrapped, aad)
         return count
 
     def record(self, event: str, **details: object) -> None:

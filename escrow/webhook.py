@@ -22,7 +22,7 @@ from typing import Any
 
 import aiohttp
 
-from escrow.plaintext import PlainLogArgs, plain
+from escrow.core.plaintext import PlainLogArgs, plain
 
 log = logging.getLogger("escrow.webhook")
 log.addFilter(PlainLogArgs())

@@ -21,11 +21,12 @@ from pathlib import Path
 import pytest
 
 from escrow import config
-from escrow.hsm import HsmSettings, Pin, Token
+from escrow.core.hsm import HsmSettings, Pin
+from escrow.core.timestamps import timestamp
 from escrow.softhsm import create_token, default_module
 from escrow.store.sqlite import SqliteStore
-from escrow.timestamps import timestamp
 from escrow.vault import Vault
+from escrow.wrapping import Token
 from tests.helpers.certs import make_root_ca
 from tests.helpers.dockerd import Dockerd
 from tests.helpers.netlab import NetLab

@@ -22,7 +22,7 @@ from escrow.cli import (
     recover,
     serve,
 )
-from escrow.errors import EscrowError
+from escrow.core.errors import EscrowError
 
 
 class EscrowGroup(click.Group):

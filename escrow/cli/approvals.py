@@ -13,13 +13,13 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from pydantic import TypeAdapter
 
-from escrow import custodian_keys, protocol
+from escrow import custodian_keys
 from escrow.cli.context import checked_text, json_option, print_json, read_file, table
 from escrow.cli.custodian import read_passphrase
-from escrow.custodian_client import CustodianClient
-from escrow.errors import EscrowError, InputError
-from escrow.plaintext import plain
-from escrow.protocol import (
+from escrow.core import protocol
+from escrow.core.errors import EscrowError, InputError
+from escrow.core.plaintext import plain
+from escrow.core.protocol import (
     ApproveRequest,
     DecisionResponse,
     DenyRequest,
@@ -27,7 +27,8 @@ from escrow.protocol import (
     ReleasedShare,
     ShareExportRequest,
 )
-from escrow.states import Decision
+from escrow.core.states import Decision
+from escrow.custodian_client import CustodianClient
 
 F = TypeVar("F", bound=Callable[..., Any])
 _PENDING = TypeAdapter(list[PendingRequest])

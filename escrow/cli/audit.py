@@ -36,10 +36,10 @@ from escrow.cli.context import (
     print_json,
     table,
 )
-from escrow.errors import AuditChainBroken, EscrowError, InputError, StoreError
+from escrow.core.errors import AuditChainBroken, EscrowError, InputError, StoreError
+from escrow.core.timestamps import timestamp
 from escrow.lock import DataDirLock
 from escrow.store import Store
-from escrow.timestamps import timestamp
 
 # Records younger than this never leave the database: the last week stays where `escrow audit
 # show` and an investigation look first, and an archive run by mistake cannot empty the log.

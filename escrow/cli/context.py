@@ -18,13 +18,14 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from escrow import config, plaintext
+from escrow import config
 from escrow.config import Settings
-from escrow.errors import InputError
-from escrow.hsm import Token, resolve_pin
+from escrow.core import plaintext
+from escrow.core.errors import InputError
+from escrow.core.timestamps import timestamp
 from escrow.store.sqlite import SqliteStore
-from escrow.timestamps import timestamp
 from escrow.vault import Vault
+from escrow.wrapping import Token, resolve_pin
 
 F = TypeVar("F", bound=Callable[..., Any])
 DEFAULT_DATA_DIR = Path("/var/lib/escrow")
@@ -70,11 +71,11 @@ class LazyToken:
             self._token = Token(self._settings.hsm, pin)
         return self._token
 
-    def seal(self, plaintext: bytes, aad: bytes) -> bytes:
-        return self.token.seal(plaintext, aad)
+    def wrap(self, plaintext: bytes, aad: bytes) -> bytes:
+        return self.token.wrap(plaintext, aad)
 
-    def open(self, sealed: bytes, aad: bytes) -> bytes:
-        return self.token.open(sealed, aad)
+    def unwrap(self, wrapped: bytes, aad: bytes) -> bytes:
+        return self.token.unwrap(wrapped, aad)
 
     def close(self) -> None:
         if self._token is not None:

@@ -19,7 +19,7 @@ from escrow.cli.context import (
     read_file,
     table,
 )
-from escrow.errors import InputError
+from escrow.core.errors import InputError
 
 
 @click.group()

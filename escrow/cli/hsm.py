@@ -9,11 +9,11 @@ import click
 
 from escrow import config
 from escrow.cli.context import actor, data_dir_option, now, open_store
-from escrow.errors import ConfigError, Conflict, InputError, ShareAuthFailed
-from escrow.hsm import Token, resolve_pin
+from escrow.core.errors import ConfigError, Conflict, InputError, ShareAuthFailed
 from escrow.lock import DataDirLock
-from escrow.service import SEALED_META
+from escrow.stored_secrets import WRAPPED_META
 from escrow.vault import Vault
+from escrow.wrapping import Token, resolve_pin
 
 
 @click.group()
@@ -47,7 +47,7 @@ def rewrap(data_dir: Path, to_label: str) -> None:
         store = open_store(settings)
         try:
             vault = Vault(store, token.wrapping_key(old), now, actor())
-            count = vault.rewrap(token.wrapping_key(to_label), SEALED_META,
+            count = vault.rewrap(token.wrapping_key(to_label), WRAPPED_META,
                                  from_label=old, to_label=to_label, key_created=created)
         finally:
             store.close()
@@ -76,7 +76,7 @@ def destroy_key(data_dir: Path, label: str, yes: bool) -> None:
         try:
             vault = Vault(store, token.wrapping_key(), now, actor())
             try:
-                vault.check_all_open(SEALED_META)
+                vault.check_all_unwrap(WRAPPED_META)
             except ShareAuthFailed as exc:
                 raise Conflict(f"not every share opens with the current key "
                                f"{settings.hsm.key_label!r}: {exc.message}",

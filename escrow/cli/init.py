@@ -8,11 +8,13 @@ from pathlib import Path
 
 import click
 
-from escrow import config, softhsm, tls
+from escrow import config, softhsm
 from escrow.audit import AuditEvent
 from escrow.cli.context import actor, data_dir_option, open_store
-from escrow.errors import ConfigError
-from escrow.hsm import HsmSettings, Token, resolve_pin
+from escrow.core import tls
+from escrow.core.errors import ConfigError
+from escrow.core.hsm import HsmSettings
+from escrow.wrapping import Token, resolve_pin
 
 EMBEDDED_TOKEN = "escrow"  # noqa: S105 - a token label, not a password
 EMBEDDED_PIN_FILE = "hsm-pin"

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import click
 
-from escrow import unlockkey
 from escrow.cli.context import (
     data_dir_option,
     json_option,
@@ -16,7 +15,8 @@ from escrow.cli.context import (
     read_secret_line,
     table,
 )
-from escrow.errors import InputError
+from escrow.core import unlockkey
+from escrow.core.errors import InputError
 
 _cluster = click.option("--cluster", "cluster_id", required=True, help="Swarm cluster id.")
 

@@ -15,8 +15,8 @@ from escrow.cli.context import (
     print_json,
     table,
 )
-from escrow.plaintext import plain
-from escrow.states import NodeStatus
+from escrow.core.plaintext import plain
+from escrow.core.states import NodeStatus
 
 _cluster = click.option("--cluster", "cluster_id", required=True, help="Swarm cluster id.")
 

@@ -15,9 +15,9 @@ import docker
 import docker.errors
 import requests
 
-from escrow import shares
-from escrow.errors import RecoveryError
-from escrow.unlockkey import UnlockKey
+from escrow.core import shares
+from escrow.core.errors import RecoveryError
+from escrow.core.unlockkey import UnlockKey
 
 
 def _from_terminal() -> shares.ShareSet:

@@ -16,14 +16,14 @@ from aiohttp import web
 
 from escrow import config
 from escrow.cli.context import data_dir_option
-from escrow.errors import ConfigError
-from escrow.hsm import resolve_pin
+from escrow.core.errors import ConfigError
+from escrow.core.notify import Notifier
+from escrow.core.plaintext import PlainLogArgs
+from escrow.core.tls import server_context
 from escrow.lock import DataDirLock
-from escrow.notify import Notifier
-from escrow.plaintext import PlainLogArgs
 from escrow.server.app import EscrowServer
 from escrow.server.connections import ConnectionGate, Limits, fit_open_files
-from escrow.tls import server_context
+from escrow.wrapping import resolve_pin
 
 
 def parse_listen(listen: str) -> tuple[str, int]:

@@ -21,11 +21,11 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from pydantic import BaseModel, ValidationError
 
-from escrow import protocol, webhook
+from escrow import webhook
 from escrow.audit import AuditEvent
 from escrow.config import Settings
-from escrow.diskspace import Reserve
-from escrow.errors import (
+from escrow.core import protocol
+from escrow.core.errors import (
     Conflict,
     DiskFull,
     EscrowError,
@@ -33,13 +33,15 @@ from escrow.errors import (
     InputError,
     NotFound,
     PolicyError,
+    Refusal,
     RequestError,
     StoreError,
     WrongPin,
+    reason_of,
 )
-from escrow.hsm import Pin
-from escrow.plaintext import PlainLogArgs
-from escrow.protocol import (
+from escrow.core.hsm import Pin
+from escrow.core.plaintext import PlainLogArgs
+from escrow.core.protocol import (
     ApproveRequest,
     DecisionResponse,
     DepositRequest,
@@ -55,15 +57,16 @@ from escrow.protocol import (
     ShareExportRequest,
     UnsealRequest,
 )
+from escrow.core.states import Decision
+from escrow.core.timestamps import timestamp
+from escrow.diskspace import Reserve
 from escrow.ratelimit import SourceLimiter
 from escrow.refusals import RefusalLog
 from escrow.server.connections import SLOW_BODY
 from escrow.server.hsmlink import HsmLink, opener
 from escrow.server.openapi import openapi_document
 from escrow.service import Escrow
-from escrow.states import Decision
 from escrow.store.sqlite import SqliteStore
-from escrow.timestamps import timestamp
 from escrow.vault import Vault
 
 log = logging.getLogger("escrow.server")
@@ -113,9 +116,8 @@ class Metrics:
 
 
 def _status_of(error: EscrowError) -> int:
-    explicit = getattr(error, "status", None)
-    if isinstance(explicit, int):
-        return explicit
+    if isinstance(error, Refusal):
+        return error.status
     for kind, status in ((NotFound, 404), (Conflict, 409), (PolicyError, 409),
                          (InputError, 400), (HsmError, 503), (StoreError, 503)):
         if isinstance(error, kind):
@@ -292,9 +294,8 @@ class EscrowServer:
             except EscrowError as exc:
                 if isinstance(exc, DiskFull) and endpoint in RELEASE_PATHS:
                     self._reserve.release()  # so the next release finds room
-                reason = getattr(exc, "reason", type(exc).__name__)
-                response = _error(_status_of(exc), reason, exc.message, exc.hint,
-                                  getattr(exc, "retry_after", None))
+                response = _error(_status_of(exc), reason_of(exc), exc.message, exc.hint,
+                                  exc.retry_after if isinstance(exc, Refusal) else None)
             except Exception:
                 log.exception("unexpected error in %s", endpoint)
                 response = _error(500, "internal", "internal error; see the escrow's log")

@@ -17,16 +17,17 @@ from typing import Protocol
 
 from prometheus_client import Histogram
 
-from escrow.errors import HsmError, TokenUnavailable, WrongPin
-from escrow.hsm import HsmSettings, Pin, Token
+from escrow.core.errors import HsmError, TokenUnavailable, WrongPin
+from escrow.core.hsm import HsmSettings, Pin
+from escrow.wrapping import Token
 
 log = logging.getLogger("escrow.server")
 
 
 class Session(Protocol):
     def check(self) -> None: ...
-    def seal(self, plaintext: bytes, aad: bytes) -> bytes: ...
-    def open(self, sealed: bytes, aad: bytes) -> bytes: ...
+    def wrap(self, plaintext: bytes, aad: bytes) -> bytes: ...
+    def unwrap(self, wrapped: bytes, aad: bytes) -> bytes: ...
     def close(self) -> None: ...
 
 
@@ -92,11 +93,11 @@ class HsmLink:
             self._drop(exc)
             raise
 
-    def seal(self, plaintext: bytes, aad: bytes) -> bytes:
-        return self._use(lambda token: token.seal(plaintext, aad))
+    def wrap(self, plaintext: bytes, aad: bytes) -> bytes:
+        return self._use(lambda token: token.wrap(plaintext, aad))
 
-    def open(self, sealed: bytes, aad: bytes) -> bytes:
-        return self._use(lambda token: token.open(sealed, aad))
+    def unwrap(self, wrapped: bytes, aad: bytes) -> bytes:
+        return self._use(lambda token: token.unwrap(wrapped, aad))
 
     def _drop(self, error: TokenUnavailable) -> None:
         if self._token is not None:

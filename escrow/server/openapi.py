@@ -8,7 +8,7 @@ from typing import Any
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
-from escrow import protocol as p
+from escrow.core import protocol as p
 
 _CUSTODIAN: list[dict[str, list[str]]] = [{"custodianSignature": []}]
 _ERRORS = {str(code): {"description": text, "content": {"application/json": {

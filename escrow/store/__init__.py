@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from escrow.audit import AuditEvent, AuditRecord, Checkpoint
+from escrow.core.states import Decision, NodeStatus, Outcome, RequestState
 from escrow.policy import Policy
-from escrow.states import Decision, NodeStatus, Outcome, RequestState
 
 
 @dataclass(frozen=True)
@@ -43,13 +43,13 @@ class KeyVersionRecord:
 
 @dataclass(frozen=True)
 class ShareRecord:
-    """One wrapped share. ``sealed`` is AES-GCM ciphertext from the token, never plaintext."""
+    """One wrapped share. ``wrapped`` is AES-GCM ciphertext from the token, never plaintext."""
 
     cluster_id: str
     version: int
     slot: int
     holder: str
-    sealed: bytes
+    wrapped: bytes
 
 
 @dataclass(frozen=True)
@@ -122,7 +122,7 @@ class Store(Protocol):
         self, cluster_id: str, versions: Sequence[int], event: AuditEvent
     ) -> None: ...
 
-    def reseal(self, share: Callable[[ShareRecord], bytes],
+    def rewrap(self, share: Callable[[ShareRecord], bytes],
                meta: Mapping[str, Callable[[bytes], bytes]], event: AuditEvent) -> int: ...
 
     def get_meta(self, name: str) -> bytes | None: ...

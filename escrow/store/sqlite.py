@@ -17,9 +17,9 @@ from pathlib import Path
 
 from escrow import audit, audit_journal
 from escrow.audit import AuditEvent, AuditRecord
-from escrow.errors import Conflict, DiskFull, NotFound, StoreError
+from escrow.core.errors import Conflict, DiskFull, NotFound, StoreError
+from escrow.core.states import Decision, NodeStatus, Outcome, RequestState
 from escrow.policy import Policy
-from escrow.states import Decision, NodeStatus, Outcome, RequestState
 from escrow.store import (
     ApprovalRecord,
     ClusterRecord,
@@ -106,6 +106,11 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         " WHEN NOT EXISTS (SELECT 1 FROM audit_checkpoints WHERE seq >= OLD.seq)"
         " BEGIN SELECT RAISE(ABORT, 'the audit log is append-only: only records an archive"
         " checkpoint covers can be deleted (escrow audit archive)'); END",
+    ),
+    (
+        # One word for the token's AES-GCM: a share is *wrapped* (encrypting to an agent is
+        # HPKE's, chaining is the audit log's).
+        "ALTER TABLE shares RENAME COLUMN sealed TO wrapped",
     ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -224,7 +229,7 @@ class SqliteStore:
             last = db.execute("SELECT seq, hash FROM audit_checkpoints ORDER BY seq DESC"
                               " LIMIT 1").fetchone()
         prev_hash = last[1] if last else audit.GENESIS
-        record = audit.seal(event, self._now(), prev_hash, 0)
+        record = audit.chained(event, self._now(), prev_hash, 0)
         cursor = db.execute(
             "INSERT INTO audit (ts, event, actor, cluster_id, details, prev_hash, hash) "
             "VALUES (?, ?, ?, ?, ?, ?, ?)",
@@ -335,7 +340,7 @@ class SqliteStore:
                        (cluster_id, version, fingerprint, policy.threshold,
                         json.dumps(list(policy.slots)), record.created_at))
             db.executemany("INSERT INTO shares VALUES (?, ?, ?, ?, ?)",
-                           [(s.cluster_id, s.version, s.slot, s.holder, s.sealed)
+                           [(s.cluster_id, s.version, s.slot, s.holder, s.wrapped)
                             for s in shares])
             self._append(db, replace(event, details={**event.details, "version": version}))
             return record, True
@@ -355,7 +360,7 @@ class SqliteStore:
         return [KeyVersionRecord(r[0], r[1], r[2], _policy(r[3], r[4]), r[5]) for r in rows]
 
     def get_shares(self, cluster_id: str, version: int) -> list[ShareRecord]:
-        rows = self._db.execute("SELECT cluster_id, version, slot, holder, sealed FROM shares "
+        rows = self._db.execute("SELECT cluster_id, version, slot, holder, wrapped FROM shares "
                                 "WHERE cluster_id = ? AND version = ? ORDER BY slot",
                                 (cluster_id, version))
         return [ShareRecord(r[0], r[1], r[2], r[3], bytes(r[4])) for r in rows]
@@ -374,21 +379,21 @@ class SqliteStore:
                            (cluster_id, version))
             self._append(db, event)
 
-    def reseal(self, share: Callable[[ShareRecord], bytes],
+    def rewrap(self, share: Callable[[ShareRecord], bytes],
                meta: Mapping[str, Callable[[bytes], bytes]], event: AuditEvent) -> int:
-        """Replace every share's and the named meta values' sealed bytes in one transaction:
+        """Replace every share's and the named meta values' wrapped bytes in one transaction:
         all are re-wrapped or none. Returns the number of shares."""
         with self._write() as db:
             rows = [ShareRecord(r[0], r[1], r[2], r[3], bytes(r[4])) for r in db.execute(
-                "SELECT cluster_id, version, slot, holder, sealed FROM shares").fetchall()]
+                "SELECT cluster_id, version, slot, holder, wrapped FROM shares").fetchall()]
             for row in rows:
-                db.execute("UPDATE shares SET sealed = ? WHERE cluster_id = ? AND version = ?"
+                db.execute("UPDATE shares SET wrapped = ? WHERE cluster_id = ? AND version = ?"
                            " AND slot = ?", (share(row), row.cluster_id, row.version, row.slot))
-            for name, reseal in meta.items():
+            for name, rewrap in meta.items():
                 found = db.execute("SELECT value FROM meta WHERE name = ?", (name,)).fetchone()
                 if found:
                     db.execute("UPDATE meta SET value = ? WHERE name = ?",
-                               (reseal(bytes(found[0])), name))
+                               (rewrap(bytes(found[0])), name))
             self._append(db, replace(event, details={**event.details, "shares": len(rows)}))
             return len(rows)
 

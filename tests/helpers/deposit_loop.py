@@ -12,11 +12,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from escrow import config
-from escrow.hsm import Token, resolve_pin
+from escrow.core.timestamps import timestamp
+from escrow.core.unlockkey import UnlockKey
 from escrow.store.sqlite import SqliteStore
-from escrow.timestamps import timestamp
-from escrow.unlockkey import UnlockKey
 from escrow.vault import Vault
+from escrow.wrapping import Token, resolve_pin
 
 
 def main() -> None:

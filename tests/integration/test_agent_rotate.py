@@ -15,8 +15,8 @@ from agent import config as agent_config
 from agent.docker_state import Docker
 from agent.errors import AgentError
 from agent.rotate import rotate
-from escrow import unlockkey
-from escrow.unlockkey import UnlockKey
+from escrow.core import unlockkey
+from escrow.core.unlockkey import UnlockKey
 from tests.helpers.agent import enrolled_manager
 from tests.helpers.dockerd import Dockerd
 from tests.helpers.server import EscrowProcess

@@ -12,7 +12,7 @@ import pytest
 
 from agent.errors import AgentError
 from agent.swarm_identity import CERT_DIR, decrypt_node_key
-from escrow import unlockkey
+from escrow.core import unlockkey
 from tests.helpers.agent import AgentNode
 from tests.helpers.dockerd import Dockerd
 from tests.helpers.netlab import ready_managers, wait_for

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from agent.client import EscrowClient
-from escrow.unlockkey import UnlockKey
+from escrow.core.unlockkey import UnlockKey
 from tests.helpers.server import make_escrow
 
 pytestmark = pytest.mark.slow

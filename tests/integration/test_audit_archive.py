@@ -29,12 +29,12 @@ import pytest
 
 from escrow import audit, audit_journal, config
 from escrow.audit import AuditEvent
-from escrow.errors import Conflict
-from escrow.hsm import HsmSettings
+from escrow.core.errors import Conflict
+from escrow.core.hsm import HsmSettings
+from escrow.core.timestamps import timestamp
 from escrow.lock import DataDirLock
 from escrow.store import sqlite as sqlite_store
 from escrow.store.sqlite import SqliteStore
-from escrow.timestamps import timestamp
 from tests.conftest import REPO, fails, ok, run_escrow
 
 pytestmark = pytest.mark.slow
@@ -58,7 +58,7 @@ def seed(db_path: Path, times: Iterable[datetime]) -> int:
     prev = last[0] if last else audit.GENESIS
     rows = []
     for n, moment in enumerate(times):
-        record = audit.seal(AuditEvent("unseal.refused", "agent:node-1", CLUSTER,
+        record = audit.chained(AuditEvent("unseal.refused", "agent:node-1", CLUSTER,
                                        {"n": n, "reason": "stale_nonce"}),
                             timestamp(moment), prev, 0)
         rows.append((record.timestamp, record.event, record.actor, record.cluster_id,

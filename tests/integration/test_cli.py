@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from escrow import shares
-from escrow.unlockkey import UnlockKey
+from escrow.core import shares
+from escrow.core.unlockkey import UnlockKey
 from tests.conftest import REPO, fails, ok, run_escrow
 from tests.helpers.certs import make_node_cert, make_root_ca
 

@@ -12,10 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from escrow import audit, shares
-from escrow.hsm import Token
+from escrow import audit
+from escrow.core import shares
 from escrow.store.sqlite import SqliteStore
 from escrow.vault import Vault
+from escrow.wrapping import Token
 from tests.conftest import REPO
 
 CLUSTER = "q" * 25
@@ -60,7 +61,7 @@ def test_sigkill_during_deposits_never_leaves_a_partial_version(
     for version in versions:
         rows = store.get_shares(CLUSTER, version.version)
         assert [r.slot for r in rows] == [0, 1, 2, 3, 4], f"version {version.version} is partial"
-        mnemonics = [vault.open_share(r) for r in rows]
+        mnemonics = [vault.unwrap_share(r) for r in rows]
         assert shares.combine(mnemonics[1:4]).fingerprint(CLUSTER) == version.fingerprint
     records = list(store.iter_audit())
     assert audit.verify(records) == []

@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 
 from agent.errors import EscrowRejected, EscrowUnavailable
+from escrow.core.unlockkey import UnlockKey
 from escrow.diskspace import RESERVE_NAME
-from escrow.unlockkey import UnlockKey
 from tests.helpers.api import client, deposit, enroll, enrolled, run, unseal
 from tests.helpers.server import EscrowProcess, make_escrow
 

@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from agent.errors import AgentError
 from agent.release import candidate_keys
-from escrow.unlockkey import UnlockKey
+from escrow.core.unlockkey import UnlockKey
 from tests.helpers.api import client, deposit, enroll, run, unseal
 from tests.helpers.server import BOOT_ID, Cluster, EscrowProcess, Node, make_escrow
 

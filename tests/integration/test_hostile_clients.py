@@ -24,8 +24,9 @@ from cryptography.hazmat.primitives.asymmetric.utils import (
 
 from agent.errors import EscrowRejected
 from agent.release import candidate_keys
-from escrow import custodian_keys, protocol
-from escrow.unlockkey import UnlockKey
+from escrow import custodian_keys
+from escrow.core import protocol
+from escrow.core.unlockkey import UnlockKey
 from tests.helpers.api import client, deposit, enroll, enrolled, run
 from tests.helpers.receiver import collector, receiving
 from tests.helpers.server import PASSPHRASE, EscrowProcess, Node, make_escrow

@@ -8,8 +8,8 @@ import pkcs11
 import pytest
 from pkcs11 import Attribute
 
-from escrow.encoding import share_aad
-from escrow.errors import (
+from escrow.core.encoding import share_aad
+from escrow.core.errors import (
     ConfigError,
     HsmModuleMissing,
     ShareAuthFailed,
@@ -17,38 +17,39 @@ from escrow.errors import (
     WrappingKeyMissing,
     WrongPin,
 )
-from escrow.hsm import HsmSettings, Pin, Token, resolve_pin
+from escrow.core.hsm import HsmSettings, Pin
+from escrow.wrapping import Token, resolve_pin
 from tests.conftest import SESSION_PIN, SoftHsm
 
 CLUSTER = "c" * 25
 
 
-def test_sealed_share_opens_only_with_its_own_associated_data(token: Token) -> None:
-    sealed = token.seal(b"share words", share_aad(CLUSTER, 1, 0))
-    assert b"share words" not in sealed
-    assert token.open(sealed, share_aad(CLUSTER, 1, 0)) == b"share words"
+def test_wrapped_share_unwraps_only_with_its_own_associated_data(token: Token) -> None:
+    wrapped = token.wrap(b"share words", share_aad(CLUSTER, 1, 0))
+    assert b"share words" not in wrapped
+    assert token.unwrap(wrapped, share_aad(CLUSTER, 1, 0)) == b"share words"
     for other in (share_aad(CLUSTER, 1, 1), share_aad(CLUSTER, 2, 0), share_aad("d" * 25, 1, 0)):
         with pytest.raises(ShareAuthFailed, match="copied from another row"):
-            token.open(sealed, other)
+            token.unwrap(wrapped, other)
 
 
-def test_each_seal_uses_a_fresh_iv(token: Token) -> None:
+def test_each_wrap_uses_a_fresh_iv(token: Token) -> None:
     aad = share_aad(CLUSTER, 1, 0)
-    assert token.seal(b"x", aad) != token.seal(b"x", aad)
+    assert token.wrap(b"x", aad) != token.wrap(b"x", aad)
 
 
 @pytest.mark.parametrize("damage", ["truncate", "flip", "format"])
 def test_damaged_ciphertext_fails_authentication(token: Token, damage: str) -> None:
     aad = share_aad(CLUSTER, 1, 0)
-    sealed = bytearray(token.seal(b"share words", aad))
+    wrapped = bytearray(token.wrap(b"share words", aad))
     if damage == "truncate":
-        sealed = sealed[:20]
+        wrapped = wrapped[:20]
     elif damage == "flip":
-        sealed[-1] ^= 1
+        wrapped[-1] ^= 1
     else:
-        sealed[0] = 9
+        wrapped[0] = 9
     with pytest.raises(ShareAuthFailed):
-        token.open(bytes(sealed), aad)
+        token.unwrap(bytes(wrapped), aad)
 
 
 def test_wrapping_key_is_sensitive_non_extractable_and_created_once(token: Token) -> None:
@@ -64,7 +65,7 @@ def test_wrapping_key_is_sensitive_non_extractable_and_created_once(token: Token
 def test_missing_wrapping_key_is_reported(hsm_settings: HsmSettings) -> None:
     with Token(hsm_settings, Pin(SESSION_PIN, "test")) as fresh, \
             pytest.raises(WrappingKeyMissing, match="has no wrapping key labelled"):
-        fresh.seal(b"x", b"aad")
+        fresh.wrap(b"x", b"aad")
 
 
 def test_wrong_pin_is_reported_with_its_source(hsm_settings: HsmSettings) -> None:

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from agent.docker_state import Docker
-from escrow import protocol
+from escrow.core import protocol
 from tests.conftest import run_escrow
 from tests.helpers.agent import AgentNode, enrolled_manager
 from tests.helpers.dockerd import Dockerd
@@ -66,7 +66,7 @@ def impersonator(escrow: EscrowProcess, base: Path) -> Impersonator:
     assert made_token.returncode == 0, made_token.stderr
     shutil.copytree(fresh / "softhsm", fake.data_dir / "softhsm")
     shutil.copy2(fresh / "hsm-pin", fake.data_dir / "hsm-pin")
-    # The secrets in `meta` (the deposit key among them) are sealed by the real token: the
+    # The secrets in `meta` (the deposit key among them) are wrapped by the real token: the
     # attacker drops them, and their escrow makes new ones.
     with sqlite3.connect(fake.data_dir / "escrow.db") as db:
         db.execute("DELETE FROM meta")

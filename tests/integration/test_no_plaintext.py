@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from escrow import shares
-from escrow.hsm import Token
+from escrow.core import shares
+from escrow.core.unlockkey import UnlockKey
 from escrow.store.sqlite import SqliteStore
-from escrow.unlockkey import UnlockKey
 from escrow.vault import Vault
+from escrow.wrapping import Token
 from tests.conftest import SoftHsm, run_escrow
 from tests.helpers.custodians import public_key_pem
 
@@ -75,7 +75,7 @@ def test_deposit_leaves_no_key_or_share_in_any_file_output_or_log(
 
     store = SqliteStore.open(data_dir / "escrow.db", lambda: "t")
     vault = Vault(store, token, lambda: datetime.now(UTC), "test")
-    mnemonics = [vault.open_share(s) for s in store.get_shares(CLUSTER, 1)]
+    mnemonics = [vault.unwrap_share(s) for s in store.get_shares(CLUSTER, 1)]
     store.close()
     assert shares.combine(mnemonics[:1]) == key  # the needles are the real thing
 

@@ -14,7 +14,7 @@ from agent.client import EscrowClient
 from agent.errors import EscrowRejected
 from agent.release import candidate_keys
 from agent.swarm_identity import CERT_DIR, read_identity, read_signing_identity
-from escrow import unlockkey
+from escrow.core import unlockkey
 from tests.helpers.dockerd import Dockerd
 from tests.helpers.server import BOOT_ID, EscrowProcess
 

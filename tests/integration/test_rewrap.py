@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from escrow.unlockkey import UnlockKey
+from escrow.core.unlockkey import UnlockKey
 from tests.helpers.api import deposit, enrolled, run, unseal
 from tests.helpers.server import EscrowProcess, make_escrow
 
@@ -18,16 +18,16 @@ pytestmark = pytest.mark.slow
 OLD, NEW = "escrow-wrap", "escrow-wrap-2"
 
 
-def sealed(escrow: EscrowProcess) -> dict[tuple[str, int, int], bytes]:
+def wrapped(escrow: EscrowProcess) -> dict[tuple[str, int, int], bytes]:
     with sqlite3.connect(escrow.data_dir / "escrow.db") as db:
-        rows = db.execute("SELECT cluster_id, version, slot, sealed FROM shares").fetchall()
+        rows = db.execute("SELECT cluster_id, version, slot, wrapped FROM shares").fetchall()
         rows += db.execute("SELECT name, 0, 0, value FROM meta").fetchall()
     return {(r[0], r[1], r[2]): bytes(r[3]) for r in rows}
 
 
 def set_share(escrow: EscrowProcess, row: tuple[str, int, int], value: bytes) -> None:
     with sqlite3.connect(escrow.data_dir / "escrow.db") as db:
-        db.execute("UPDATE shares SET sealed = ? WHERE cluster_id = ? AND version = ? "
+        db.execute("UPDATE shares SET wrapped = ? WHERE cluster_id = ? AND version = ? "
                    "AND slot = ?", (value, *row))
 
 
@@ -55,11 +55,11 @@ def test_rewrap_moves_every_share_to_a_new_key_and_the_old_key_can_then_be_destr
     assert "systemctl stop escrow" in busy.stderr
     escrow.stop()
 
-    before = sealed(escrow)
+    before = wrapped(escrow)
     done = escrow.cli("hsm", "rewrap", "--to-label", NEW)
     assert done.returncode == 0, done.stderr
     assert f"re-wrapped 8 share(s) and the deposit key from '{OLD}' to '{NEW}'" in done.stdout
-    after = sealed(escrow)
+    after = wrapped(escrow)
     assert after.keys() == before.keys()
     assert all(after[k] != before[k] for k in before)
     assert key_label(escrow) == NEW
@@ -92,16 +92,16 @@ def test_a_rewrap_that_fails_changes_nothing_and_one_cut_short_is_finished_by_ru
     escrow.start()
     _, node, key = enrolled(escrow)
     escrow.stop()
-    pristine = sealed(escrow)
+    pristine = wrapped(escrow)
 
     # One altered share row: the whole rewrap is refused, no share and no config changed.
     row = (node.cluster_id, 1, 3)
     set_share(escrow, row, pristine[row][:-1] + bytes([pristine[row][-1] ^ 1]))
-    damaged = sealed(escrow)
+    damaged = wrapped(escrow)
     refused = escrow.cli("hsm", "rewrap", "--to-label", NEW)
     assert refused.returncode == 1
     assert "failed authentication" in refused.stderr
-    assert sealed(escrow) == damaged
+    assert wrapped(escrow) == damaged
     assert key_label(escrow) == OLD
     set_share(escrow, row, pristine[row])
 
@@ -113,7 +113,7 @@ def test_a_rewrap_that_fails_changes_nothing_and_one_cut_short_is_finished_by_ru
     escrow.start(healthy=False)
     status, body = escrow.health()
     assert status == 503
-    assert f"sealed with a wrapping key other than '{OLD}'" in body["message"]
+    assert f"wrapped with a wrapping key other than '{OLD}'" in body["message"]
     escrow.stop()
 
     finished = escrow.cli("hsm", "rewrap", "--to-label", NEW)

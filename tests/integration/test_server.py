@@ -16,8 +16,8 @@ import pytest
 
 from agent.errors import EscrowRejected
 from agent.release import candidate_keys
-from escrow import protocol
-from escrow.unlockkey import UnlockKey
+from escrow.core import protocol
+from escrow.core.unlockkey import UnlockKey
 from tests.helpers.api import client, deposit, enroll, enrolled, run
 from tests.helpers.receiver import collector, receiving
 from tests.helpers.server import BOOT_ID, Cluster, EscrowProcess, Node, make_escrow

@@ -27,7 +27,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from bench.slow_clients import SlowClients, soft_open_files
-from escrow.tls import client_context
+from escrow.core.tls import client_context
 from tests.helpers import api
 from tests.helpers.server import EscrowProcess, make_escrow
 

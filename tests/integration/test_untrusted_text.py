@@ -26,14 +26,15 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from pydantic import TypeAdapter
 
-from escrow import custodian_keys, protocol
+from escrow import custodian_keys
 from escrow.audit import AuditEvent
+from escrow.core import protocol
+from escrow.core.errors import EscrowError
+from escrow.core.states import NodeStatus
+from escrow.core.tls import client_context
 from escrow.custodian_client import CustodianClient
-from escrow.errors import EscrowError
-from escrow.states import NodeStatus
 from escrow.store import NodeRecord
 from escrow.store.sqlite import SqliteStore
-from escrow.tls import client_context
 from tests.helpers.api import client, enrolled, run
 from tests.helpers.receiver import receiving
 from tests.helpers.server import PASSPHRASE, EscrowProcess, Node, make_escrow, swarm_id

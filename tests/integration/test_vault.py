@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from escrow import shares
 from escrow.audit import AuditEvent
-from escrow.errors import Conflict, NotFound, PolicyError, ShareAuthFailed, StoreError
-from escrow.hsm import Token
+from escrow.core import shares
+from escrow.core.errors import Conflict, NotFound, PolicyError, ShareAuthFailed, StoreError
+from escrow.core.unlockkey import UnlockKey
 from escrow.store.sqlite import SCHEMA_VERSION, SqliteStore
-from escrow.unlockkey import UnlockKey
 from escrow.vault import Vault
+from escrow.wrapping import Token
 from tests.conftest import Clock
 from tests.helpers.custodians import public_key_pem
 
@@ -31,7 +31,7 @@ def cluster(vault: Vault, root_ca_pem: bytes) -> str:
 
 
 def open_all(vault: Vault, cluster_id: str, version: int) -> list[str]:
-    return [vault.open_share(s) for s in vault.store.get_shares(cluster_id, version)]
+    return [vault.unwrap_share(s) for s in vault.store.get_shares(cluster_id, version)]
 
 
 def test_deposit_stores_one_version_with_a_wrapped_share_per_slot(vault: Vault,
@@ -42,7 +42,7 @@ def test_deposit_stores_one_version_with_a_wrapped_share_per_slot(vault: Vault,
     stored = vault.store.get_shares(cluster, 1)
     assert [s.holder for s in stored] == ["auto", "auto", "alice", "bob", "carol"]
     mnemonics = open_all(vault, cluster, 1)
-    assert all(m.encode() not in s.sealed for m, s in zip(mnemonics, stored, strict=True))
+    assert all(m.encode() not in s.wrapped for m, s in zip(mnemonics, stored, strict=True))
     assert shares.combine([mnemonics[0], mnemonics[4]]) == key
     assert shares.combine(mnemonics[2:4]) == key
     (record,) = vault.store.list_key_versions(cluster)
@@ -70,13 +70,13 @@ def test_a_share_row_copied_onto_another_row_fails_to_open(vault: Vault, cluster
                                                           tmp_path: Path) -> None:
     vault.deposit(cluster, UnlockKey(os.urandom(32)))
     db = sqlite3.connect(tmp_path / "escrow.db")
-    db.execute("UPDATE shares SET sealed = (SELECT sealed FROM shares WHERE slot = 0) "
+    db.execute("UPDATE shares SET wrapped = (SELECT wrapped FROM shares WHERE slot = 0) "
                "WHERE slot = 2")
     db.commit()
     db.close()
     alice = vault.store.get_shares(cluster, 1)[2]
     with pytest.raises(ShareAuthFailed):
-        vault.open_share(alice)
+        vault.unwrap_share(alice)
 
 
 def test_a_deposit_that_fails_half_way_stores_nothing(store: SqliteStore, token: Token,
@@ -84,14 +84,14 @@ def test_a_deposit_that_fails_half_way_stores_nothing(store: SqliteStore, token:
     class FailingOnThirdShare:
         calls = 0
 
-        def seal(self, plaintext: bytes, aad: bytes) -> bytes:
+        def wrap(self, plaintext: bytes, aad: bytes) -> bytes:
             self.calls += 1
             if self.calls == 3:
                 raise StoreError("simulated failure", "")
-            return token.seal(plaintext, aad)
+            return token.wrap(plaintext, aad)
 
-        def open(self, sealed: bytes, aad: bytes) -> bytes:
-            return token.open(sealed, aad)
+        def unwrap(self, wrapped: bytes, aad: bytes) -> bytes:
+            return token.unwrap(wrapped, aad)
 
     vault = Vault(store, FailingOnThirdShare(), clock, "test")
     vault.add_cluster(CLUSTER, root_ca_pem, 2, ["auto"] * 4, allow_no_paper=True)

@@ -20,10 +20,10 @@ from agent.errors import AgentError
 from agent.log import StderrFormatter, under_journald
 from agent.release import candidate_keys
 from agent.state import AgentState, LastUnlock
-from escrow import protocol, shares
-from escrow.notify import Notifier, watchdog_interval
-from escrow.protocol import ReleasedShare, RequestStatus
-from escrow.unlockkey import UnlockKey
+from escrow.core import protocol, shares
+from escrow.core.notify import Notifier, watchdog_interval
+from escrow.core.protocol import ReleasedShare, RequestStatus
+from escrow.core.unlockkey import UnlockKey
 
 
 def test_backoff_grows_with_jitter_up_to_its_cap_and_resets() -> None:

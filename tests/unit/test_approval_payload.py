@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from escrow import protocol
-from escrow.protocol import PendingRequest
+from escrow.core import protocol
+from escrow.core.protocol import PendingRequest
 
 SHOWN = PendingRequest(
     request_id="r-" + "a" * 20, cluster_id="c" * 25, node_id="n" * 25, hostname="manager-1",

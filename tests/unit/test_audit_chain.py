@@ -16,7 +16,7 @@ def chain(count: int) -> list[AuditRecord]:
     records: list[AuditRecord] = []
     prev = audit.GENESIS
     for seq in range(1, count + 1):
-        record = audit.seal(AuditEvent(f"event.{seq}", "test", "c", {"n": seq}),
+        record = audit.chained(AuditEvent(f"event.{seq}", "test", "c", {"n": seq}),
                             f"2026-11-01T00:00:{seq:02d}", prev, seq)
         records.append(record)
         prev = record.hash
@@ -36,7 +36,7 @@ def test_an_edited_record_is_named() -> None:
 
 def test_a_rewritten_record_with_recomputed_hash_is_named() -> None:
     records = chain(5)
-    forged = audit.seal(AuditEvent("event.3", "attacker", "c", {"n": 3}),
+    forged = audit.chained(AuditEvent("event.3", "attacker", "c", {"n": 3}),
                         records[2].timestamp, records[1].hash, 3)
     records[2] = forged
     problems = audit.verify(records)
@@ -116,7 +116,7 @@ def tamper(records: list[AuditRecord], rng: random.Random) -> None:
         records[i] = replace(records[i], actor="attacker")
     elif kind == "rewrite":
         old = records[i]
-        records[i] = audit.seal(AuditEvent(old.event, "attacker", old.cluster_id, {"n": -1}),
+        records[i] = audit.chained(AuditEvent(old.event, "attacker", old.cluster_id, {"n": -1}),
                                 old.timestamp, old.prev_hash, old.seq)
     elif kind == "delete":
         del records[i:i + rng.randint(1, 3)]
@@ -149,7 +149,7 @@ def test_verify_and_head_take_a_one_shot_iterator() -> None:
 def generated(count: int) -> Iterator[AuditRecord]:
     prev = audit.GENESIS
     for seq in range(1, count + 1):
-        record = audit.seal(AuditEvent("unseal.refused", "agent", "c", {"n": seq}),
+        record = audit.chained(AuditEvent("unseal.refused", "agent", "c", {"n": seq}),
                             f"2026-11-01T00:00:00.{seq:06d}", prev, seq)
         prev = record.hash
         yield record
@@ -183,7 +183,7 @@ def archived(total: int, cut: int) -> tuple[list[AuditRecord], audit.Checkpoint,
     records = chain(total)
     checkpoint = audit.Checkpoint(cut, records[cut - 1].hash, 1, cut, "a1.jsonl", "ab" * 32,
                                   "2026-11-09T00:00:00")
-    record = audit.seal(AuditEvent(audit.ARCHIVE_EVENT, "test", "", checkpoint.details()),
+    record = audit.chained(AuditEvent(audit.ARCHIVE_EVENT, "test", "", checkpoint.details()),
                         "2026-11-09T00:00:00", records[-1].hash, total + 1)
     return records[:cut], checkpoint, [*records[cut:], record]
 

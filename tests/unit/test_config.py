@@ -8,8 +8,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from escrow import config
-from escrow.errors import ConfigError
-from escrow.hsm import HsmSettings
+from escrow.core.errors import ConfigError
+from escrow.core.hsm import HsmSettings
 
 
 def write(tmp_path: Path, text: str) -> Path:

@@ -18,9 +18,9 @@ from agent.client import EscrowClient
 from agent.deposit import ensure_escrowed, pin_deposit_key
 from agent.errors import AgentError, DepositKeyMismatch, EscrowUnavailable
 from agent.state import AgentState
-from escrow import protocol
-from escrow.protocol import InfoResponse
-from escrow.unlockkey import UnlockKey
+from escrow.core import protocol
+from escrow.core.protocol import InfoResponse
+from escrow.core.unlockkey import UnlockKey
 
 URL = "https://escrow.example:8443"
 

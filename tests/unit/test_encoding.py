@@ -3,7 +3,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from escrow.encoding import canonical_json, encode, share_aad
+from escrow.core.encoding import canonical_json, encode, share_aad
 
 fields = st.lists(st.one_of(st.text(max_size=8), st.binary(max_size=8),
                             st.integers(min_value=-(2**63), max_value=2**63 - 1)), max_size=4)

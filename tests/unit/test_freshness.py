@@ -14,7 +14,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import (
     encode_dss_signature,
 )
 
-from escrow import protocol
+from escrow.core import protocol
 from escrow.nonces import NONCE_TTL, NonceMinter, SeenOnce
 from escrow.ratelimit import SourceLimiter, source_key
 from escrow.refusals import RefusalLog

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from prometheus_client import CollectorRegistry, Histogram
 
-from escrow.errors import HsmError, TokenNotFound, TokenUnavailable, WrongPin
+from escrow.core.errors import HsmError, TokenNotFound, TokenUnavailable, WrongPin
 from escrow.server.hsmlink import HsmLink, Session
 
 
@@ -17,13 +17,13 @@ class FakeToken:
     def check(self) -> None:
         pass
 
-    def seal(self, plaintext: bytes, aad: bytes) -> bytes:
+    def wrap(self, plaintext: bytes, aad: bytes) -> bytes:
         if self.broken:
             raise TokenUnavailable("the token 'escrow' stopped answering", "bring it back")
         return plaintext[::-1]
 
-    def open(self, sealed: bytes, aad: bytes) -> bytes:
-        return sealed[::-1]
+    def unwrap(self, wrapped: bytes, aad: bytes) -> bytes:
+        return wrapped[::-1]
 
     def close(self) -> None:
         self.closed = True
@@ -61,28 +61,28 @@ def test_a_missing_token_is_tried_again_only_after_the_retry_interval_then_reope
     clock, opener = Clock(), Opener(TokenNotFound("no token labelled 'escrow'", ""))
     hsm = link(opener, clock)
     with pytest.raises(TokenNotFound):
-        hsm.seal(b"abc", b"")
+        hsm.wrap(b"abc", b"")
     clock.now += 1.0
     with pytest.raises(TokenNotFound):  # the same error, without asking the module again
-        hsm.seal(b"abc", b"")
+        hsm.wrap(b"abc", b"")
     assert opener.calls == [False]
     clock.now += 1.5
-    assert hsm.open(hsm.seal(b"abc", b""), b"") == b"abc"
+    assert hsm.unwrap(hsm.wrap(b"abc", b""), b"") == b"abc"
     assert opener.calls == [False, True]  # the second login restarts the module
 
 
 def test_a_token_that_stops_answering_is_dropped_and_reopened_after_the_interval() -> None:
     clock, opener = Clock(), Opener()
     hsm = link(opener, clock)
-    hsm.seal(b"abc", b"")
+    hsm.wrap(b"abc", b"")
     opener.tokens[0].broken = True
     with pytest.raises(TokenUnavailable):
-        hsm.seal(b"abc", b"")
+        hsm.wrap(b"abc", b"")
     assert opener.tokens[0].closed
     with pytest.raises(TokenUnavailable):
         hsm.token()
     clock.now += 2.0
-    assert hsm.seal(b"abc", b"") == b"cba"
+    assert hsm.wrap(b"abc", b"") == b"cba"
     assert opener.calls == [False, True]
 
 

@@ -56,15 +56,13 @@ from escrow import (
     config,
     custodian_client,
     custodian_keys,
-    encoding,
     identity,
-    protocol,
     service,
-    shares,
 )
 from escrow.cli import approvals, recover
 from escrow.cli.serve import parse_listen
-from escrow.errors import (
+from escrow.core import encoding, protocol, shares
+from escrow.core.errors import (
     ConfigError,
     EscrowError,
     IdentityError,
@@ -72,8 +70,8 @@ from escrow.errors import (
     RecoveryError,
     RequestError,
 )
-from escrow.hsm import read_pin_file
-from escrow.protocol import (
+from escrow.core.hsm import read_pin_file
+from escrow.core.protocol import (
     ApproveRequest,
     DenyRequest,
     DepositRequest,
@@ -86,8 +84,8 @@ from escrow.protocol import (
     ShareExportRequest,
     UnsealRequest,
 )
+from escrow.core.unlockkey import UnlockKey
 from escrow.server import app
-from escrow.unlockkey import UnlockKey
 from tests.helpers.certs import make_node_cert, make_root_ca
 from tests.helpers.custodians import PASSPHRASE
 

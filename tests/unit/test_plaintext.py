@@ -28,9 +28,10 @@ from agent import config as agent_config
 from agent import host
 from agent import status as agent_status
 from agent.errors import EscrowRejected, EscrowUnavailable
-from escrow import custodian_client, plaintext, protocol, webhook
+from escrow import custodian_client, webhook
 from escrow.cli import context
-from escrow.errors import IdentityError, InputError
+from escrow.core import plaintext, protocol
+from escrow.core.errors import IdentityError, InputError
 
 HOSTILE = ["[/]", "[bold red]x[/]", "[/x]", "\x1b[2K\r", "\u202e", "mgr\x1b]0;pwned\x07",
            "a\nINFO escrow.server: forged line", "\u2066x\u2069", "\x9b31m", "\ud800"]

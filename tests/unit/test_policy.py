@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from escrow.errors import PolicyError
+from escrow.core.errors import PolicyError
 from escrow.policy import make_policy, parse_slots, validate_custodian_name
 
 PEOPLE = ["alice", "bob", "carol"]

@@ -7,9 +7,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from escrow import shares
-from escrow.errors import RecoveryError
-from escrow.unlockkey import UnlockKey
+from escrow.core import shares
+from escrow.core.errors import RecoveryError
+from escrow.core.unlockkey import UnlockKey
 
 
 def random_key() -> UnlockKey:

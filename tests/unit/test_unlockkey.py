@@ -8,9 +8,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from escrow import unlockkey
-from escrow.errors import InputError
-from escrow.unlockkey import UnlockKey
+from escrow.core import unlockkey
+from escrow.core.errors import InputError
+from escrow.core.unlockkey import UnlockKey
 
 
 def fresh_key_text() -> str:

@@ -22,8 +22,8 @@ from cryptography.hazmat.primitives.asymmetric.utils import (
 )
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
 
-from escrow import plaintext, states
-from escrow.encoding import encode
+from escrow.core import plaintext, states
+from escrow.core.encoding import encode
 
 API_VERSION = "v1"
 MAX_PEM = 16 * 1024
@@ -139,7 +139,7 @@ ResultOutcome = Literal["unlocked", "invalid_key", "failed"]
 
 for _literal, _enum in ((RequestState, states.RequestState), (ResultOutcome, states.Outcome)):
     if set(get_args(_literal)) != {member.value for member in _enum}:
-        raise RuntimeError(f"escrow.protocol and escrow.states disagree on {_enum.__name__}")
+        raise RuntimeError(f"the protocol and escrow.core.states disagree on {_enum.__name__}")
 
 
 class RequestStatus(Message):

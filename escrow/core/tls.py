@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from escrow.errors import ConfigError
+from escrow.core.errors import ConfigError
 
 SERVER_DAYS = 825
 # Valid from an hour ago, as swarmkit does for node certificates: a client whose clock is

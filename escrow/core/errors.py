@@ -1,15 +1,16 @@
-"""The escrow's exception hierarchy.
+"""The exception hierarchy of the whole project: the escrow, its CLI and the node agent.
 
 Every error carries a message (what happened, in the operator's words) and a hint (what to do
-next). The CLI prints both and exits 1; the server maps families to HTTP statuses. No message
-may contain key material: messages are built from names, ids and counts only.
+next). The CLIs print both and exit 1; the server maps families to HTTP statuses, and a
+:class:`Refusal` says its own. No message may contain key material: messages are built from
+names, ids and counts only.
 """
 
 from __future__ import annotations
 
 
 class EscrowError(Exception):
-    """Base of every error the escrow reports to an operator."""
+    """Base of every error the escrow or the agent reports to an operator."""
 
     def __init__(self, message: str, hint: str = "") -> None:
         super().__init__(message)
@@ -71,12 +72,27 @@ class NotFound(StoreError):
     pass
 
 
-class DiskFull(StoreError):
+class Refusal(EscrowError):
+    """A request refused for a reason the caller can act on: ``reason`` is a stable machine
+    code, ``status`` the HTTP status it is answered with, ``retry_after`` (seconds) becomes a
+    Retry-After header."""
+
+    default_status = 400
+
+    def __init__(self, reason: str, message: str, hint: str = "", status: int | None = None,
+                 retry_after: float | None = None) -> None:
+        super().__init__(message, hint)
+        self.reason = reason
+        self.status = self.default_status if status is None else status
+        self.retry_after = retry_after
+
+
+class DiskFull(StoreError, Refusal):
     """The data directory's file system is (nearly) full: new keys are refused, releases go on
     in the reserve kept for them."""
 
-    reason = "disk_full"
-    status = 507
+    def __init__(self, message: str, hint: str = "") -> None:
+        Refusal.__init__(self, "disk_full", message, hint, 507)
 
 
 class Conflict(StoreError):
@@ -91,22 +107,16 @@ class RecoveryError(EscrowError):
     """Paper shares could not be combined into an unlock key."""
 
 
-class IdentityError(EscrowError):
-    """A node or custodian failed an identity check. ``reason`` is a stable machine code."""
+class IdentityError(Refusal):
+    """A node or custodian failed an identity check (403 unless said otherwise)."""
 
-    def __init__(self, reason: str, message: str, hint: str = "", status: int = 403) -> None:
-        super().__init__(message, hint)
-        self.reason = reason
-        self.status = status
+    default_status = 403
 
 
-class RequestError(EscrowError):
-    """An API request is malformed, too large, too frequent or about an unknown thing.
-    ``retry_after`` (seconds) becomes a Retry-After header."""
+class RequestError(Refusal):
+    """An API request is malformed, too large, too frequent or about an unknown thing."""
 
-    def __init__(self, reason: str, message: str, hint: str = "", status: int = 400,
-                 retry_after: float | None = None) -> None:
-        super().__init__(message, hint)
-        self.reason = reason
-        self.status = status
-        self.retry_after = retry_after
+
+def reason_of(error: EscrowError) -> str:
+    """The machine code an error is counted and audited under."""
+    return error.reason if isinstance(error, Refusal) else type(error).__name__

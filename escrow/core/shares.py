@@ -18,8 +18,8 @@ import shamir_mnemonic
 from shamir_mnemonic import MnemonicError, Share
 from shamir_mnemonic.wordlist import WORD_INDEX_MAP, WORDLIST
 
-from escrow.errors import RecoveryError
-from escrow.unlockkey import KEK_BYTES, UnlockKey
+from escrow.core.errors import RecoveryError
+from escrow.core.unlockkey import KEK_BYTES, UnlockKey
 
 MAX_SHARES = 16
 

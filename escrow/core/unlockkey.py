@@ -11,8 +11,8 @@ import binascii
 import hashlib
 import hmac
 
-from escrow.encoding import FINGERPRINT_DOMAIN, encode
-from escrow.errors import InputError
+from escrow.core.encoding import FINGERPRINT_DOMAIN, encode
+from escrow.core.errors import InputError
 
 PREFIX = "SWMKEY-1-"
 KEK_BYTES = 32

@@ -1,0 +1,8 @@
+"""What the escrow server, its CLI and the node agent share, and nothing else: the error
+hierarchy, the wire protocol and its encoding, unlock keys and their shares, timestamps, TLS
+contexts, systemd notification, PKCS#11 sessions and PIN sources, and the plain text every
+untrusted string is shown as.
+
+The agent imports from here and from no other part of ``escrow``; a module here imports
+nothing outside ``escrow.core``.
+"""

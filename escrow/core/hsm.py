@@ -1,0 +1,64 @@
+"""What every user of a PKCS#11 token is configured with: the module, the token, and a PIN
+found without ever passing through a command line. Pure: reading a config file does not load
+the PKCS#11 C extension (that is :mod:`escrow.core.pkcs11`)."""
+
+from __future__ import annotations
+
+import stat
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from escrow.core.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class HsmSettings:
+    module: str
+    token: str
+    key_label: str = "escrow-wrap"
+    pin_file: Path | None = None
+    softhsm_conf: Path | None = None
+
+
+@dataclass(frozen=True)
+class Pin:
+    value: str
+    source: str  # where it came from, for error messages; never the PIN itself
+
+    def __repr__(self) -> str:
+        return f"Pin(<redacted>, source={self.source!r})"
+
+
+def read_pin_file(path: Path, source: str, setting: str = "--hsm-pin-file") -> Pin:
+    try:
+        mode = path.stat().st_mode
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"the HSM PIN file {path} does not exist",
+                          f"create it (mode 0600) or point {setting} at the right file"
+                          ) from None
+    except PermissionError:
+        raise ConfigError(f"the HSM PIN file {path} is not readable by this user",
+                          "run as the escrow's user, or fix the file's owner") from None
+    except UnicodeDecodeError:  # its message would quote a byte of the PIN
+        raise ConfigError(f"the HSM PIN file {path} is not UTF-8 text",
+                          "write the PIN as text, followed by a newline") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read the HSM PIN file {path}: {exc.strerror}",
+                          f"point {setting} at a regular file") from None
+    if mode & (stat.S_IROTH | stat.S_IWOTH):
+        raise ConfigError(f"the HSM PIN file {path} is readable or writable by every user",
+                          f"run `chmod 600 {path}`")
+    pin = text.rstrip("\r\n")
+    if not pin:
+        raise ConfigError(f"the HSM PIN file {path} is empty", "write the token's user PIN in it")
+    return Pin(pin, source)
+
+
+def credential_pin(env: Mapping[str, str], name: str, setting: str) -> Pin | None:
+    """The PIN passed as the systemd credential ``name`` (LoadCredential=), if there is one."""
+    directory = env.get("CREDENTIALS_DIRECTORY")
+    if directory and (Path(directory) / name).exists():
+        return read_pin_file(Path(directory) / name, f"systemd credential {name}", setting)
+    return None
