@@ -1,6 +1,6 @@
 """The agent's client of the escrow API: TLS pinned to the escrow's CA, every message signed.
 
-Signatures are made over escrow.protocol's canonical payloads; the unseal request carries a
+Signatures are made over escrow.core.protocol's canonical payloads; the unseal request carries a
 fresh X25519 key to which the escrow encrypts every released share.
 """
 
@@ -46,7 +46,7 @@ def _cert_der(cert_pem: str) -> bytes:
 def parse_answer(status: int, text: str, model: type[M]) -> M:
     """The escrow's answer as ``model``, or the AgentError it amounts to. Pure: whatever the
     escrow (or a proxy in between) sent, nothing else is raised; what an error quotes of it
-    is plain text (escrow.plaintext.plain), for the journal and the operator's terminal."""
+    is plain text (escrow.core.plaintext.plain), for the journal and the operator's terminal."""
     if status >= 500:
         raise EscrowUnavailable(f"the escrow cannot serve now ({status}): "
                                 f"{_error_message(text)}",

@@ -1,5 +1,5 @@
 """The custodian's client of the escrow API: TLS pinned to the escrow's CA, every HTTP request
-signed with the custodian's key (escrow.protocol.custodian_http_payload)."""
+signed with the custodian's key (escrow.core.protocol.custodian_http_payload)."""
 
 from __future__ import annotations
 
@@ -66,7 +66,7 @@ class CustodianClient:
 def parse_answer(status: int, text: str, answer: type[T] | TypeAdapter[T]) -> T:
     """The escrow's answer, or the EscrowError it amounts to. Pure: whatever the escrow (or a
     proxy in between) sent, nothing else is raised; what an error quotes of it is plain text
-    (escrow.plaintext.plain), so it cannot drive the custodian's terminal."""
+    (escrow.core.plaintext.plain), so it cannot drive the custodian's terminal."""
     if status >= 400:
         try:
             error = json.loads(text)

@@ -2,7 +2,7 @@
 locked manager waits for their approvals.
 
 The hostname is the node's to choose, so the chat ``text`` never carries it as markup: it goes
-through escrow.plaintext.plain, then ``&``, ``<`` and ``>`` are escaped as Slack asks (so no
+through escrow.core.plaintext.plain, then ``&``, ``<`` and ``>`` are escaped as Slack asks (so no
 ``<!channel>``, ``<@U123>`` or ``<https://...|label>``), and it sits in a code span, in which
 neither Slack nor Mattermost formats ``*``, ``_`` or ``~`` (a backtick, which would end the span,
 becomes ``'``; an ``@`` is followed by a zero-width space, so ``@channel`` mentions no one). The

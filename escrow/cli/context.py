@@ -137,7 +137,7 @@ def _text(value: object) -> Text:
 
 
 def table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
-    """Every cell, header and the title as plain text (escrow.plaintext.plain), never as rich
+    """Every cell, header and the title as plain text (escrow.core.plaintext.plain), never as rich
     markup: hostnames, reasons and audit details are node- or custodian-supplied."""
     grid = Table(title=_text(title), title_justify="left", header_style="bold")
     for column in columns:

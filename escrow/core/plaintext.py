@@ -5,7 +5,7 @@ or the escrow; a terminal, rich's markup, a chat's markdown or a log reader may 
 part of them for instructions (``[/]`` is a rich markup error, ``\\x1b[2K\\r`` erases the line a
 custodian reads before approving, U+202E reverses it). Two halves of one rule:
 
-- the ``check_*`` functions refuse such text where it enters (escrow.protocol's request models,
+- the ``check_*`` functions refuse such text where it enters (escrow.core.protocol's request models,
   the CLI's options, the agent before it sends): they raise ValueError, which pydantic reports
   as a 400 naming the field;
 - :func:`plain` is applied wherever text is shown (CLI tables and messages, the agent's output,

@@ -2,8 +2,13 @@
 
 Messages are pydantic models that forbid unknown fields and coerce nothing, so a body is either
 exactly what the schema says or a 400; the same models produce the OpenAPI document. What a
-signature covers is never "the JSON": it is :func:`escrow.encoding.encode` of named fields under
+signature covers is never "the JSON": it is :func:`escrow.core.encoding.encode` of named fields under
 a domain tag, built only by the ``*_payload`` functions below.
+
+Two field names keep the API's first spelling for compatibility with deployed agents:
+``sealed_key`` (a deposit's unlock key, HPKE-encrypted to the escrow's deposit key) and
+``sealed_share`` (a released share, HPKE-encrypted to the request's ephemeral key). In the
+code and the docs, HPKE *encrypts to*; only the token *wraps*.
 """
 
 from __future__ import annotations
@@ -36,9 +41,9 @@ SwarmId = Annotated[str, Field(pattern=r"^[a-z0-9]{25}$")]
 B64 = Annotated[str, Field(max_length=4096, pattern=r"^[A-Za-z0-9+/]*={0,2}$")]
 # PEM is ASCII; the escrow encodes certificates as ASCII before parsing them.
 Pem = Annotated[str, Field(max_length=MAX_PEM, pattern=r"^[\x00-\x7f]*$")]
-# Integers that signatures and HPKE `info` cover travel as 8-byte fields (escrow.encoding).
+# Integers that signatures and HPKE `info` cover travel as 8-byte fields (escrow.core.encoding).
 Int63 = Annotated[int, Field(ge=0, le=2**63 - 1)]
-# What a node or custodian writes for people to read (escrow.plaintext): refused with a 400
+# What a node or custodian writes for people to read (escrow.core.plaintext): refused with a 400
 # naming the field unless it is plain text, a host name or a boot id. Bound plain text as
 # Annotated[str, Field(max_length=N), PLAIN_TEXT], so the length is checked first.
 PLAIN_TEXT = AfterValidator(plaintext.check_plain_text)
@@ -132,7 +137,7 @@ class ReleasedShare(Message):
 
 
 # The wire spells states and outcomes as these literals, the values of the enums in
-# escrow.states (checked below); an enum member's ``.value`` has the literal type.
+# escrow.core.states (checked below); an enum member's ``.value`` has the literal type.
 RequestState = Literal["pending", "ready", "denied", "expired", "superseded", "completed",
                        "revoked"]
 ResultOutcome = Literal["unlocked", "invalid_key", "failed"]

@@ -57,7 +57,6 @@ from escrow import (
     custodian_client,
     custodian_keys,
     identity,
-    service,
 )
 from escrow.cli import approvals, recover
 from escrow.cli.serve import parse_listen
@@ -86,8 +85,9 @@ from escrow.core.protocol import (
 )
 from escrow.core.unlockkey import UnlockKey
 from escrow.server import app
-from tests.helpers.certs import make_node_cert, make_root_ca
-from tests.helpers.custodians import PASSPHRASE
+from escrow.service import fields
+from lab.certs import make_node_cert, make_root_ca
+from lab.custodians import PASSPHRASE
 
 # Damaged serial numbers make cryptography warn that it will refuse them one day; our parsers
 # map that refusal like any other.
@@ -466,7 +466,7 @@ def _use_like_the_service(body: Message) -> None:
     for name, size in (("nonce", 32), ("ephemeral_public_key", 32), ("sealed_key", None),
                        ("signature", None), ("swarm_signature", None), ("agent_signature", None)):
         if hasattr(body, name):
-            decoded = outcome(partial(service._b64, getattr(body, name), name, size),
+            decoded = outcome(partial(fields.b64, getattr(body, name), name, size),
                               RequestError)
             assert not isinstance(decoded, RequestError) or decoded.reason == "bad_encoding"
     if isinstance(body, EnrollRequest | UnsealRequest):
@@ -475,7 +475,7 @@ def _use_like_the_service(body: Message) -> None:
             cert, ROOT.pem, body.cluster_id, body.node_id, datetime.now(UTC)), IdentityError)
         assert not isinstance(checked, IdentityError) or checked.reason in IDENTITY_REASONS
     if isinstance(body, EnrollRequest):
-        key = outcome(lambda: service._load_ec_public(body.agent_public_key, "agent key"),
+        key = outcome(lambda: fields.p256_public(body.agent_public_key, "agent key"),
                       RequestError)
         assert not isinstance(key, RequestError) or key.reason == "bad_key"
         protocol.enroll_payload(body.cluster_id, body.node_id, b"", b"", body.hostname, b"")
@@ -532,10 +532,10 @@ def test_base64_fields_decode_or_give_value_error_and_request_error(
         raw = protocol.b64d(text)
     except ValueError:
         with pytest.raises(RequestError, match="is not base64"):
-            service._b64(text, "nonce", size)
+            fields.b64(text, "nonce", size)
         return
     assert base64.b64decode(protocol.b64e(raw)) == raw
-    decoded = outcome(lambda: service._b64(text, "nonce", size), RequestError)
+    decoded = outcome(lambda: fields.b64(text, "nonce", size), RequestError)
     if isinstance(decoded, RequestError):
         assert f"must be {size} bytes" in decoded.message
     else:
@@ -554,7 +554,7 @@ def test_verifying_an_arbitrary_signature_is_false_never_an_exception(
                  st.binary(max_size=120).map(lambda raw: pem(raw, "PUBLIC KEY").decode()),
                  st.sampled_from([k.decode() for k in OTHER_PUBLIC_KEYS])))
 def test_an_agent_public_key_that_is_not_p256_pem_is_a_request_error(text: str) -> None:
-    key = outcome(lambda: service._load_ec_public(text, "agent public key"), RequestError)
+    key = outcome(lambda: fields.p256_public(text, "agent public key"), RequestError)
     if isinstance(key, RequestError):
         assert key.reason == "bad_key"
         return
@@ -563,7 +563,7 @@ def test_an_agent_public_key_that_is_not_p256_pem_is_a_request_error(text: str) 
 
 def test_an_agent_public_key_on_an_unknown_curve_is_a_request_error() -> None:
     with pytest.raises(RequestError):
-        service._load_ec_public(PUBLIC_KEY_WITH_UNKNOWN_CURVE.decode(), "agent public key")
+        fields.p256_public(PUBLIC_KEY_WITH_UNKNOWN_CURVE.decode(), "agent public key")
 
 
 # -- mnemonics -----------------------------------------------------------------------------
@@ -1078,4 +1078,4 @@ def test_the_backup_the_fuzzing_starts_from_is_accepted(tmp_path: Path) -> None:
 def test_a_low_order_ephemeral_key_is_refused_before_any_request_is_recorded(point: bytes) -> None:
     # Shares can never be encrypted to such a key: accepting it made every poll answer 500.
     with pytest.raises(RequestError, match="not a usable X25519 public key"):
-        service._ephemeral(base64.b64encode(point).decode("ascii"))
+        fields.ephemeral(base64.b64encode(point).decode("ascii"))

@@ -1,0 +1,146 @@
+"""The escrow's request handling, free of HTTP: the server runs every call on the one thread
+that owns the token and the database, and maps the exceptions raised here to statuses.
+
+Each request is a straight line of two stages: *identify* the caller
+(:mod:`~escrow.service.authentication`, refusals counted, never written), then do the work for
+the identified party (refusals audited, :mod:`~escrow.service.refusals`). The work is split by
+responsibility:
+
+- :mod:`~escrow.service.enrollment`: agent keys and deposits;
+- :mod:`~escrow.service.plan`: which shares a request may have (pure);
+- :mod:`~escrow.service.release`: encrypting them to the request, once;
+- :mod:`~escrow.service.unseal`: requests, their status and results;
+- :mod:`~escrow.service.custodians`: what custodians see and decide.
+"""
+
+from __future__ import annotations
+
+import hmac
+import secrets
+from collections.abc import Callable
+
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+from escrow.audit import AuditEvent
+from escrow.config import ServerSettings
+from escrow.core.protocol import (
+    DepositRequest,
+    EnrollRequest,
+    EnrollResponse,
+    PendingRequest,
+    ReleasedShare,
+    RequestStatus,
+    ResultReport,
+    UnsealRequest,
+)
+from escrow.core.states import Decision
+from escrow.nonces import NonceMinter
+from escrow.service.authentication import Authenticator
+from escrow.service.context import Context, Hooks
+from escrow.service.custodians import Custodians
+from escrow.service.enrollment import Enrollment
+from escrow.service.refusals import Refusals, Unidentified
+from escrow.service.unseal import Unseals
+from escrow.stored_secrets import DEPOSIT_KEY, NONCE_KEY, wrapped_secret
+from escrow.vault import DepositResult, Vault
+
+
+class Escrow:
+    """Every request kind the API serves, each as identify → admit → act."""
+
+    def __init__(self, vault: Vault, settings: ServerSettings,
+                 on_release: Callable[[int], None] = lambda count: None,
+                 room: Callable[[], None] = lambda: None,
+                 on_unidentified: Unidentified = lambda action, reason, source: None,
+                 on_alert: Callable[[AuditEvent], None] = lambda event: None,
+                 for_release: Callable[[], None] = lambda: None) -> None:
+        store = vault.store
+        self.refusals = Refusals(store, room, on_unidentified)
+        context = Context(vault, settings, Hooks(on_release, room, on_alert, for_release),
+                          self.refusals)
+        self.store = store
+        deposit_key = X25519PrivateKey.from_private_bytes(wrapped_secret(
+            store, vault.wrapper, DEPOSIT_KEY,
+            lambda: X25519PrivateKey.generate().private_bytes_raw()))
+        # The used nonces live in this process's memory, so a nonce must not outlive it: the
+        # stored secret is mixed with one of this process's start, and a restart voids every
+        # nonce issued before (agents just fetch new ones). Replicas sharing nonces will need
+        # the used set in the store first.
+        stored = wrapped_secret(store, vault.wrapper, NONCE_KEY, lambda: secrets.token_bytes(32))
+        self.nonces = NonceMinter(hmac.new(stored, secrets.token_bytes(32), "sha256").digest(),
+                                  vault.clock)
+        self.auth = Authenticator(store, self.nonces, vault.clock)
+        self.enrollment = Enrollment(context, deposit_key)
+        self.unseals = Unseals(context)
+        self.custodians = Custodians(context, self.auth)
+        self._wrapper = vault.wrapper
+
+    @property
+    def deposit_public_key(self) -> bytes:
+        return self.enrollment.deposit_public_key
+
+    def check_health(self) -> None:
+        """Raise unless the database answers and the token unwraps a share-sized test value."""
+        self.store.get_meta(DEPOSIT_KEY)
+        self._wrapper.unwrap(self._wrapper.wrap(b"health", b"health"), b"health")
+
+    # -- nodes ------------------------------------------------------------------------------
+
+    def enroll(self, body: EnrollRequest, source: str) -> EnrollResponse:
+        with self.refusals.counted("enroll", source):
+            verified = self.auth.verify_enroll(body)
+        with self.refusals.audited("enroll", body.cluster_id, node_id=body.node_id,
+                                   hostname=body.hostname, source=source):
+            earlier = self.auth.admit_enrollment(verified, body)
+            return self.enrollment.enroll(verified, body, earlier)
+
+    def deposit(self, body: DepositRequest, source: str) -> DepositResult:
+        with self.refusals.counted("deposit", source):
+            verified = self.auth.verify_deposit(body)
+        with self.refusals.audited("deposit", body.cluster_id, node_id=body.node_id,
+                                   source=source):
+            self.auth.admit(verified.node)
+            return self.enrollment.deposit(verified, body)
+
+    def unseal(self, body: UnsealRequest, source: str) -> RequestStatus:
+        with self.refusals.counted("unseal", source):
+            verified = self.auth.verify_unseal(body)
+        with self.refusals.audited("unseal", body.cluster_id, node_id=body.node_id,
+                                   hostname=body.hostname, source=source):
+            self.auth.admit_unseal(verified, body)
+            return self.unseals.open(verified, body, source)
+
+    def status(self, request_id: str) -> RequestStatus:
+        return self.unseals.status(request_id)
+
+    def report(self, request_id: str, body: ResultReport, source: str) -> None:
+        with self.refusals.counted("unseal.result", source):
+            verified = self.auth.verify_report(request_id, body)
+        with self.refusals.audited("unseal.result", verified.request.cluster_id,
+                                   request_id=request_id, node_id=body.node_id,
+                                   outcome=body.outcome, version=body.version):
+            self.auth.admit(verified.node)
+            self.unseals.report(verified, body)
+
+    # -- custodians -------------------------------------------------------------------------
+
+    def authenticate_custodian(self, key_id: str, date: str, nonce: str, signature: str,
+                               method: str, path: str, body: bytes, source: str = "") -> str:
+        with self.refusals.counted("custodian", source):
+            return self.auth.verify_custodian(key_id, date, nonce, signature, method, path,
+                                              body)
+
+    def pending(self, custodian: str) -> list[PendingRequest]:
+        return self.custodians.pending(custodian)
+
+    def awaiting_approval(self) -> int:
+        return self.custodians.awaiting_approval()
+
+    def decide(self, custodian: str, request_id: str, decision: Decision, signature: str,
+               reason: str = "") -> RequestStatus:
+        request = self.custodians.decide(custodian, request_id, decision, signature, reason)
+        return self.unseals.status(request.request_id)
+
+    def export_share(self, custodian: str, cluster_id: str,
+                     ephemeral_b64: str) -> ReleasedShare:
+        return self.custodians.export_share(custodian, cluster_id, ephemeral_b64)

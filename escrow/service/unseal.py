@@ -1,0 +1,129 @@
+"""Unseal requests: opening one, its status (where shares are released), and the node's
+report of what unlocked it."""
+
+from __future__ import annotations
+
+import secrets
+from datetime import timedelta
+
+from escrow.audit import AuditEvent
+from escrow.core.errors import RequestError
+from escrow.core.protocol import ReleasedShare, RequestStatus, ResultReport, UnsealRequest
+from escrow.core.states import Outcome, RequestState
+from escrow.core.timestamps import timestamp
+from escrow.service.authentication import VerifiedReport, VerifiedUnseal
+from escrow.service.context import Context
+from escrow.service.plan import state_at
+from escrow.service.release import Releases
+from escrow.store import RequestRecord
+
+_ID_ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789"
+
+
+class Unseals:
+    def __init__(self, context: Context) -> None:
+        self.context = context
+        self.store = context.store
+        self.settings = context.settings
+        self.hooks = context.hooks
+        self.releases = Releases(context.vault.unwrap_share)
+
+    def open(self, verified: VerifiedUnseal, body: UnsealRequest, source: str) -> RequestStatus:
+        """Record a new request from an admitted node, within its rate limit."""
+        now = self.context.now()
+        since = timestamp(now - timedelta(seconds=self.settings.rate_window_seconds))
+        if self.store.count_requests_since(body.cluster_id, body.node_id,
+                                           since) >= self.settings.rate_limit:
+            raise RequestError("rate_limited",
+                               f"node {body.node_id} made {self.settings.rate_limit} requests "
+                               f"in {self.settings.rate_window_seconds:g} s",
+                               "wait and retry; an agent backs off by itself", 429,
+                               retry_after=self.settings.rate_window_seconds)
+        request_id = "r-" + "".join(secrets.choice(_ID_ALPHABET) for _ in range(20))
+        self.hooks.for_release()
+        record = RequestRecord(
+            request_id, body.cluster_id, body.node_id, body.hostname, body.boot_id, source,
+            body.node_cert, verified.ephemeral, body.kek_version, timestamp(now),
+            timestamp(now + timedelta(seconds=self.settings.request_ttl_seconds)),
+            RequestState.PENDING)
+        self.store.create_request(record, AuditEvent(
+            "unseal.request", f"node:{body.node_id}", body.cluster_id,
+            {"request_id": request_id, "node_id": body.node_id, "hostname": body.hostname,
+             "boot_id": body.boot_id, "source": source, "kek_version": body.kek_version,
+             "cert_serial": str(verified.cert.serial_number)}))
+        return self.status(request_id)
+
+    def status(self, request_id: str) -> RequestStatus:
+        """The request's state; while it is pending, the shares its plan allows, released
+        (recorded and audited) the first time each is given."""
+        request = self.store.get_request(request_id)
+        if request is None:
+            raise RequestError("unknown_request", f"no request {request_id}",
+                               "send a new unseal request", 404)
+        state = state_at(request, self.context.now())
+        plan = self.context.plan(request)
+        released: list[ReleasedShare] = []
+        if state == RequestState.PENDING:
+            released, fresh = self.releases.encrypt_to(request, plan)
+            if fresh:
+                self.hooks.for_release()
+                self.hooks.on_release(self.store.record_releases(
+                    request_id, [(r.version, r.slot, r.holder) for r in fresh],
+                    AuditEvent("unseal.release", "escrow", request.cluster_id,
+                               {"request_id": request_id, "node_id": request.node_id})))
+            if plan.needed == 0:
+                state = RequestState.READY
+        else:
+            self.releases.forget(request_id)
+        return RequestStatus(
+            request_id=request_id, cluster_id=request.cluster_id, node_id=request.node_id,
+            state=state.value,
+            created_at=request.created_at, expires_at=request.expires_at,
+            threshold=plan.threshold, needed=plan.needed,
+            approvals=self.context.approvers(request_id),
+            denial_reason=request.reason if state == RequestState.DENIED else "",
+            releases=released)
+
+    def report(self, verified: VerifiedReport, body: ResultReport) -> None:
+        """One outcome per version, and only about shares this request was given: a replayed
+        report changes nothing, and no report turns a denied request into a completed one."""
+        request = verified.request
+        outcome = Outcome(body.outcome)
+        reported = self.store.list_results(request.request_id).get(body.version)
+        # After the unlock, stragglers (the versions tried before it) and retries still count.
+        late = request.state == RequestState.COMPLETED and (outcome != Outcome.UNLOCKED
+                                                            or reported == Outcome.UNLOCKED)
+        if request.state != RequestState.PENDING and not late:
+            raise RequestError("not_pending", f"request {request.request_id} is "
+                               f"{request.state}: no result is taken for it",
+                               "results are reported only for requests that released shares",
+                               409)
+        if body.version not in {v for v, _, _ in self.store.list_releases(request.request_id)}:
+            raise RequestError("not_released", f"request {request.request_id} was given no "
+                               f"share of version {body.version}",
+                               "report only versions the request released", 409)
+        self.hooks.for_release()
+        earlier = self.store.record_result(
+            request.request_id, body.version, outcome,
+            AuditEvent("unseal.result", f"node:{body.node_id}", request.cluster_id,
+                       {"request_id": request.request_id, "outcome": body.outcome,
+                        "version": body.version}))
+        if earlier is not None and earlier != outcome:
+            raise RequestError("already_reported", f"version {body.version} of request "
+                               f"{request.request_id} was reported {earlier} already",
+                               "each version's outcome is reported once", 409)
+        if earlier is None and outcome == Outcome.UNLOCKED:
+            self._unconfirmed(request, body.version)
+
+    def _unconfirmed(self, request: RequestRecord, version: int) -> None:
+        """Newer versions that this node was given and that did not unlock it: expected once
+        for a node that was down during a rotation, otherwise a deposit that was never the
+        swarm's key (a junk deposit from a compromised node)."""
+        refused = sorted(v for v, outcome in self.store.list_results(request.request_id).items()
+                         if outcome == Outcome.INVALID_KEY and v > version)
+        if refused:
+            event = AuditEvent("key.unconfirmed", "escrow", request.cluster_id,
+                               {"request_id": request.request_id, "node_id": request.node_id,
+                                "unlocked_with": version, "refused_versions": refused})
+            self.store.append_audit(event)
+            self.hooks.on_alert(event)
