@@ -30,13 +30,13 @@ from __future__ import annotations
 import os
 import pwd
 import stat
-import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
 from agent.errors import AgentError
+from escrow.core import tomlfile
 
 DEFAULT_CONFIG = Path("/etc/unseal-agent/config.toml")
 
@@ -110,28 +110,6 @@ def _check(source: str, key: str, value: Any) -> Any:
     return value
 
 
-def _read_toml(source: Path) -> dict[str, Any]:
-    try:
-        return tomllib.loads(source.read_text())
-    except FileNotFoundError:
-        raise AgentError(f"the config file {source} does not exist",
-                         "create it or drop --config") from None
-    except PermissionError:
-        raise AgentError(f"cannot read the config file {source}: permission denied",
-                         "run as root or fix its permissions") from None
-    except UnicodeDecodeError:
-        raise AgentError(f"{source} is not UTF-8 text", "save it as UTF-8 (TOML requires it)"
-                         ) from None
-    except OSError as exc:
-        raise AgentError(f"cannot read the config file {source}: {exc.strerror}",
-                         "it must be a regular file") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise AgentError(f"{source} is not valid TOML: {exc}", "fix the file") from None
-    except (ValueError, RecursionError):  # tomllib: an integer too long, or deep nesting
-        raise AgentError(f"{source} is not usable TOML: a number is too long or values nest "
-                         "too deeply", "fix the file") from None
-
-
 def exposure(mode: int, owner: int, trusted: set[int]) -> str:
     """Pure: why a file or directory with this mode and owner may be changed by someone other
     than the trusted users ("" if it may not). A sticky directory (/tmp) is fine: nobody can
@@ -183,8 +161,12 @@ def load(path: Path | None, overrides: Mapping[str, Any]) -> AgentConfig:
     """Read the file (if it exists, or fail if it was named explicitly) and apply flags."""
     values: dict[str, Any] = {}
     source = path or DEFAULT_CONFIG
-    if path is not None or source.exists():
-        document = _read_toml(source)
+    document = tomlfile.read(source, "the config file", "it must be a regular file the agent "
+                             "can read: run it as root or fix the file's permissions", AgentError)
+    if document is None and path is not None:
+        raise AgentError(f"the config file {source} does not exist",
+                         "create it or drop --config")
+    if document is not None:
         check_file(source, "the config file", "0600")
         values = {key: _check(str(source), key, value) for key, value in document.items()}
     values.update({key: _check("--" + key.replace("_", "-"), key, value)

@@ -55,7 +55,7 @@ async def enroll(config: AgentConfig) -> Enrolled:
         del swarm_key
         state = AgentState(
             node_id=identity.node_id, cluster_id=identity.cluster_id,
-            escrow_url=config.escrow_url, enrolled_at=response.enrolled_at,
+            enrolled_at=response.enrolled_at,
             escrowed={k.fingerprint: k.version for k in response.keys},
             checked_kek_version=identity.kek_version,
             last_unlock=previous.last_unlock if previous.knows(identity.node_id,

@@ -11,13 +11,13 @@ trusted (re-enrolling pins the deposit key anew).
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from pydantic import TypeAdapter, ValidationError
 
 from agent.errors import AgentError
+from escrow.core.files import write_atomic
 
 
 @dataclass
@@ -32,7 +32,6 @@ class LastUnlock:
 class AgentState:
     node_id: str = ""
     cluster_id: str = ""
-    escrow_url: str = ""
     enrolled_at: str = ""
     escrowed: dict[str, int] = field(default_factory=dict)  # key fingerprint -> version
     checked_kek_version: str = ""  # swarm-node.key's kek-version when the key was last checked
@@ -67,10 +66,4 @@ def load(path: Path) -> AgentState:
 def save(path: Path, state: AgentState) -> None:
     """Write atomically: a crash leaves the old file or the new one, never half of one."""
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    temporary = path.with_suffix(".tmp")
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as handle:
-        json.dump(asdict(state), handle, indent=2, sort_keys=True)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
+    write_atomic(path, json.dumps(asdict(state), indent=2, sort_keys=True).encode())

@@ -19,6 +19,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from agent.errors import AgentError
+from escrow.core.certs import name_value
 from escrow.core.unlockkey import UnlockKey
 
 CERT_DIR = Path("swarm") / "certificates"
@@ -71,11 +72,6 @@ def decrypt_node_key(key_pem: bytes, key: UnlockKey) -> ec.EllipticCurvePrivateK
     return private
 
 
-def _attribute(cert: x509.Certificate, oid: x509.ObjectIdentifier) -> str:
-    values = cert.subject.get_attributes_for_oid(oid)
-    return str(values[0].value) if values else ""
-
-
 def read_identity(docker_root: Path) -> NodeIdentity:
     directory = docker_root / CERT_DIR
     try:
@@ -86,9 +82,9 @@ def read_identity(docker_root: Path) -> NodeIdentity:
                          "is this node part of a swarm, and is docker_root right?") from None
     try:
         cert = x509.load_pem_x509_certificate(cert_pem)
-        names = [_attribute(cert, oid) for oid in (NameOID.COMMON_NAME,
-                                                   NameOID.ORGANIZATION_NAME,
-                                                   NameOID.ORGANIZATIONAL_UNIT_NAME)]
+        names = [name_value(cert.subject, oid) for oid in (NameOID.COMMON_NAME,
+                                                           NameOID.ORGANIZATION_NAME,
+                                                           NameOID.ORGANIZATIONAL_UNIT_NAME)]
         text = cert_pem.decode("ascii")
     except (ValueError, x509.InvalidVersion):  # UnicodeDecodeError is a ValueError
         raise AgentError(f"{directory / 'swarm-node.crt'} is not a PEM certificate",

@@ -78,18 +78,31 @@ class TokenKey(ec.EllipticCurvePrivateKey):
         digest = hashlib.sha256(bytes(data)).digest()
         return self._pool.submit(_sign_digest, self._private, digest).result()
 
-    def _stays_in_the_token(self, *args: object) -> NoReturn:
-        raise TypeError("the agent key lives in a PKCS#11 token and cannot leave it")
+    # What would take the private key out of the token, or use it for more than signing.
+    def exchange(self, algorithm: ec.ECDH, peer_public_key: ec.EllipticCurvePublicKey) -> bytes:
+        _stays_in_the_token()
 
-    exchange = _stays_in_the_token  # type: ignore[assignment]
-    private_numbers = _stays_in_the_token
-    private_bytes = _stays_in_the_token  # type: ignore[assignment]
-    __copy__ = _stays_in_the_token
-    __deepcopy__ = _stays_in_the_token  # type: ignore[assignment]
+    def private_numbers(self) -> ec.EllipticCurvePrivateNumbers:
+        _stays_in_the_token()
+
+    def private_bytes(self, encoding: serialization.Encoding,
+                      format: serialization.PrivateFormat,
+                      encryption_algorithm: serialization.KeySerializationEncryption) -> bytes:
+        _stays_in_the_token()
+
+    def __copy__(self) -> ec.EllipticCurvePrivateKey:
+        _stays_in_the_token()
+
+    def __deepcopy__(self, memo: dict[int, object]) -> ec.EllipticCurvePrivateKey:
+        _stays_in_the_token()
 
     def close(self) -> None:
         self._pool.submit(self._token.close).result()
         self._pool.shutdown()
+
+
+def _stays_in_the_token() -> NoReturn:
+    raise TypeError("the agent key lives in a PKCS#11 token and cannot leave it")
 
 
 def _signing_key(token: Session, label: str, *, create: bool) -> tuple[Any, bytes]:

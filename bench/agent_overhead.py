@@ -32,11 +32,11 @@ import docker
 from bench.machine import Machine, invocation, preamble, this_machine
 from bench.proc import cpu_seconds, memory_mib, terminate
 from bench.stats import percentile
-from tests.conftest import REPO
-from tests.helpers.agent import agent_env
-from tests.helpers.dockerd import Dockerd
-from tests.helpers.netlab import NetLab
-from tests.helpers.server import EscrowProcess, make_escrow
+from lab.agent import agent_env
+from lab.commands import REPO
+from lab.dockerd import Dockerd
+from lab.netlab import NetLab
+from lab.server import EscrowProcess, make_escrow
 
 TITLE = "unseal-agent overhead against a plaintext baseline, and its idle footprint"
 POLL = 0.05

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench.proc import terminate
-from tests.helpers.net import free_port
+from lab.net import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 

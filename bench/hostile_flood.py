@@ -56,8 +56,8 @@ from bench.checkout import REPO, Checkout, Server, checkout
 from bench.machine import Machine, invocation, preamble, this_machine
 from bench.proc import cpu_seconds
 from bench.stats import percentile
-from tests.helpers.certs import Issued, make_node_cert, make_root_ca
-from tests.helpers.server import swarm_id
+from lab.certs import Issued, make_node_cert, make_root_ca
+from lab.server import swarm_id
 
 TITLE = "Hostile floods: what unauthenticated callers cost the escrow"
 PROBE_INTERVAL = 0.05  # seconds between /healthz probes

@@ -26,7 +26,7 @@ from bench.machine import Machine, invocation, preamble, this_machine
 from bench.proc import allow_open_files, cpu_seconds, listen_overflows, memory_mib
 from bench.stats import percentile
 from escrow.core.unlockkey import UnlockKey
-from tests.helpers.server import BOOT_ID, EscrowProcess, Node, make_escrow
+from lab.server import BOOT_ID, EscrowProcess, Node, make_escrow
 
 TITLE = "Unseal storm: unseal latency against concurrent agents"
 # Open files besides the agents' sockets: Python, SoftHSM, SQLite, the enrolling connections.

@@ -29,7 +29,7 @@ from escrow.softhsm import create_token, default_module
 from escrow.store.sqlite import SqliteStore
 from escrow.vault import Vault
 from escrow.wrapping import Token
-from tests.helpers.certs import make_root_ca
+from lab.certs import make_root_ca
 
 TITLE = "Vault: deposits and share unwrapping"
 

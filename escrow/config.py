@@ -65,7 +65,6 @@ from __future__ import annotations
 import math
 import os
 import stat
-import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,7 +72,9 @@ from typing import Any
 
 import tomli_w
 
+from escrow.core import tomlfile
 from escrow.core.errors import ConfigError
+from escrow.core.files import write_atomic
 from escrow.core.hsm import HsmSettings
 
 CONFIG_NAME = "escrow.toml"
@@ -203,26 +204,20 @@ def _positive(values: Mapping[tuple[str, str], Any], key: str, default: float,
     return value
 
 
+def _read(data_dir: Path) -> dict[str, Any]:
+    raw = tomlfile.read(data_dir / CONFIG_NAME, "the config file",
+                        "it must be a regular file readable by the escrow's user")
+    if raw is None:
+        raise ConfigError(f"{data_dir} is not an escrow data directory (no {CONFIG_NAME})",
+                          f"run `escrow init --data-dir {data_dir}` first, or give the right "
+                          f"--data-dir / {DATA_DIR_ENV}")
+    return raw
+
+
 def load(data_dir: Path, env: Mapping[str, str] | None = None) -> Settings:
     env = os.environ if env is None else env
     path = data_dir / CONFIG_NAME
-    try:
-        raw = tomllib.loads(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"{data_dir} is not an escrow data directory (no {CONFIG_NAME})",
-                          f"run `escrow init --data-dir {data_dir}` first, or give the right "
-                          f"--data-dir / {DATA_DIR_ENV}") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"{path} is not UTF-8 text", "save it as UTF-8 (TOML requires it)"
-                          ) from None
-    except OSError as exc:
-        raise ConfigError(f"cannot read {path}: {exc.strerror}",
-                          "it must be a regular file readable by the escrow's user") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path} is not valid TOML: {exc}", "fix the file") from None
-    except (ValueError, RecursionError):  # tomllib: an integer too long, or too deep nesting
-        raise ConfigError(f"{path} is not usable TOML: a number is too long or values nest too "
-                          "deeply", "fix the file") from None
+    raw = _read(data_dir)
     _check_known(raw, path)
     values: dict[tuple[str, str], Any] = {}
     for (table, key), (env_name, _) in _SETTINGS.items():
@@ -310,17 +305,6 @@ def update(data_dir: Path, table: str, key: str, value: str) -> None:
     if (table, key) not in _SETTINGS:
         raise ConfigError(f"{table}.{key} is not an escrow setting", "this is a bug")
     path = data_dir / CONFIG_NAME
-    raw = tomllib.loads(path.read_text())
+    raw = _read(data_dir)
     raw.setdefault(table, {})[key] = value
-    fresh = path.with_name(path.name + ".new")
-    fd = os.open(fresh, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, stat.S_IMODE(path.stat().st_mode))
-    with os.fdopen(fd, "w") as handle:
-        handle.write(tomli_w.dumps(raw))
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(fresh, path)
-    directory = os.open(data_dir, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
+    write_atomic(path, tomli_w.dumps(raw).encode(), stat.S_IMODE(path.stat().st_mode))

@@ -11,6 +11,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from escrow.core.errors import InputError
+from escrow.core.keys import load_p256_public
 
 MIN_PASSPHRASE = 12
 
@@ -32,19 +33,8 @@ def generate(passphrase: bytes) -> tuple[bytes, bytes]:
 
 
 def load_public(pem: bytes) -> ec.EllipticCurvePublicKey:
-    try:
-        key = serialization.load_pem_public_key(pem)
-    except (ValueError, TypeError):
-        raise InputError("the public key file is not a PEM public key",
-                         "give the FILE.pub written by `escrow custodian keygen`") from None
-    except UnsupportedAlgorithm:
-        raise InputError("the public key is of a type or curve this escrow does not support",
-                         "custodian keys are P-256; make one with `escrow custodian keygen`"
-                         ) from None
-    if not isinstance(key, ec.EllipticCurvePublicKey) or not isinstance(key.curve, ec.SECP256R1):
-        raise InputError("the public key is not an ECDSA P-256 key",
-                         "custodian keys are P-256; make one with `escrow custodian keygen`")
-    return key
+    return load_p256_public(pem, "custodian public key", "custodian keys are P-256: give the "
+                            "FILE.pub written by `escrow custodian keygen`")
 
 
 def load_private(pem: bytes, passphrase: bytes) -> ec.EllipticCurvePrivateKey:

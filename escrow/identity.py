@@ -12,6 +12,7 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.x509.oid import NameOID
 
+from escrow.core.certs import name_value
 from escrow.core.errors import IdentityError, InputError
 
 # Swarm makes node and cluster ids with identity.NewID(): 25 characters of lower-case base 36.
@@ -62,11 +63,6 @@ def parse_root_ca(pem: bytes) -> x509.Certificate:
 MANAGER_OU = "swarm-manager"
 
 
-def _name_value(name: x509.Name, oid: x509.ObjectIdentifier) -> str:
-    values = name.get_attributes_for_oid(oid)
-    return str(values[0].value) if len(values) == 1 else ""
-
-
 def parse_node_cert(cert_pem: bytes) -> x509.Certificate:
     """Parse a swarm node certificate (no checks of who issued it or for whom)."""
     try:
@@ -99,13 +95,13 @@ def check_claims(cert: x509.Certificate, cluster_id: str, node_id: str, now: dat
     """Raise unless ``cert`` names a manager of ``cluster_id`` called ``node_id`` and is valid
     at ``now``."""
     subject = cert.subject
-    if _name_value(subject, NameOID.ORGANIZATIONAL_UNIT_NAME) != MANAGER_OU:
+    if name_value(subject, NameOID.ORGANIZATIONAL_UNIT_NAME) != MANAGER_OU:
         raise IdentityError("not_a_manager", "the certificate is not a manager's (OU is not "
                             "swarm-manager)", "only managers are locked; workers need no key")
-    if _name_value(subject, NameOID.ORGANIZATION_NAME) != cluster_id:
+    if name_value(subject, NameOID.ORGANIZATION_NAME) != cluster_id:
         raise IdentityError("wrong_cluster", f"the certificate is for another cluster, not "
                             f"{cluster_id}", "check the agent's cluster id")
-    if _name_value(subject, NameOID.COMMON_NAME) != node_id:
+    if name_value(subject, NameOID.COMMON_NAME) != node_id:
         raise IdentityError("wrong_node", f"the certificate is for another node, not {node_id}",
                             "each agent presents its own node's certificate")
     if now < cert.not_valid_before_utc:

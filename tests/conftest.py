@@ -1,4 +1,5 @@
-"""Shared fixtures: a real SoftHSM token, real SQLite stores, swarm-like certificates.
+"""Shared fixtures: a real SoftHSM token, real SQLite stores, swarm-like certificates, a
+running escrow (the laboratory they come from is lab/; dockerd's fixtures are in tests/swarm).
 
 python-pkcs11 loads the SoftHSM module once per process and SoftHSM reads its token directory
 only then, so every in-process test uses one session token (each test gets a wrapping key of its
@@ -10,7 +11,6 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 import uuid
 from collections.abc import Iterator
@@ -27,13 +27,11 @@ from escrow.softhsm import create_token, default_module
 from escrow.store.sqlite import SqliteStore
 from escrow.vault import Vault
 from escrow.wrapping import Token
-from tests.helpers.certs import make_root_ca
-from tests.helpers.dockerd import Dockerd
-from tests.helpers.netlab import NetLab
+from lab.certs import make_root_ca
+from lab.server import EscrowProcess, make_escrow
 
 SESSION_TOKEN = "tests"
 SESSION_PIN = "test-pin-5521"
-REPO = Path(__file__).resolve().parent.parent
 
 
 @dataclass
@@ -106,19 +104,6 @@ def root_ca_pem() -> bytes:
     return make_root_ca().pem
 
 
-def run_escrow(*args: str, data_dir: Path | None = None, stdin: str = "",
-               env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    """Run the real `escrow` command as an operator would, without the tests' SOFTHSM2_CONF."""
-    full_env = {k: v for k, v in os.environ.items()
-                if k not in ("SOFTHSM2_CONF", "ESCROW_DATA_DIR", "ESCROW_HSM_PIN")}
-    if data_dir is not None:
-        full_env["ESCROW_DATA_DIR"] = str(data_dir)
-    full_env.update(env or {})
-    return subprocess.run([sys.executable, "-m", "escrow", *args], input=stdin,
-                          capture_output=True, text=True, env=full_env, timeout=120,
-                          check=False, cwd=REPO)
-
-
 def ok(result: subprocess.CompletedProcess[str]) -> str:
     """The output of a command that must have succeeded."""
     assert result.returncode == 0, (result.stdout, result.stderr)
@@ -146,24 +131,11 @@ def data_dir(tmp_path: Path, hsm_settings: HsmSettings, token: Token) -> Path:
 
 
 @pytest.fixture
-def dockerd() -> Iterator[Dockerd]:
-    """A started dockerd of this test's own in a network namespace of its own (swarm init
-    creates docker_gwbridge and an ingress sandbox, which must not land in the host's
-    namespace); afterwards nothing of it is left."""
-    with NetLab(nodes=1) as lab:
-        yield lab.start_daemon(0)
-
-
-@pytest.fixture
-def two_dockerds() -> Iterator[list[Dockerd]]:
-    """Two started, unrelated dockerd, each in a namespace of its own (for two swarms)."""
-    with NetLab(nodes=2) as lab:
-        yield [lab.start_daemon(0), lab.start_daemon(1)]
-
-
-@pytest.fixture
-def three_managers() -> Iterator[list[Dockerd]]:
-    """Three dockerd managers of one autolocked swarm, each in a network namespace of its own;
-    afterwards nothing of them is left (teardown fails otherwise)."""
-    with NetLab(nodes=3) as lab:
-        yield lab.managers(3)
+def escrow(tmp_path: Path) -> Iterator[EscrowProcess]:
+    """A running `escrow serve` of this test's own, with custodians alice and bob."""
+    server = make_escrow(tmp_path / "escrow")
+    for name in ("alice", "bob"):
+        server.custodian(name)
+    server.start()
+    yield server
+    server.stop()

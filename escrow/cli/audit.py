@@ -15,7 +15,6 @@ write lock, so a concurrent write or archive either lands before or after it, ne
 from __future__ import annotations
 
 import hashlib
-import os
 from collections.abc import Iterable, Sequence
 from contextlib import AbstractContextManager, ExitStack, nullcontext
 from datetime import UTC, datetime, timedelta
@@ -37,6 +36,7 @@ from escrow.cli.context import (
     table,
 )
 from escrow.core.errors import AuditChainBroken, EscrowError, InputError, StoreError
+from escrow.core.files import atomic_file
 from escrow.core.timestamps import timestamp
 from escrow.lock import DataDirLock
 from escrow.store import Store
@@ -218,58 +218,31 @@ def _written_before(record: AuditRecord, cutoff: datetime) -> bool:
     return moment < cutoff
 
 
-def _fsync_directory(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _write_archive(out: Path, header: ArchiveHeader, records: Iterable[AuditRecord]) -> str:
-    """Write the archive to ``out`` (a new file, 0600) atomically and durably: a temporary file
-    in the same directory, synced, then linked into place, then the directory synced. Checks
-    that the records written are exactly those ``header`` describes. Returns the file's
-    SHA-256."""
-    temporary = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    try:
-        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except OSError as exc:
-        raise InputError(f"cannot create {temporary}: {exc.strerror}",
-                         "choose a writable directory for the archive") from None
+    """Write the archive to ``out`` (a new file, 0600) atomically and durably. Checks that the
+    records written are exactly those ``header`` describes. Returns the file's SHA-256."""
     whole, body, count = hashlib.sha256(), hashlib.sha256(), 0
     try:
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                line = header.line()
+        with atomic_file(out, 0o600, new=True) as handle:
+            line = header.line()
+            handle.write(line)
+            whole.update(line)
+            for record in records:
+                line = chain.archive_line(record)
                 handle.write(line)
                 whole.update(line)
-                for record in records:
-                    line = chain.archive_line(record)
-                    handle.write(line)
-                    whole.update(line)
-                    body.update(line)
-                    count += 1
-                if (count, body.hexdigest()) != (header.records, header.records_sha256):
-                    raise StoreError("the audit records changed while the archive was written: "
-                                     "nothing was deleted", "run `escrow audit verify`, then "
-                                     "archive again")
-                handle.flush()
-                os.fsync(handle.fileno())
-        except OSError as exc:
-            raise InputError(f"writing the archive {out} failed: {exc.strerror}; nothing was "
-                             "deleted", "check free space where the archive goes") from None
-        try:
-            os.link(temporary, out)  # unlike a rename, never replaces an existing file
-        except FileExistsError:
-            raise InputError(f"{out} already exists", "choose a new file name") from None
-        except OSError:  # a file system without hard links
-            if out.exists():
-                raise InputError(f"{out} already exists", "choose a new file name") from None
-            os.replace(temporary, out)
-        _fsync_directory(out.parent)
-    finally:
-        temporary.unlink(missing_ok=True)
+                body.update(line)
+                count += 1
+            if (count, body.hexdigest()) != (header.records, header.records_sha256):
+                raise StoreError("the audit records changed while the archive was written: "
+                                 "nothing was deleted", "run `escrow audit verify`, then "
+                                 "archive again")
+    except FileExistsError:
+        raise InputError(f"{out} already exists", "choose a new file name") from None
+    except OSError as exc:
+        raise InputError(f"writing the archive {out} failed: {exc.strerror}; nothing was "
+                         "deleted", "choose a writable directory with free space for the archive"
+                         ) from None
     return whole.hexdigest()
 
 

@@ -2,8 +2,8 @@
 
 Messages are pydantic models that forbid unknown fields and coerce nothing, so a body is either
 exactly what the schema says or a 400; the same models produce the OpenAPI document. What a
-signature covers is never "the JSON": it is :func:`escrow.core.encoding.encode` of named fields under
-a domain tag, built only by the ``*_payload`` functions below.
+signature covers is never "the JSON": it is :func:`escrow.core.encoding.encode` of named fields
+under a domain tag, built only by the ``*_payload`` functions below.
 
 Two field names keep the API's first spelling for compatibility with deployed agents:
 ``sealed_key`` (a deposit's unlock key, HPKE-encrypted to the escrow's deposit key) and

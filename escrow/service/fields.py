@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from cryptography.exceptions import UnsupportedAlgorithm
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 
 from escrow.core import protocol
-from escrow.core.errors import RequestError
+from escrow.core.errors import InputError, RequestError
+from escrow.core.keys import load_p256_public
 
 
 def b64(value: str, what: str, size: int | None = None) -> bytes:
@@ -23,12 +22,11 @@ def b64(value: str, what: str, size: int | None = None) -> bytes:
 
 def p256_public(pem: str, what: str) -> ec.EllipticCurvePublicKey:
     try:
-        key = serialization.load_pem_public_key(pem.encode("ascii"))
-    except (ValueError, TypeError, UnicodeEncodeError, UnsupportedAlgorithm):
+        return load_p256_public(pem.encode("ascii"), what)
+    except UnicodeEncodeError:
         raise RequestError("bad_key", f"the {what} is not a PEM public key") from None
-    if not isinstance(key, ec.EllipticCurvePublicKey) or not isinstance(key.curve, ec.SECP256R1):
-        raise RequestError("bad_key", f"the {what} is not an ECDSA P-256 key")
-    return key
+    except InputError as exc:
+        raise RequestError("bad_key", exc.message) from None
 
 
 def ephemeral(value: str) -> bytes:

@@ -13,7 +13,7 @@ import pytest
 
 from agent.client import EscrowClient
 from escrow.core.unlockkey import UnlockKey
-from tests.helpers.server import make_escrow
+from lab.server import make_escrow
 
 pytestmark = pytest.mark.slow
 WATCHED = ("unseal.release", "share.export", "node.enroll", "key.deposit", "custodian.approve",

@@ -35,7 +35,8 @@ from escrow.core.timestamps import timestamp
 from escrow.lock import DataDirLock
 from escrow.store import sqlite as sqlite_store
 from escrow.store.sqlite import SqliteStore
-from tests.conftest import REPO, fails, ok, run_escrow
+from lab.commands import REPO, run_escrow
+from tests.conftest import fails, ok
 
 pytestmark = pytest.mark.slow
 CLUSTER = "abcdefghijklmnopqrstuvwx1"

@@ -17,8 +17,9 @@ import pytest
 
 from escrow.core import shares
 from escrow.core.unlockkey import UnlockKey
-from tests.conftest import REPO, fails, ok, run_escrow
-from tests.helpers.certs import make_node_cert, make_root_ca
+from lab.certs import make_node_cert, make_root_ca
+from lab.commands import REPO, run_escrow
+from tests.conftest import fails, ok
 
 pytestmark = pytest.mark.slow
 CLUSTER = "abcdefghijklmnopqrstuvwx1"

@@ -17,7 +17,7 @@ from escrow.core import shares
 from escrow.store.sqlite import SqliteStore
 from escrow.vault import Vault
 from escrow.wrapping import Token
-from tests.conftest import REPO
+from lab.commands import REPO
 
 CLUSTER = "q" * 25
 ROUNDS = 40
@@ -26,7 +26,7 @@ ROUNDS = 40
 def run_and_kill(data_dir: Path, rng: random.Random) -> list[str]:
     env = {k: v for k, v in os.environ.items() if k != "SOFTHSM2_CONF"}
     child = subprocess.Popen(
-        [sys.executable, "-m", "tests.helpers.deposit_loop", str(data_dir), CLUSTER],
+        [sys.executable, "-m", "lab.deposit_loop", str(data_dir), CLUSTER],
         stdout=subprocess.PIPE, text=True, cwd=REPO, env=env)
     try:
         assert child.stdout is not None

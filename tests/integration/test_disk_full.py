@@ -19,8 +19,8 @@ import pytest
 from agent.errors import EscrowRejected, EscrowUnavailable
 from escrow.core.unlockkey import UnlockKey
 from escrow.diskspace import RESERVE_NAME
-from tests.helpers.api import client, deposit, enroll, enrolled, run, unseal
-from tests.helpers.server import EscrowProcess, make_escrow
+from lab.api import client, deposit, enroll, enrolled, run, unseal
+from lab.server import EscrowProcess, make_escrow
 
 pytestmark = pytest.mark.slow
 RESERVE = 2 * 1024 * 1024

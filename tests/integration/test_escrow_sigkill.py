@@ -21,8 +21,8 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from agent.errors import AgentError
 from agent.release import candidate_keys
 from escrow.core.unlockkey import UnlockKey
-from tests.helpers.api import client, deposit, enroll, run, unseal
-from tests.helpers.server import BOOT_ID, Cluster, EscrowProcess, Node, make_escrow
+from lab.api import client, deposit, enroll, run, unseal
+from lab.server import BOOT_ID, Cluster, EscrowProcess, Node, make_escrow
 
 pytestmark = pytest.mark.slow
 KILLS = 50

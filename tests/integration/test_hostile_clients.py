@@ -27,9 +27,9 @@ from agent.release import candidate_keys
 from escrow import custodian_keys
 from escrow.core import protocol
 from escrow.core.unlockkey import UnlockKey
-from tests.helpers.api import client, deposit, enroll, enrolled, run
-from tests.helpers.receiver import collector, receiving
-from tests.helpers.server import PASSPHRASE, EscrowProcess, Node, make_escrow
+from lab.api import client, deposit, enroll, enrolled, run
+from lab.receiver import collector, receiving
+from lab.server import PASSPHRASE, EscrowProcess, Node, make_escrow
 
 pytestmark = pytest.mark.slow
 BOOT_ID = "6a1f3c2e-4b5d-4e6f-8a7b-9c0d1e2f3a4b"

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import pkcs11
 import pytest
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 from pkcs11 import Attribute
 
+from agent.token_key import TokenKey
 from escrow.core.encoding import share_aad
 from escrow.core.errors import (
     ConfigError,
@@ -115,3 +119,20 @@ def test_pin_problems_are_clear(tmp_path: Path) -> None:
         resolve_pin(write_pin(tmp_path / "open", "1234", 0o644), None, {})
     with pytest.raises(ConfigError, match="is empty"):
         resolve_pin(write_pin(tmp_path / "empty", ""), None, {})
+
+
+def test_an_agent_key_made_in_a_token_signs_but_never_leaves_it(hsm_settings: HsmSettings,
+                                                               ) -> None:
+    key = TokenKey.open(hsm_settings, Pin(SESSION_PIN, "test"), "agent-key-test", create=True)
+    try:
+        signature = key.sign(b"payload", ec.ECDSA(hashes.SHA256()))
+        key.public_key().verify(signature, b"payload", ec.ECDSA(hashes.SHA256()))
+        for leave in (key.private_numbers, lambda: copy.copy(key), lambda: copy.deepcopy(key),
+                      lambda: key.private_bytes(serialization.Encoding.PEM,
+                                                serialization.PrivateFormat.PKCS8,
+                                                serialization.NoEncryption()),
+                      lambda: key.exchange(ec.ECDH(), key.public_key())):
+            with pytest.raises(TypeError, match="cannot leave it"):
+                leave()
+    finally:
+        key.close()

@@ -15,8 +15,9 @@ from escrow.core.unlockkey import UnlockKey
 from escrow.store.sqlite import SqliteStore
 from escrow.vault import Vault
 from escrow.wrapping import Token
-from tests.conftest import SoftHsm, run_escrow
-from tests.helpers.custodians import public_key_pem
+from lab.commands import run_escrow
+from lab.custodians import public_key_pem
+from tests.conftest import SoftHsm
 
 CLUSTER = "n" * 25
 

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from escrow.core.unlockkey import UnlockKey
-from tests.helpers.api import deposit, enrolled, run, unseal
-from tests.helpers.server import EscrowProcess, make_escrow
+from lab.api import deposit, enrolled, run, unseal
+from lab.server import EscrowProcess, make_escrow
 
 pytestmark = pytest.mark.slow
 OLD, NEW = "escrow-wrap", "escrow-wrap-2"

@@ -18,9 +18,9 @@ from agent.errors import EscrowRejected
 from agent.release import candidate_keys
 from escrow.core import protocol
 from escrow.core.unlockkey import UnlockKey
-from tests.helpers.api import client, deposit, enroll, enrolled, run
-from tests.helpers.receiver import collector, receiving
-from tests.helpers.server import BOOT_ID, Cluster, EscrowProcess, Node, make_escrow
+from lab.api import client, deposit, enroll, enrolled, run
+from lab.receiver import collector, receiving
+from lab.server import BOOT_ID, Cluster, EscrowProcess, Node, make_escrow
 
 pytestmark = pytest.mark.slow
 
@@ -196,7 +196,7 @@ def test_unseal_rejections_have_a_reason_an_audit_record_and_release_nothing(
     elif case == "worker":
         cert_pem = Cluster(cluster.cluster_id, cluster.ca).node("swarm-worker").cert_pem
     elif case == "expired":
-        from tests.helpers.certs import make_node_cert  # noqa: PLC0415
+        from lab.certs import make_node_cert  # noqa: PLC0415
         cert_pem = make_node_cert(cluster.ca, node.node_id, cluster.cluster_id,
                                   not_before=datetime.now(UTC) - timedelta(days=100),
                                   days=90).pem.decode()

@@ -28,8 +28,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from bench.slow_clients import SlowClients, soft_open_files
 from escrow.core.tls import client_context
-from tests.helpers import api
-from tests.helpers.server import EscrowProcess, make_escrow
+from lab import api
+from lab.server import EscrowProcess, make_escrow
 
 T = TypeVar("T")
 GOOD, SLOW, SLOWER = "127.0.0.1", "127.0.0.2", "127.0.0.3"

@@ -35,9 +35,9 @@ from escrow.core.tls import client_context
 from escrow.custodian_client import CustodianClient
 from escrow.store import NodeRecord
 from escrow.store.sqlite import SqliteStore
-from tests.helpers.api import client, enrolled, run
-from tests.helpers.receiver import receiving
-from tests.helpers.server import PASSPHRASE, EscrowProcess, Node, make_escrow, swarm_id
+from lab.api import client, enrolled, run
+from lab.receiver import receiving
+from lab.server import PASSPHRASE, EscrowProcess, Node, make_escrow, swarm_id
 
 pytestmark = pytest.mark.slow
 ESC = "\x1b"

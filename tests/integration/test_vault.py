@@ -16,8 +16,8 @@ from escrow.core.unlockkey import UnlockKey
 from escrow.store.sqlite import SCHEMA_VERSION, SqliteStore
 from escrow.vault import Vault
 from escrow.wrapping import Token
+from lab.custodians import public_key_pem
 from tests.conftest import Clock
-from tests.helpers.custodians import public_key_pem
 
 CLUSTER = "k" * 25
 

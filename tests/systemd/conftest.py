@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers.box import Box, booted
+from lab.box import Box, booted
 
 ROOT = Path(__file__).resolve().parents[2]
 ESCROW = "/opt/swarm-unseal/bin/escrow"

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers.box import Box, booted
+from lab.box import Box, booted
 
 pytestmark = [pytest.mark.slow, pytest.mark.systemd]
 

@@ -66,7 +66,7 @@ def test_config_errors_name_the_bad_setting(tmp_path: Path, line: str, named: st
 def test_state_round_trips_atomically_with_owner_only_permissions(tmp_path: Path) -> None:
     path = tmp_path / "state" / "state.json"
     assert agent_state.load(path) == AgentState()
-    saved = AgentState("node", "cluster", "https://e", "now", {"ab": 1, "cd": 2}, "10",
+    saved = AgentState("node", "cluster", "now", {"ab": 1, "cd": 2}, "10",
                        LastUnlock("then", 2, "r-1", 0.5))
     agent_state.save(path, saved)
     assert agent_state.load(path) == saved

@@ -99,7 +99,7 @@ class FakeEscrow(EscrowClient):
 
 
 def enrolled(pin: str = "") -> AgentState:
-    return AgentState(node_id="n" * 25, cluster_id="c" * 25, escrow_url=URL,
+    return AgentState(node_id="n" * 25, cluster_id="c" * 25,
                       deposit_key_sha256=pin)
 
 
@@ -141,7 +141,7 @@ def test_a_configured_fingerprint_replaces_the_pin_before_a_deposit() -> None:
                                        UNLOCK_KEY)) == (1, True)
 
 
-def test_a_state_file_without_a_pin_still_loads(tmp_path: Path) -> None:
+def test_a_state_file_from_an_older_agent_still_loads(tmp_path: Path) -> None:
     path = tmp_path / "state.json"
     path.write_text('{"node_id": "n", "cluster_id": "c", "escrow_url": "https://e", '
                     '"enrolled_at": "t", "escrowed": {}, "checked_kek_version": "", '

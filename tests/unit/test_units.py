@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from agent.cli import EX_CONFIG
-from tests.conftest import REPO
+from lab.commands import REPO
 
 UNITS = REPO / "systemd"
 BIN = REPO / ".venv" / "bin"

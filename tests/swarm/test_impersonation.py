@@ -24,11 +24,11 @@ import pytest
 
 from agent.docker_state import Docker
 from escrow.core import protocol
-from tests.conftest import run_escrow
-from tests.helpers.agent import AgentNode, enrolled_manager
-from tests.helpers.dockerd import Dockerd
-from tests.helpers.net import free_port
-from tests.helpers.server import EscrowProcess
+from lab.agent import AgentNode, enrolled_manager
+from lab.commands import run_escrow
+from lab.dockerd import Dockerd
+from lab.net import free_port
+from lab.server import EscrowProcess
 
 pytestmark = pytest.mark.slow
 

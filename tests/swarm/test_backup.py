@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers.agent import enrolled_manager
-from tests.helpers.dockerd import Dockerd
-from tests.helpers.server import EscrowProcess
+from lab.agent import enrolled_manager
+from lab.dockerd import Dockerd
+from lab.server import EscrowProcess
 
 pytestmark = pytest.mark.slow
 

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 
 from escrow.softhsm import create_token, default_module
-from tests.helpers.agent import AgentNode, enrolled_manager
-from tests.helpers.dockerd import Dockerd
-from tests.helpers.server import EscrowProcess, make_escrow
+from lab.agent import AgentNode, enrolled_manager
+from lab.dockerd import Dockerd
+from lab.server import EscrowProcess, make_escrow
 
 pytestmark = pytest.mark.slow
 

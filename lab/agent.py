@@ -19,9 +19,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tests.conftest import REPO
-from tests.helpers.dockerd import Dockerd
-from tests.helpers.server import EscrowProcess
+from lab.commands import REPO
+from lab.dockerd import Dockerd
+from lab.server import EscrowProcess
 
 
 class NotifySocket:

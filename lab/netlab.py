@@ -22,7 +22,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from tests.helpers.dockerd import Dockerd, new_dockerd
+from lab.dockerd import Dockerd, new_dockerd
 
 PREFIX = "swlab-"
 

@@ -15,8 +15,8 @@ from agent.errors import EscrowRejected
 from agent.release import candidate_keys
 from agent.swarm_identity import CERT_DIR, read_identity, read_signing_identity
 from escrow.core import unlockkey
-from tests.helpers.dockerd import Dockerd
-from tests.helpers.server import BOOT_ID, EscrowProcess
+from lab.dockerd import Dockerd
+from lab.server import BOOT_ID, EscrowProcess
 
 pytestmark = pytest.mark.slow
 

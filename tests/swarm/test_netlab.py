@@ -11,8 +11,8 @@ from pathlib import Path
 import docker
 import pytest
 
-from tests.helpers.dockerd import Dockerd
-from tests.helpers.netlab import NetLab, ready_managers, wait_for
+from lab.dockerd import Dockerd
+from lab.netlab import NetLab, ready_managers, wait_for
 
 pytestmark = pytest.mark.slow
 

@@ -17,9 +17,9 @@ from agent.errors import AgentError
 from agent.rotate import rotate
 from escrow.core import unlockkey
 from escrow.core.unlockkey import UnlockKey
-from tests.helpers.agent import enrolled_manager
-from tests.helpers.dockerd import Dockerd
-from tests.helpers.server import EscrowProcess
+from lab.agent import enrolled_manager
+from lab.dockerd import Dockerd
+from lab.server import EscrowProcess
 
 pytestmark = pytest.mark.slow
 

@@ -13,10 +13,10 @@ import pytest
 from agent.errors import AgentError
 from agent.swarm_identity import CERT_DIR, decrypt_node_key
 from escrow.core import unlockkey
-from tests.helpers.agent import AgentNode
-from tests.helpers.dockerd import Dockerd
-from tests.helpers.netlab import ready_managers, wait_for
-from tests.helpers.server import EscrowProcess
+from lab.agent import AgentNode
+from lab.dockerd import Dockerd
+from lab.netlab import ready_managers, wait_for
+from lab.server import EscrowProcess
 
 pytestmark = pytest.mark.slow
 

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 
 from escrow.softhsm import default_module
-from tests.helpers.agent import enrolled_manager
-from tests.helpers.dockerd import Dockerd
-from tests.helpers.server import EscrowProcess, make_escrow
+from lab.agent import enrolled_manager
+from lab.dockerd import Dockerd
+from lab.server import EscrowProcess, make_escrow
 
 pytestmark = pytest.mark.slow
 

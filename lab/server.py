@@ -20,9 +20,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from prometheus_client.parser import text_string_to_metric_families
 
 from escrow import custodian_keys
-from tests.conftest import REPO, run_escrow
-from tests.helpers.certs import Issued, make_node_cert, make_root_ca
-from tests.helpers.net import free_port
+from lab.certs import Issued, make_node_cert, make_root_ca
+from lab.commands import REPO, run_escrow
+from lab.net import free_port
 
 PASSPHRASE = "correct horse battery staple"
 # A boot id as the kernel writes it (/proc/sys/kernel/random/boot_id).

@@ -10,7 +10,7 @@ from typing import TypeVar
 from agent.client import EscrowClient
 from agent.release import candidate_keys
 from escrow.core.unlockkey import UnlockKey
-from tests.helpers.server import BOOT_ID, Cluster, EscrowProcess, Node
+from lab.server import BOOT_ID, Cluster, EscrowProcess, Node
 
 T = TypeVar("T")
 

@@ -24,7 +24,7 @@ from typing import Any
 
 import docker
 
-from tests.helpers.net import free_port
+from lab.net import free_port
 
 SWARM_PORT = 2377
 

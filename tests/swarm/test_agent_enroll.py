@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO
-from tests.helpers.agent import AgentNode
-from tests.helpers.dockerd import Dockerd
-from tests.helpers.net import free_port
-from tests.helpers.server import EscrowProcess
+from lab.agent import AgentNode
+from lab.commands import REPO
+from lab.dockerd import Dockerd
+from lab.net import free_port
+from lab.server import EscrowProcess
 
 pytestmark = pytest.mark.slow
 

@@ -1,0 +1,51 @@
+"""The house's walls, read from the code's own imports: the agent reaches the escrow only
+through escrow.core, the core leans on nothing above it, and production code never imports the
+test laboratory."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from lab.commands import REPO
+
+
+def imports(package: str) -> Iterator[tuple[Path, str]]:
+    for path in sorted((REPO / package).rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                yield from ((path, alias.name) for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                yield path, node.module
+
+
+def test_the_agent_imports_only_the_shared_core_of_the_escrow() -> None:
+    strays = [f"{path.relative_to(REPO)}: {module}" for path, module in imports("agent")
+              if module.split(".")[0] == "escrow" and not module.startswith("escrow.core")]
+    assert strays == []
+
+
+def test_the_core_imports_nothing_of_the_escrow_above_it() -> None:
+    strays = [f"{path.relative_to(REPO)}: {module}" for path, module in imports("escrow/core")
+              if module.split(".")[0] == "escrow" and not module.startswith("escrow.core")]
+    assert strays == []
+
+
+@pytest.mark.parametrize("package", ["escrow", "agent"])
+def test_production_code_never_imports_the_agent_side_or_the_laboratory(package: str) -> None:
+    forbidden = {"lab", "tests", "bench"} | ({"agent"} if package == "escrow" else set())
+    strays = [f"{path.relative_to(REPO)}: {module}" for path, module in imports(package)
+              if module.split(".")[0] in forbidden]
+    assert strays == []
+
+
+def test_reading_the_escrow_config_does_not_load_the_pkcs11_extension() -> None:
+    probe = "import sys, escrow.config; print('pkcs11' in sys.modules)"
+    loaded = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True,
+                            text=True, check=True).stdout.strip()
+    assert loaded == "False"
