@@ -6,23 +6,19 @@ database, so neither ever blocks the event loop and PKCS#11 is never used from t
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import math
-import threading
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 from aiohttp import web
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from aiohttp.typedefs import Handler, Middleware
 from pydantic import BaseModel, ValidationError
 
-from escrow import webhook
-from escrow.audit import AuditEvent
 from escrow.config import Settings
 from escrow.core import protocol
 from escrow.core.errors import (
@@ -51,7 +47,6 @@ from escrow.core.protocol import (
     HealthResponse,
     InfoResponse,
     NonceResponse,
-    RequestStatus,
     ResultReport,
     ResultResponse,
     ShareExportRequest,
@@ -62,9 +57,13 @@ from escrow.core.timestamps import timestamp
 from escrow.diskspace import Reserve
 from escrow.ratelimit import SourceLimiter
 from escrow.refusals import RefusalLog
+from escrow.server.alerts import Alerts
 from escrow.server.connections import SLOW_BODY
 from escrow.server.hsmlink import HsmLink, opener
+from escrow.server.metrics import Metrics
 from escrow.server.openapi import openapi_document
+from escrow.server.unidentified import UnidentifiedRefusals
+from escrow.server.waiters import Waiters
 from escrow.service import Escrow
 from escrow.store.sqlite import SqliteStore
 from escrow.vault import Vault
@@ -73,7 +72,6 @@ log = logging.getLogger("escrow.server")
 log.addFilter(PlainLogArgs())  # no quoted value can forge a log line or carry escapes
 M = TypeVar("M", bound=BaseModel)
 T = TypeVar("T")
-MAX_WAIT = 60.0
 # Where a full disk gives the reserve's space away: the paths that release shares.
 RELEASE_PATHS = frozenset({"/v1/unseal", "/v1/unseal/{request_id}",
                            "/v1/unseal/{request_id}/result", "/v1/requests/{request_id}/approve"})
@@ -83,36 +81,6 @@ ACTIONS = {"/v1/enroll": "enroll", "/v1/deposit": "deposit", "/v1/unseal": "unse
            "/v1/unseal/{request_id}/result": "unseal.result",
            "/v1/requests/{request_id}/approve": "custodian",
            "/v1/requests/{request_id}/deny": "custodian", "/v1/shares/export": "custodian"}
-
-
-class Metrics:
-    def __init__(self) -> None:
-        self.registry = CollectorRegistry()
-        self.requests = Counter("escrow_requests_total", "API requests by endpoint and outcome",
-                                ["endpoint", "outcome"], registry=self.registry)
-        self.released = Counter("escrow_shares_released_total",
-                                "Shares released (each encrypted to a requester)",
-                                registry=self.registry)
-        self.pending = Gauge("escrow_pending_approvals",
-                             "Live unseal requests still waiting for custodian approvals",
-                             registry=self.registry)
-        self.free = Gauge("escrow_data_dir_free_bytes",
-                          "Free space on the data directory's file system",
-                          registry=self.registry)
-        self.hsm = Histogram("escrow_hsm_seconds", "Latency of token operations",
-                             buckets=(0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0),
-                             registry=self.registry)
-        self.dropped = Counter("escrow_connections_dropped_total",
-                               "Connections refused or cut by the limits on slow and greedy "
-                               "clients (server/connections.py), by reason",
-                               ["reason"], registry=self.registry)
-        self.unidentified = Counter(
-            "escrow_unauthenticated_refusals_total",
-            "Refusals of callers who had not proved who they are (counted, never audited)",
-            ["action", "reason"], registry=self.registry)
-        self.limited = Counter("escrow_source_limited_total",
-                               "Requests refused because their source exceeded its rate",
-                               ["endpoint"], registry=self.registry)
 
 
 def _status_of(error: EscrowError) -> int:
@@ -146,17 +114,15 @@ class EscrowServer:
         self.settings = settings
         self.metrics = Metrics()
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vault")
-        self._waiters: dict[str, asyncio.Event] = {}
+        self._waiters = Waiters()
         self._closing = False
-        self._background: set[asyncio.Task[object]] = set()
+        self._alerts = Alerts(settings.server.webhook_url)
+        self._unidentified = UnidentifiedRefusals(self.metrics.unidentified, RefusalLog())
         self.escrow: Escrow | None = None
         self._hsm = HsmLink(opener(settings.hsm, pin), settings.hsm.token, self.metrics.hsm)
         self._reserve = Reserve(settings.data_dir, settings.server.disk_reserve_bytes)
         self._store: SqliteStore | None = None
         self._limiter = SourceLimiter(settings.server.source_rate, settings.server.source_burst)
-        self._refusals = RefusalLog()
-        self._refusals_lock = threading.Lock()
-        self._loop: asyncio.AbstractEventLoop | None = None
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -178,49 +144,9 @@ class EscrowServer:
                 raise StoreError("the escrow is starting", "retry in a moment")
             vault = Vault(self._store, self._hsm, lambda: datetime.now(UTC), "escrow")
             self.escrow = Escrow(vault, self.settings.server, self.metrics.released.inc,
-                                 self._reserve.check_room, self._unidentified, self._alert,
-                                 self._reserve.give_to_releases)
+                                 self._reserve.check_room, self._unidentified.note,
+                                 self._alerts.alert, self._reserve.give_to_releases)
         return self.escrow
-
-    def _unidentified(self, action: str, reason: str, source: str) -> None:
-        """Count a refusal of an unidentified caller; log a summary per source now and then
-        (called on the vault thread and on the event loop)."""
-        self.metrics.unidentified.labels(action, reason).inc()
-        with self._refusals_lock:
-            summaries = self._refusals.note(source, action, reason, time.monotonic())
-        for summary in summaries:
-            log.warning("%s", summary.line())
-
-    def _summarise(self, *, everything: bool = False) -> None:
-        with self._refusals_lock:
-            summaries = self._refusals.flush(time.monotonic(), everything=everything)
-        for summary in summaries:
-            log.warning("%s", summary.line())
-
-    async def _summaries(self) -> None:
-        while True:
-            await asyncio.sleep(self._refusals.interval / 4)
-            self._summarise()
-
-    def _alert(self, event: AuditEvent) -> None:
-        """An audited event worth a page: logged, and sent to the webhook (called on the
-        vault thread)."""
-        details = json.dumps(dict(event.details), sort_keys=True)
-        log.warning("alert: %s in cluster %s: %s", event.event, event.cluster_id or "-", details)
-        url, loop = self.settings.server.webhook_url, self._loop
-        if not url or loop is None:
-            return
-        body = {"text": f"Escrow alert {webhook.chat_code(event.event)} in cluster "
-                        f"{webhook.chat_code(event.cluster_id or '-')}: "
-                        f"{webhook.chat_code(details)}",
-                "event": event.event, "cluster_id": event.cluster_id,
-                "details": dict(event.details)}
-        loop.call_soon_threadsafe(self._in_background, webhook.post(url, body, about=event.event))
-
-    def _in_background(self, work: Coroutine[Any, Any, object]) -> None:
-        task = asyncio.create_task(work)
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
 
     def _close(self) -> None:
         self._hsm.close()
@@ -231,25 +157,25 @@ class EscrowServer:
         return await asyncio.get_running_loop().run_in_executor(self.pool, fn)
 
     async def start(self, app: web.Application) -> None:
-        self._loop = asyncio.get_running_loop()
+        self._alerts.start()
         await self.run(self._open)
-        self._in_background(self._summaries())
+        self._unidentified.start()
 
     async def shutdown(self, app: web.Application) -> None:
         self._closing = True
-        self._summarise(everything=True)
-        for event in self._waiters.values():
-            event.set()  # long polls answer with the current state at once
+        self._unidentified.flush(everything=True)
+        self._waiters.close()
 
     async def cleanup(self, app: web.Application) -> None:
-        for task in list(self._background):
-            task.cancel()
+        self._alerts.stop()
+        self._unidentified.stop()
         await self.run(self._close)
         self.pool.shutdown(wait=True)
 
     def app(self) -> web.Application:
+        deadline = _body_deadline(self.settings.server.body_timeout_seconds)
         app = web.Application(client_max_size=self.settings.server.max_body_bytes,
-                              middlewares=[self._middleware, self._body_deadline])
+                              middlewares=[self._middleware, deadline])
         app.on_startup.append(self.start)
         app.on_shutdown.append(self.shutdown)
         app.on_cleanup.append(self.cleanup)
@@ -272,11 +198,10 @@ class EscrowServer:
     # -- plumbing ---------------------------------------------------------------------------
 
     @web.middleware
-    async def _middleware(self, request: web.Request,
-                          handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-                          ) -> web.StreamResponse:
+    async def _middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         endpoint = _endpoint(request)
-        wait = self._limited(request, endpoint)
+        wait = (self._limiter.take(self._source(request), time.monotonic())
+                if _costs_a_token(endpoint) else 0.0)
         if self._closing and endpoint not in ("/healthz", "/metrics"):
             response: web.StreamResponse = _error(503, "shutting_down",
                                                   "the escrow is shutting down",
@@ -302,41 +227,14 @@ class EscrowServer:
         self.metrics.requests.labels(endpoint, str(response.status)).inc()
         return response
 
-    def _limited(self, request: web.Request, endpoint: str) -> float:
-        """Seconds the source must wait, or 0: every /v1 endpoint a caller can reach before
-        proving who it is costs it a token (the OpenAPI document and /info excepted)."""
-        if not endpoint.startswith("/v1/") or endpoint in UNLIMITED:
-            return 0.0
-        return self._limiter.take(self._source(request), time.monotonic())
-
-    @web.middleware
-    async def _body_deadline(self, request: web.Request,
-                             handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-                             ) -> web.StreamResponse:
-        """The whole body within server.body_timeout_seconds of the headers, or 408 and the
-        connection closes: read here, it is kept for the handler (request.read() caches it)."""
-        if request.body_exists:
-            seconds = self.settings.server.body_timeout_seconds
-            try:
-                async with asyncio.timeout(seconds):
-                    await request.read()
-            except TimeoutError:
-                request[SLOW_BODY] = True  # counted and logged by server/connections.py
-                response = _error(408, "body_timeout",
-                                  f"the request body did not arrive within {seconds:g} s",
-                                  "send the whole body at once")
-                response.force_close()
-                return response
-        return await handler(request)
-
     async def _body(self, request: web.Request, model: type[M]) -> tuple[M, bytes]:
         raw = await request.read()
         try:
             return parse_body(raw, model), raw
         except RequestError as exc:
             endpoint = _endpoint(request)
-            self._unidentified(ACTIONS.get(endpoint, endpoint), exc.reason,
-                               self._source(request))
+            self._unidentified.note(ACTIONS.get(endpoint, endpoint), exc.reason,
+                                    self._source(request))
             raise
 
     def _source(self, request: web.Request) -> str:
@@ -349,7 +247,7 @@ class EscrowServer:
         nonce = request.headers.get("X-Escrow-Nonce", "")
         signature = request.headers.get("X-Escrow-Signature", "")
         if not (key_id and date and nonce and signature):
-            self._unidentified("custodian", "unauthenticated", self._source(request))
+            self._unidentified.note("custodian", "unauthenticated", self._source(request))
             raise _bad("unauthenticated", "custodian requests need X-Escrow-Key-Id, "
                        "X-Escrow-Date, X-Escrow-Nonce and X-Escrow-Signature", status=401)
         source = self._source(request)
@@ -360,11 +258,6 @@ class EscrowServer:
         if self.escrow is not None:
             return self.escrow
         return await self.run(self._service)
-
-    def _wake(self, request_id: str) -> None:
-        event = self._waiters.pop(request_id, None)
-        if event is not None:
-            event.set()
 
     # -- public endpoints -------------------------------------------------------------------
 
@@ -379,9 +272,7 @@ class EscrowServer:
     async def metrics_endpoint(self, request: web.Request) -> web.Response:
         escrow = await self._ready()
         pending = await self.run(escrow.awaiting_approval)
-        self.metrics.pending.set(pending)
-        self.metrics.free.set(self._reserve.free_bytes())
-        return web.Response(body=generate_latest(self.metrics.registry),
+        return web.Response(body=self.metrics.latest(pending, self._reserve.free_bytes()),
                             content_type="text/plain", charset="utf-8")
 
     async def openapi(self, request: web.Request) -> web.Response:
@@ -419,34 +310,18 @@ class EscrowServer:
         # count against the node's rate limit.
         await self.run(self._hsm.token)
         status = await self.run(lambda: escrow.unseal(body, source))
-        if status.needed > 0 and self.settings.server.webhook_url:
-            self._in_background(webhook.notify(
-                self.settings.server.webhook_url, webhook.PendingApproval(
-                    status.request_id, status.cluster_id, status.node_id, body.hostname,
-                    status.needed, status.expires_at)))
+        self._alerts.unseal_requested(status, body.hostname)
         return _json(status, 201)
 
     async def unseal_status(self, request: web.Request) -> web.Response:
         request_id = request.match_info["request_id"]
         try:
-            wait = min(MAX_WAIT, max(0.0, float(request.query.get("wait", "0"))))
+            wait = float(request.query.get("wait", "0"))
         except ValueError:
             raise _bad("bad_wait", "wait must be a number of seconds") from None
         escrow = await self._ready()
-        # Registered before the first look, so an approval in between still wakes us.
-        event = self._waiters.setdefault(request_id, asyncio.Event())
-        status: RequestStatus | None = None
-        try:
-            status = await self.run(lambda: escrow.status(request_id))
-            if status.state == "pending" and wait > 0 and not self._closing:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(event.wait(), timeout=wait)
-                status = await self.run(lambda: escrow.status(request_id))
-        finally:
-            # Unknown ids (anyone can poll any id) and finished requests keep no entry.
-            if status is None or status.state != "pending":
-                self._waiters.pop(request_id, None)
-        return _json(status)
+        return _json(await self._waiters.poll(
+            request_id, lambda: self.run(lambda: escrow.status(request_id)), wait))
 
     async def result(self, request: web.Request) -> web.Response:
         request_id = request.match_info["request_id"]
@@ -472,7 +347,7 @@ class EscrowServer:
         escrow = await self._ready()
         status = await self.run(lambda: escrow.decide(custodian, request_id, decision,
                                                       body.signature, reason))
-        self._wake(request_id)
+        self._waiters.wake(request_id)
         return _json(DecisionResponse(request_id=request_id, state=status.state,
                                       approvals=status.approvals))
 
@@ -490,6 +365,30 @@ class EscrowServer:
                                                            body.ephemeral_public_key))
         return _json(share)
 
+
+def _body_deadline(seconds: float) -> Middleware:
+    """The whole body within ``seconds`` (server.body_timeout_seconds) of the headers, or 408
+    and the connection closes: read here, it is kept for the handler (request.read() caches
+    it)."""
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.body_exists:
+            try:
+                async with asyncio.timeout(seconds):
+                    await request.read()
+            except TimeoutError:
+                request[SLOW_BODY] = True  # counted and logged by server/connections.py
+                response = _error(408, "body_timeout",
+                                  f"the request body did not arrive within {seconds:g} s",
+                                  "send the whole body at once")
+                response.force_close()
+                return response
+        return await handler(request)
+
+    return middleware
+
+
 def parse_body(raw: bytes, model: type[M]) -> M:
     """A request body as ``model``, or a 400 naming what is wrong with it."""
     try:
@@ -506,6 +405,12 @@ def parse_body(raw: bytes, model: type[M]) -> M:
                              for e in errors[:6])
         raise _bad("invalid_body", f"the body does not match {model.__name__}: {problems}"
                    ) from None
+
+
+def _costs_a_token(endpoint: str) -> bool:
+    """Every /v1 endpoint a caller can reach before proving who it is costs its source a
+    token of the rate limit (the OpenAPI document and /info excepted)."""
+    return endpoint.startswith("/v1/") and endpoint not in UNLIMITED
 
 
 def _endpoint(request: web.Request) -> str:

@@ -15,7 +15,7 @@ connection, from the moment it is accepted:
   handshake or, on a kept-alive connection, of the first byte after a response; then the
   connection is cut (no answer: a client this slow is not waiting for one);
 - its body within ``server.body_timeout_seconds`` of the headers: the middleware
-  ``EscrowServer._body_deadline`` in server/app.py answers 408 and marks the request with
+  ``_body_deadline`` in server/app.py answers 408 and marks the request with
   :data:`SLOW_BODY`, and the connection closes;
 - a kept-alive connection with no request is closed after ``server.keepalive_seconds``
   (aiohttp's keepalive_timeout, set by escrow/cli/serve.py).
