@@ -47,7 +47,9 @@ def _token_pin(config: AgentConfig) -> Pin:
 
 def _in_token(config: AgentConfig, *, create: bool) -> TokenKey:
     settings = HsmSettings(config.agent_key_pkcs11_module, config.agent_key_pkcs11_token,
-                           key_label=config.agent_key_pkcs11_label)
+                           key_label=config.agent_key_pkcs11_label,
+                           module_set_in="agent_key_pkcs11_module",
+                           label_set_in="agent_key_pkcs11_token in the agent's config.toml")
     return TokenKey.open(settings, _token_pin(config), config.agent_key_pkcs11_label,
                          create=create)
 

@@ -10,7 +10,10 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from dataclasses import dataclass
 from datetime import UTC, datetime
+from enum import Enum, IntEnum, auto
+from typing import Any
 
 import systemd.journal
 
@@ -53,3 +56,71 @@ def setup(*, journal_too: bool = False) -> logging.Logger:
     if journal_too:
         logger.addHandler(systemd.journal.JournalHandler(SYSLOG_IDENTIFIER=LOGGER))
     return logger
+
+
+class Level(IntEnum):
+    INFO = logging.INFO
+    WARNING = logging.WARNING
+    ERROR = logging.ERROR
+    CRITICAL = logging.CRITICAL
+
+
+class Topic(Enum):
+    """A lasting problem, or a long wait, that is logged when it starts, not on every retry."""
+
+    IDENTITY = auto()
+    HOSTNAME = auto()
+    AGENT_KEY = auto()
+    STATE = auto()
+    NOT_ENROLLED = auto()
+    DEPOSIT = auto()
+    DEPOSIT_KEY = auto()
+    LOCKED = auto()
+    ESCROW_DOWN = auto()
+    REFUSED = auto()
+    WAITING = auto()  # for approvals, once per request
+
+
+@dataclass(frozen=True)
+class Line:
+    """A log line still to be written, for code that decides what to say but writes nothing
+    (agent/decision.py)."""
+
+    level: Level
+    message: str
+    args: tuple[object, ...] = ()
+    once: Topic | None = None
+    request_id: str = ""  # the REQUEST_ID field, and what a topic is once per
+
+
+class NodeLog:
+    """The agent's logger: every line carries the node's NODE_ID and CLUSTER_ID once they are
+    known, and a line under a topic is written only until the topic is cleared."""
+
+    def __init__(self, logger: logging.Logger) -> None:
+        self.logger = logger
+        self._fields: dict[str, str] = {}
+        self._quiet: set[tuple[Topic, str]] = set()
+
+    def about(self, node_id: str, cluster_id: str) -> None:
+        self._fields = {"NODE_ID": node_id, "CLUSTER_ID": cluster_id}
+
+    def write(self, line: Line) -> None:
+        if line.once is not None:
+            if (line.once, line.request_id) in self._quiet:
+                return
+            self._quiet.add((line.once, line.request_id))
+        fields = {"REQUEST_ID": line.request_id} if line.request_id else {}
+        self.logger.log(line.level, line.message, *line.args, extra={**self._fields, **fields})
+
+    def once(self, topic: Topic, level: Level, message: str, *args: object) -> None:
+        self.write(Line(level, message, args, once=topic))
+
+    def clear(self, topic: Topic, request_id: str = "") -> None:
+        self._quiet.discard((topic, request_id))
+
+    def info(self, message: str, *args: Any, **fields: str) -> None:
+        self.logger.info(message, *args, extra={**self._fields, **fields})
+
+    def warning(self, message: str, *args: Any, **fields: str) -> None:
+        self.logger.warning(message, *args, extra={**self._fields, **fields})

@@ -19,6 +19,9 @@ class HsmSettings:
     key_label: str = "escrow-wrap"
     pin_file: Path | None = None
     softhsm_conf: Path | None = None
+    # Where the user sets the module and the token, for error hints (the escrow's by default).
+    module_set_in: str = "[hsm] module / --hsm-module"
+    label_set_in: str = "[hsm] token in escrow.toml"
 
 
 @dataclass(frozen=True)

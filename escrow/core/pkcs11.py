@@ -27,8 +27,8 @@ def load_module(settings: HsmSettings) -> Any:
     except pkcs11.PKCS11Error:
         raise HsmModuleMissing(
             f"the PKCS#11 module {settings.module} could not be loaded",
-            "install it (SoftHSM2: `apt-get install softhsm2`) or set [hsm] module / "
-            "--hsm-module to your HSM vendor's library",
+            "install it (SoftHSM2: `apt-get install softhsm2`) or set "
+            f"{settings.module_set_in} to your HSM vendor's library",
         ) from None
 
 
@@ -48,7 +48,7 @@ class Session:
         except pkcs11.NoSuchToken:
             raise TokenNotFound(
                 f"no token labelled {settings.token!r} in {settings.module}",
-                "check [hsm] token in escrow.toml; list tokens with `softhsm2-util --show-slots` "
+                f"check {settings.label_set_in}; list tokens with `softhsm2-util --show-slots` "
                 "or your HSM vendor's tool",
             ) from None
         except pkcs11.MultipleTokensReturned:

@@ -90,6 +90,16 @@ def test_missing_module_is_reported_with_an_install_hint(tmp_path: Path) -> None
     assert "apt-get install softhsm2" in caught.value.hint
 
 
+def test_an_agent_missing_its_token_is_told_the_agent_setting(softhsm: SoftHsm) -> None:
+    settings = HsmSettings(softhsm.module, "no-such-token", "agent",
+                           module_set_in="agent_key_pkcs11_module",
+                           label_set_in="agent_key_pkcs11_token")
+    with pytest.raises(TokenNotFound) as caught:
+        TokenKey.open(settings, Pin(SESSION_PIN, "test"), "agent", create=False)
+    assert "agent_key_pkcs11_token" in caught.value.hint
+    assert "escrow.toml" not in caught.value.hint
+
+
 def write_pin(path: Path, pin: str, mode: int = 0o600) -> Path:
     path.write_text(pin + "\n")
     path.chmod(mode)

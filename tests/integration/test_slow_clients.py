@@ -1,5 +1,5 @@
 """Slow and greedy clients cannot hold a real `escrow serve` (escrow/server/connections.py,
-the body deadline in escrow/server/app.py, the TLS suites in escrow/tls.py).
+the body deadline in escrow/server/app.py, the TLS suites in escrow/core/tls.py).
 
 Each test is named after the attack it stops and makes that attack over loopback, with the
 deadlines shortened through the environment so that it takes seconds. Attackers come from

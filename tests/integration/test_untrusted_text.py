@@ -5,7 +5,7 @@ terminal escapes in its hostname or boot id, so that `escrow requests`, `escrow 
 `escrow audit show` fail for every custodian, or show them something else than the request
 they approve; a custodian puts escapes in a deny reason; a webhook receiver redirects the
 notice (and the node's details) elsewhere. Each test fails without the controls of
-escrow/plaintext.py, the request models' validators and escrow/webhook.py.
+escrow/core/plaintext.py, the request models' validators and escrow/webhook.py.
 """
 
 from __future__ import annotations

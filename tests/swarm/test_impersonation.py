@@ -1,7 +1,7 @@
 """An impersonator of the escrow, built from a stolen backup, gets no unlock key from agents.
 
 The attack: someone with a backup of the escrow restores it on a machine of their own with a
-fresh SoftHSM token (they do not have the real one, so the sealed deposit key cannot be opened
+fresh SoftHSM token (they do not have the real one, so the wrapped deposit key cannot be unwrapped
 and the escrow makes a new one), adds the escrow's TLS key (backups leave it out now; an old
 backup, or a copy of the escrow host's disk, still has it), and gets the agents' traffic
 (DNS, a route). The agents' pinned CA is unchanged and trusts the impersonator's certificate.

@@ -37,7 +37,7 @@ HOSTILE = ["[/]", "[bold red]x[/]", "[/x]", "\x1b[2K\r", "\u202e", "mgr\x1b]0;pw
            "a\nINFO escrow.server: forged line", "\u2066x\u2069", "\x9b31m", "\ud800"]
 MARKUP = ["[/]", "[bold red]x[/]", "[/x]", "[link=https://evil.example]ok[/link]"]
 CONTROLS = [text for text in HOSTILE if text not in MARKUP]
-# Every character escrow.plaintext refuses and escapes.
+# Every character escrow.core.plaintext refuses and escapes.
 UNSAFE_CHARS = st.sampled_from(
     [chr(c) for c in [*range(0x20), *range(0x7F, 0xA0), 0x061C, 0x200E, 0x200F, 0x2028,
                       0x2029, *range(0x202A, 0x202F), *range(0x2066, 0x206A), 0xD800, 0xDFFF]])
