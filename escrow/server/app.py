@@ -56,12 +56,12 @@ from escrow.core.states import Decision
 from escrow.core.timestamps import timestamp
 from escrow.diskspace import Reserve
 from escrow.ratelimit import SourceLimiter
-from escrow.refusals import RefusalLog
 from escrow.server.alerts import Alerts
 from escrow.server.connections import SLOW_BODY
 from escrow.server.hsmlink import HsmLink, opener
 from escrow.server.metrics import Metrics
 from escrow.server.openapi import openapi_document
+from escrow.server.refusal_log import RefusalLog
 from escrow.server.unidentified import UnidentifiedRefusals
 from escrow.server.waiters import Waiters
 from escrow.service import Escrow

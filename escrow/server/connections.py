@@ -46,7 +46,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from escrow.config import ServerSettings
 from escrow.ratelimit import source_key
-from escrow.refusals import RefusalLog
+from escrow.server.refusal_log import RefusalLog
 
 log = logging.getLogger("escrow.server.connections")
 

@@ -1,6 +1,7 @@
-"""The server's side of escrow.refusals: each refusal of a caller who never proved who it is
-goes to ``escrow_unauthenticated_refusals_total``, and the log gets the summaries as they fall
-due, also when the source goes quiet (a background task looks now and then)."""
+"""Refusals of callers who never proved who they are, as the server keeps them: each goes to
+``escrow_unauthenticated_refusals_total``, and the log gets the summaries of
+:mod:`escrow.server.refusal_log` as they fall due, also when the source goes quiet (a
+background task looks now and then)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import time
 
 from prometheus_client import Counter
 
-from escrow.refusals import RefusalLog, Summary
+from escrow.server.refusal_log import RefusalLog, Summary
 
 log = logging.getLogger("escrow.server")
 

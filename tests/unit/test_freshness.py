@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import (
 from escrow.core import protocol
 from escrow.nonces import NONCE_TTL, NonceMinter, SeenOnce
 from escrow.ratelimit import SourceLimiter, source_key
-from escrow.refusals import RefusalLog
+from escrow.server.refusal_log import RefusalLog
 
 NOW = datetime(2026, 12, 1, 3, 0, tzinfo=UTC)
 SECRET = b"s" * 32

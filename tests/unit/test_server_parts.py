@@ -16,10 +16,10 @@ from prometheus_client import CollectorRegistry, Counter
 from escrow import webhook
 from escrow.audit import AuditEvent
 from escrow.core.protocol import RequestState, RequestStatus
-from escrow.refusals import RefusalLog
 from escrow.server import waiters
 from escrow.server.alerts import Alerts
 from escrow.server.metrics import Metrics
+from escrow.server.refusal_log import RefusalLog
 from escrow.server.unidentified import UnidentifiedRefusals
 from escrow.server.waiters import Waiters
 
