@@ -91,8 +91,9 @@ async def run(config: AgentConfig, log: logging.Logger) -> None:
         agent = Agent(config, docker, client, notifier, log)
         main = asyncio.current_task()
         loop = asyncio.get_running_loop()
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, main.cancel)  # type: ignore[union-attr]
+        if main is not None:  # always, inside asyncio.run's task
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(signum, main.cancel)
         interval = watchdog_interval()
         runtime = agent.parts.runtime
         watchdog = asyncio.create_task(runtime.watchdog(interval)) if interval else None
