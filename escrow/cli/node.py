@@ -17,6 +17,7 @@ from escrow.cli.context import (
 )
 from escrow.core.plaintext import plain
 from escrow.core.states import NodeStatus
+from escrow.service.liveness import liveness
 
 _cluster = click.option("--cluster", "cluster_id", required=True, help="Swarm cluster id.")
 
@@ -30,15 +31,26 @@ def node() -> None:
 @data_dir_option
 @json_option
 def list_(data_dir: Path, as_json: bool) -> None:
-    """List enrolled nodes."""
+    """List enrolled nodes, with what their heartbeats say: unlocked, locked, or unreachable
+    (no beat for three of the node's intervals, or its agent said goodbye)."""
     with open_vault(data_dir) as (_, vault):
         nodes = vault.store.list_nodes()
-    rows = [{"cluster_id": n.cluster_id, "node_id": n.node_id, "hostname": n.hostname,
-             "status": n.status, "enrolled_at": n.enrolled_at} for n in nodes]
+        beats = vault.store.latest_heartbeats()
+        now = vault.clock()
+    rows = []
+    for n in nodes:
+        beat = beats.get((n.cluster_id, n.node_id))
+        rows.append({"cluster_id": n.cluster_id, "node_id": n.node_id, "hostname": n.hostname,
+                     "status": n.status, "liveness": liveness(beat, now),
+                     "last_heartbeat": beat.last_at if beat else "",
+                     "boot_id": beat.boot_id if beat else "",
+                     "agent_version": beat.agent_version if beat else "",
+                     "enrolled_at": n.enrolled_at})
     if as_json:
         print_json(rows)
     else:
-        table("Nodes", ["cluster", "node", "hostname", "status", "enrolled"],
+        table("Nodes", ["cluster", "node", "hostname", "status", "liveness", "last heartbeat",
+                        "boot id", "agent", "enrolled"],
               [list(r.values()) for r in rows])
 
 
@@ -70,6 +82,6 @@ def revoke(data_dir: Path, cluster_id: str, node_id: str, reason: str) -> None:
 @click.argument("node_id")
 @click.option("--reason", default="", help="Why, for the audit log.")
 def allow(data_dir: Path, cluster_id: str, node_id: str, reason: str) -> None:
-    """Re-admit a revoked NODE_ID."""
+    """Re-admit a revoked or quarantined NODE_ID (shut a suspected copy down first)."""
     _set(data_dir, cluster_id, node_id, NodeStatus.ACTIVE, reason)
     click.echo(f"node {plain(node_id)} re-admitted")

@@ -141,8 +141,10 @@ class ReleasedShare(Message):
 RequestState = Literal["pending", "ready", "denied", "expired", "superseded", "completed",
                        "revoked"]
 ResultOutcome = Literal["unlocked", "invalid_key", "failed"]
+LockState = Literal["unlocked", "locked"]
 
-for _literal, _enum in ((RequestState, states.RequestState), (ResultOutcome, states.Outcome)):
+for _literal, _enum in ((RequestState, states.RequestState), (ResultOutcome, states.Outcome),
+                        (LockState, states.LockState)):
     if set(get_args(_literal)) != {member.value for member in _enum}:
         raise RuntimeError(f"the protocol and escrow.core.states disagree on {_enum.__name__}")
 
@@ -169,6 +171,28 @@ class ResultReport(Message):
 
 
 class ResultResponse(Message):
+    recorded: bool
+
+
+class HeartbeatRequest(Message):
+    """An agent's periodic word that its node is up, signed by its agent key over a fresh
+    nonce; ``goodbye`` is the last one, sent when the agent is stopped."""
+
+    cluster_id: SwarmId
+    node_id: SwarmId
+    boot_id: BootId
+    lock_state: LockState
+    kek_version: KekVersion = ""
+    agent_version: Annotated[str, Field(max_length=32), PLAIN_TEXT]
+    uptime_seconds: Int63 = Field(description="seconds since the agent started")
+    interval_seconds: Annotated[int, Field(ge=5, le=3600)] = Field(
+        description="when the next beat is due; three missed make the node unreachable")
+    goodbye: bool = False
+    nonce: B64
+    signature: B64
+
+
+class HeartbeatResponse(Message):
     recorded: bool
 
 
@@ -253,6 +277,12 @@ def unseal_payload(cluster_id: str, node_id: str, cert_der: bytes, ephemeral_key
 
 def result_payload(request_id: str, node_id: str, outcome: str, version: int) -> bytes:
     return encode("swarm-unseal/v1/result", request_id, node_id, outcome, version)
+
+
+def heartbeat_payload(beat: HeartbeatRequest, nonce: bytes) -> bytes:
+    return encode("swarm-unseal/v1/heartbeat", beat.cluster_id, beat.node_id, beat.boot_id,
+                  beat.lock_state, beat.kek_version, beat.agent_version, beat.uptime_seconds,
+                  beat.interval_seconds, int(beat.goodbye), nonce)
 
 
 def approval_payload(decision: str, request: PendingRequest, reason: str = "") -> bytes:

@@ -23,8 +23,29 @@ class RequestState(StrEnum):
 
 
 class NodeStatus(StrEnum):
+    """An enrolled node's standing: only an active node is given shares. A quarantined node
+    looked cloned (two machines with its identity alive at once); an admin re-admits it, as a
+    revoked one, with `escrow node allow`."""
+
     ACTIVE = "active"
     REVOKED = "revoked"
+    QUARANTINED = "quarantined"
+
+
+class LockState(StrEnum):
+    """What an agent's heartbeat says of its manager."""
+
+    UNLOCKED = "unlocked"
+    LOCKED = "locked"
+
+
+class Liveness(StrEnum):
+    """What the escrow makes of a node's heartbeats: the last beat's lock state, or
+    unreachable once no beat came for three of the node's intervals (or it said goodbye)."""
+
+    UNLOCKED = "unlocked"
+    LOCKED = "locked"
+    UNREACHABLE = "unreachable"
 
 
 class Decision(StrEnum):

@@ -45,6 +45,8 @@ from escrow.core.protocol import (
     EnrollRequest,
     ErrorResponse,
     HealthResponse,
+    HeartbeatRequest,
+    HeartbeatResponse,
     InfoResponse,
     NonceResponse,
     ResultReport,
@@ -78,6 +80,7 @@ RELEASE_PATHS = frozenset({"/v1/unseal", "/v1/unseal/{request_id}",
 UNLIMITED = frozenset({"/v1/openapi.json", "/v1/info"})
 # The action a refused body counts under, as the service names it.
 ACTIONS = {"/v1/enroll": "enroll", "/v1/deposit": "deposit", "/v1/unseal": "unseal",
+           "/v1/heartbeat": "heartbeat",
            "/v1/unseal/{request_id}/result": "unseal.result",
            "/v1/requests/{request_id}/approve": "custodian",
            "/v1/requests/{request_id}/deny": "custodian", "/v1/shares/export": "custodian"}
@@ -189,6 +192,7 @@ class EscrowServer:
         app.router.add_post("/v1/unseal", self.unseal)
         app.router.add_get("/v1/unseal/{request_id}", self.unseal_status)
         app.router.add_post("/v1/unseal/{request_id}/result", self.result)
+        app.router.add_post("/v1/heartbeat", self.heartbeat)
         app.router.add_get("/v1/requests", self.requests)
         app.router.add_post("/v1/requests/{request_id}/approve", self.approve)
         app.router.add_post("/v1/requests/{request_id}/deny", self.deny)
@@ -272,7 +276,9 @@ class EscrowServer:
     async def metrics_endpoint(self, request: web.Request) -> web.Response:
         escrow = await self._ready()
         pending = await self.run(escrow.awaiting_approval)
-        return web.Response(body=self.metrics.latest(pending, self._reserve.free_bytes()),
+        nodes = await self.run(escrow.heartbeats.census)
+        return web.Response(body=self.metrics.latest(pending, self._reserve.free_bytes(),
+                                                     nodes),
                             content_type="text/plain", charset="utf-8")
 
     async def openapi(self, request: web.Request) -> web.Response:
@@ -320,8 +326,12 @@ class EscrowServer:
         except ValueError:
             raise _bad("bad_wait", "wait must be a number of seconds") from None
         escrow = await self._ready()
+        # A held request (another boot of the node may be alive) is looked at again when its
+        # hold ends, so an unclean reboot waits no longer than the hold.
+        held = await self.run(lambda: escrow.held_for(request_id))
         return _json(await self._waiters.poll(
-            request_id, lambda: self.run(lambda: escrow.status(request_id)), wait))
+            request_id, lambda: self.run(lambda: escrow.status(request_id)),
+            min(wait, held + 0.05) if held else wait))
 
     async def result(self, request: web.Request) -> web.Response:
         request_id = request.match_info["request_id"]
@@ -329,6 +339,12 @@ class EscrowServer:
         escrow, source = await self._ready(), self._source(request)
         await self.run(lambda: escrow.report(request_id, body, source))
         return _json(ResultResponse(recorded=True))
+
+    async def heartbeat(self, request: web.Request) -> web.Response:
+        body, _ = await self._body(request, HeartbeatRequest)
+        escrow, source = await self._ready(), self._source(request)
+        await self.run(lambda: escrow.heartbeat(body, source))
+        return _json(HeartbeatResponse(recorded=True))
 
     # -- custodian endpoints ----------------------------------------------------------------
 

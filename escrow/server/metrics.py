@@ -3,6 +3,8 @@ test or a second server in one process never meets another's series."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 
@@ -31,12 +33,20 @@ class Metrics:
             "escrow_unauthenticated_refusals_total",
             "Refusals of callers who had not proved who they are (counted, never audited)",
             ["action", "reason"], registry=self.registry)
+        self.nodes = Gauge("escrow_nodes",
+                           "Enrolled nodes by cluster and state: what their heartbeats say "
+                           "(unlocked, locked, unreachable), or revoked / quarantined",
+                           ["cluster", "state"], registry=self.registry)
         self.limited = Counter("escrow_source_limited_total",
                                "Requests refused because their source exceeded its rate",
                                ["endpoint"], registry=self.registry)
 
-    def latest(self, pending: int, free_bytes: int) -> bytes:
+    def latest(self, pending: int, free_bytes: int,
+               nodes: Mapping[tuple[str, str], int]) -> bytes:
         """The text exposition, with the gauges that are sampled when scraped."""
         self.pending.set(pending)
         self.free.set(free_bytes)
+        self.nodes.clear()  # a state no node is in any more must not linger
+        for (cluster, state), count in nodes.items():
+            self.nodes.labels(cluster, state).set(count)
         return generate_latest(self.registry)

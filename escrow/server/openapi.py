@@ -56,7 +56,8 @@ def openapi_document() -> dict[str, Any]:
     models: list[type[BaseModel]] = [
         p.NonceResponse, p.InfoResponse, p.EnrollRequest, p.EnrollResponse, p.DepositRequest,
         p.DepositResponse, p.UnsealRequest, p.RequestStatus, p.ReleasedShare, p.ResultReport,
-        p.ResultResponse, p.PendingRequest, p.ApproveRequest, p.DenyRequest,
+        p.ResultResponse, p.HeartbeatRequest, p.HeartbeatResponse, p.PendingRequest,
+        p.ApproveRequest, p.DenyRequest,
         p.DecisionResponse, p.ShareExportRequest, p.ErrorResponse]
     _, schemas = models_json_schema([(m, "validation") for m in models],
                                     ref_template="#/components/schemas/{model}")
@@ -64,7 +65,7 @@ def openapi_document() -> dict[str, Any]:
         "openapi": "3.1.0",
         "info": {"title": "swarm-unseal escrow", "version": p.API_VERSION,
                  "description": "Unlock-key escrow for Docker Swarm managers. Signatures cover "
-                                "the encodings in escrow/protocol.py, never the JSON."},
+                                "the encodings in escrow/core/protocol.py, never the JSON."},
         "paths": {
             "/healthz": {"get": _op("HSM and database reachable", None)},
             "/v1/info": {"get": _op("Server facts and the deposit key", p.InfoResponse)},
@@ -80,6 +81,8 @@ def openapi_document() -> dict[str, Any]:
             "/v1/unseal/{request_id}/result": {"post": _op(
                 "Report the unlock result", p.ResultResponse, p.ResultReport,
                 params=[_REQUEST_ID])},
+            "/v1/heartbeat": {"post": _op("A node's periodic word that it is up",
+                                          p.HeartbeatResponse, p.HeartbeatRequest)},
             "/v1/requests": {"get": _op("Pending requests", p.PendingRequest, custodian=True,
                                         array=True)},
             "/v1/requests/{request_id}/approve": {"post": _op(

@@ -10,6 +10,8 @@ responsibility:
 - :mod:`~escrow.service.plan`: which shares a request may have (pure);
 - :mod:`~escrow.service.release`: encrypting them to the request, once;
 - :mod:`~escrow.service.unseal`: requests, their status and results;
+- :mod:`~escrow.service.heartbeats` and :mod:`~escrow.service.liveness` (pure): which nodes
+  are up, and which look cloned;
 - :mod:`~escrow.service.custodians`: what custodians see and decide.
 """
 
@@ -27,6 +29,7 @@ from escrow.core.protocol import (
     DepositRequest,
     EnrollRequest,
     EnrollResponse,
+    HeartbeatRequest,
     PendingRequest,
     ReleasedShare,
     RequestStatus,
@@ -39,6 +42,7 @@ from escrow.service.authentication import Authenticator
 from escrow.service.context import Context, Hooks
 from escrow.service.custodians import Custodians
 from escrow.service.enrollment import Enrollment
+from escrow.service.heartbeats import Heartbeats
 from escrow.service.refusals import Refusals, Unidentified
 from escrow.service.unseal import Unseals
 from escrow.stored_secrets import DEPOSIT_KEY, NONCE_KEY, wrapped_secret
@@ -71,7 +75,8 @@ class Escrow:
                                   vault.clock)
         self.auth = Authenticator(store, self.nonces, vault.clock)
         self.enrollment = Enrollment(context, deposit_key)
-        self.unseals = Unseals(context)
+        self.heartbeats = Heartbeats(context)
+        self.unseals = Unseals(context, self.heartbeats)
         self.custodians = Custodians(context, self.auth)
         self._wrapper = vault.wrapper
 
@@ -110,8 +115,18 @@ class Escrow:
             self.auth.admit_unseal(verified, body)
             return self.unseals.open(verified, body, source)
 
+    def heartbeat(self, body: HeartbeatRequest, source: str) -> None:
+        with self.refusals.counted("heartbeat", source):
+            verified = self.auth.verify_heartbeat(body)
+        with self.refusals.audited("heartbeat", body.cluster_id, node_id=body.node_id,
+                                   boot_id=body.boot_id, source=source):
+            self.heartbeats.record(verified, body, source)
+
     def status(self, request_id: str) -> RequestStatus:
         return self.unseals.status(request_id)
+
+    def held_for(self, request_id: str) -> float:
+        return self.unseals.held_for(request_id)
 
     def report(self, request_id: str, body: ResultReport, source: str) -> None:
         with self.refusals.counted("unseal.result", source):

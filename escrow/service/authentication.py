@@ -27,6 +27,7 @@ from escrow.core.errors import IdentityError, RequestError
 from escrow.core.protocol import (
     DepositRequest,
     EnrollRequest,
+    HeartbeatRequest,
     PendingRequest,
     ResultReport,
     UnsealRequest,
@@ -60,6 +61,11 @@ class VerifiedUnseal:
     node: NodeRecord
     cert: x509.Certificate
     ephemeral: bytes  # the X25519 key the request's shares are encrypted to
+
+
+@dataclass(frozen=True)
+class VerifiedHeartbeat:
+    node: NodeRecord
 
 
 @dataclass(frozen=True)
@@ -126,6 +132,14 @@ class Authenticator:
         self._use_once(self._used_nonces, nonce, expires)
         return VerifiedUnseal(node, cert, ephemeral)
 
+    def verify_heartbeat(self, body: HeartbeatRequest) -> VerifiedHeartbeat:
+        node = self._node(body.cluster_id, body.node_id)
+        nonce, expires = self._fresh(body.nonce)
+        self._signed_by(node, body.signature, protocol.heartbeat_payload(body, nonce),
+                        "heartbeat")
+        self._use_once(self._used_nonces, nonce, expires)
+        return VerifiedHeartbeat(node)
+
     def verify_report(self, request_id: str, body: ResultReport) -> VerifiedReport:
         request = self.store.get_request(request_id)
         if request is None or not hmac.compare_digest(request.node_id, body.node_id):
@@ -140,6 +154,12 @@ class Authenticator:
 
     @staticmethod
     def admit(node: NodeRecord) -> None:
+        if node.status == NodeStatus.QUARANTINED:
+            raise IdentityError("clone_suspected", f"node {node.node_id} is quarantined: two "
+                                "machines with its identity were alive at once",
+                                "find the copy (`escrow audit show` names both boot ids and "
+                                "addresses), shut it down, then re-admit the node with "
+                                "`escrow node allow`", 409)
         if node.status != NodeStatus.ACTIVE:
             raise IdentityError("revoked", f"node {node.node_id} is revoked",
                                 "an admin can re-admit it with `escrow node allow`")

@@ -4,54 +4,78 @@ report of what unlocked it."""
 from __future__ import annotations
 
 import secrets
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from escrow.audit import AuditEvent
 from escrow.core.errors import RequestError
 from escrow.core.protocol import ReleasedShare, RequestStatus, ResultReport, UnsealRequest
 from escrow.core.states import Outcome, RequestState
-from escrow.core.timestamps import timestamp
+from escrow.core.timestamps import parse_timestamp, timestamp
 from escrow.service.authentication import VerifiedReport, VerifiedUnseal
 from escrow.service.context import Context
+from escrow.service.heartbeats import Heartbeats
+from escrow.service.liveness import is_held
 from escrow.service.plan import state_at
 from escrow.service.release import Releases
 from escrow.store import RequestRecord
 
 _ID_ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789"
+# All requests of a node in the window, unlocked or not, may be this many times the limit on
+# requests that did not unlock: 30 dockerd restarts in 10 minutes pass, a flood does not.
+ALL_REQUESTS_FACTOR = 6
 
 
 class Unseals:
-    def __init__(self, context: Context) -> None:
+    def __init__(self, context: Context, heartbeats: Heartbeats) -> None:
         self.context = context
+        self.heartbeats = heartbeats
         self.store = context.store
         self.settings = context.settings
         self.hooks = context.hooks
         self.releases = Releases(context.vault.unwrap_share)
 
     def open(self, verified: VerifiedUnseal, body: UnsealRequest, source: str) -> RequestStatus:
-        """Record a new request from an admitted node, within its rate limit."""
+        """Record a new request from an admitted node, within its rate limit; held while
+        another boot of the node may still be alive (escrow.service.liveness)."""
         now = self.context.now()
-        since = timestamp(now - timedelta(seconds=self.settings.rate_window_seconds))
-        if self.store.count_requests_since(body.cluster_id, body.node_id,
-                                           since) >= self.settings.rate_limit:
-            raise RequestError("rate_limited",
-                               f"node {body.node_id} made {self.settings.rate_limit} requests "
-                               f"in {self.settings.rate_window_seconds:g} s",
-                               "wait and retry; an agent backs off by itself", 429,
-                               retry_after=self.settings.rate_window_seconds)
+        self._within_limits(body, now)
+        held_until = self.heartbeats.hold_until(body.cluster_id, body.node_id, body.boot_id,
+                                                now)
         request_id = "r-" + "".join(secrets.choice(_ID_ALPHABET) for _ in range(20))
         self.hooks.for_release()
         record = RequestRecord(
             request_id, body.cluster_id, body.node_id, body.hostname, body.boot_id, source,
             body.node_cert, verified.ephemeral, body.kek_version, timestamp(now),
             timestamp(now + timedelta(seconds=self.settings.request_ttl_seconds)),
-            RequestState.PENDING)
+            RequestState.PENDING, held_until=held_until)
         self.store.create_request(record, AuditEvent(
             "unseal.request", f"node:{body.node_id}", body.cluster_id,
             {"request_id": request_id, "node_id": body.node_id, "hostname": body.hostname,
              "boot_id": body.boot_id, "source": source, "kek_version": body.kek_version,
-             "cert_serial": str(verified.cert.serial_number)}))
+             "cert_serial": str(verified.cert.serial_number), "held_until": held_until}))
         return self.status(request_id)
+
+    def _within_limits(self, body: UnsealRequest, now: datetime) -> None:
+        """Requests that did not end in a reported unlock are limited, so a manager whose
+        dockerd restarts often is never locked out, while a node that keeps asking without
+        unlocking (or a thief with its key) is; all requests are limited too, far higher."""
+        window = self.settings.rate_window_seconds
+        since = timestamp(now - timedelta(seconds=window))
+        limit = self.settings.rate_limit
+        unconfirmed = self.store.count_requests_since(body.cluster_id, body.node_id, since,
+                                                      unconfirmed=True)
+        if unconfirmed >= limit:
+            raise RequestError("rate_limited",
+                               f"node {body.node_id} made {limit} requests in {window:g} s "
+                               "that did not unlock it",
+                               "wait and retry; an agent backs off by itself", 429,
+                               retry_after=window)
+        everything = self.store.count_requests_since(body.cluster_id, body.node_id, since)
+        if everything >= ALL_REQUESTS_FACTOR * limit:
+            raise RequestError("rate_limited",
+                               f"node {body.node_id} made {everything} requests in {window:g} s",
+                               "a manager restarting this often needs looking at; an agent "
+                               "backs off by itself", 429, retry_after=window)
 
     def status(self, request_id: str) -> RequestStatus:
         """The request's state; while it is pending, the shares its plan allows, released
@@ -60,10 +84,13 @@ class Unseals:
         if request is None:
             raise RequestError("unknown_request", f"no request {request_id}",
                                "send a new unseal request", 404)
-        state = state_at(request, self.context.now())
+        now = self.context.now()
+        state = state_at(request, now)
         plan = self.context.plan(request)
         released: list[ReleasedShare] = []
-        if state == RequestState.PENDING:
+        if state != RequestState.PENDING:
+            self.releases.forget(request_id)
+        elif not is_held(request, now):  # held: another boot of the node may still be alive
             released, fresh = self.releases.encrypt_to(request, plan)
             if fresh:
                 self.hooks.for_release()
@@ -73,8 +100,6 @@ class Unseals:
                                {"request_id": request_id, "node_id": request.node_id})))
             if plan.needed == 0:
                 state = RequestState.READY
-        else:
-            self.releases.forget(request_id)
         return RequestStatus(
             request_id=request_id, cluster_id=request.cluster_id, node_id=request.node_id,
             state=state.value,
@@ -83,6 +108,13 @@ class Unseals:
             approvals=self.context.approvers(request_id),
             denial_reason=request.reason if state == RequestState.DENIED else "",
             releases=released)
+
+    def held_for(self, request_id: str) -> float:
+        """Seconds until ``request_id`` may have shares, if it is held (else 0)."""
+        request = self.store.get_request(request_id)
+        if request is None or not is_held(request, self.context.now()):
+            return 0.0
+        return (parse_timestamp(request.held_until) - self.context.now()).total_seconds()
 
     def report(self, verified: VerifiedReport, body: ResultReport) -> None:
         """One outcome per version, and only about shares this request was given: a replayed

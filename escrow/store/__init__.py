@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from escrow.audit import AuditEvent, AuditRecord, Checkpoint
-from escrow.core.states import Decision, NodeStatus, Outcome, RequestState
+from escrow.core.states import Decision, LockState, NodeStatus, Outcome, RequestState
 from escrow.policy import Policy
 
 
@@ -77,6 +77,27 @@ class RequestRecord:
     expires_at: str
     state: RequestState  # as stored: never expired (time tells) or ready (shares tell)
     reason: str = ""
+    # While another boot of the node may still be alive (escrow.service.liveness), nothing is
+    # released before this time; "" for a request that waits on no one.
+    held_until: str = ""
+
+
+@dataclass(frozen=True)
+class HeartbeatRecord:
+    """The latest heartbeat of one boot of a node (a node keeps a row per recent boot id)."""
+
+    cluster_id: str
+    node_id: str
+    boot_id: str
+    first_at: str  # this boot's first beat
+    last_at: str
+    lock_state: LockState
+    kek_version: str
+    agent_version: str
+    uptime_seconds: int
+    interval_seconds: int
+    goodbye: bool
+    source: str
 
 
 @dataclass(frozen=True)
@@ -141,8 +162,28 @@ class Store(Protocol):
         """Insert a request, superseding the node's other pending ones (returned)."""
         ...
 
-    def count_requests_since(self, cluster_id: str, node_id: str, since: str) -> int: ...
+    def count_requests_since(self, cluster_id: str, node_id: str, since: str, *,
+                             unconfirmed: bool = False) -> int:
+        """Requests of the node created since ``since``; with ``unconfirmed``, only those
+        no report says unlocked the manager."""
+        ...
+
+    def pending_requests_of(self, cluster_id: str, node_id: str) -> list[RequestRecord]: ...
     def get_request(self, request_id: str) -> RequestRecord | None: ...
+
+    def record_heartbeat(self, record: HeartbeatRecord, event: AuditEvent | None) -> None:
+        """Keep ``record`` as its boot's latest beat (the first beat of a boot sets
+        ``first_at``), with the audit ``event`` if there is one; older boots beyond the few
+        kept are forgotten."""
+        ...
+
+    def heartbeats(self, cluster_id: str, node_id: str) -> list[HeartbeatRecord]:
+        """The node's recent boots' latest beats, the latest first."""
+        ...
+
+    def latest_heartbeats(self) -> dict[tuple[str, str], HeartbeatRecord]:
+        """Every node's latest beat, by (cluster id, node id)."""
+        ...
     def list_requests(self, state: RequestState) -> list[RequestRecord]: ...
     def set_request_state(self, request_id: str, state: RequestState, reason: str,
                           event: AuditEvent) -> None: ...

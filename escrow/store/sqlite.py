@@ -18,12 +18,13 @@ from pathlib import Path
 from escrow import audit, audit_journal
 from escrow.audit import AuditEvent, AuditRecord
 from escrow.core.errors import Conflict, DiskFull, NotFound, StoreError
-from escrow.core.states import Decision, NodeStatus, Outcome, RequestState
+from escrow.core.states import Decision, LockState, NodeStatus, Outcome, RequestState
 from escrow.policy import Policy
 from escrow.store import (
     ApprovalRecord,
     ClusterRecord,
     CustodianRecord,
+    HeartbeatRecord,
     KeyVersionRecord,
     MakeShares,
     NodeRecord,
@@ -112,6 +113,18 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         # HPKE's, chaining is the audit log's).
         "ALTER TABLE shares RENAME COLUMN sealed TO wrapped",
     ),
+    (
+        # Heartbeats: a row per recent boot of a node, updated in place by each beat.
+        "CREATE TABLE heartbeats (cluster_id TEXT NOT NULL, node_id TEXT NOT NULL,"
+        " boot_id TEXT NOT NULL, first_at TEXT NOT NULL, last_at TEXT NOT NULL,"
+        " lock_state TEXT NOT NULL, kek_version TEXT NOT NULL, agent_version TEXT NOT NULL,"
+        " uptime_seconds INTEGER NOT NULL, interval_seconds INTEGER NOT NULL,"
+        " goodbye INTEGER NOT NULL, source TEXT NOT NULL,"
+        " PRIMARY KEY (cluster_id, node_id, boot_id),"
+        " FOREIGN KEY (cluster_id, node_id) REFERENCES nodes(cluster_id, node_id))",
+        "CREATE INDEX heartbeats_by_time ON heartbeats (cluster_id, node_id, last_at)",
+        "ALTER TABLE requests ADD COLUMN held_until TEXT NOT NULL DEFAULT ''",
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -124,7 +137,11 @@ _SELECT_NODES = ("SELECT cluster_id, node_id, agent_public_key_pem, hostname, en
                  " status FROM nodes")
 _SELECT_REQUESTS = ("SELECT request_id, cluster_id, node_id, hostname, boot_id, source,"
                     " cert_pem, ephemeral_key, kek_version, created_at, expires_at, state,"
-                    " reason FROM requests")
+                    " reason, held_until FROM requests")
+_SELECT_HEARTBEATS = ("SELECT cluster_id, node_id, boot_id, first_at, last_at, lock_state,"
+                      " kek_version, agent_version, uptime_seconds, interval_seconds, goodbye,"
+                      " source FROM heartbeats")
+HEARTBEAT_BOOTS = 4  # boots of a node whose last beats are kept
 _SELECT_APPROVALS = ("SELECT request_id, custodian, decision, signature, reason, created_at"
                      " FROM approvals")
 AUDIT_BATCH = 500  # records fetched at a time while streaming the audit log
@@ -436,10 +453,10 @@ class SqliteStore:
             if cursor.rowcount == 0:
                 raise NotFound(f"node {node_id} of cluster {cluster_id} is not enrolled",
                                "see `escrow node list`")
-            if status == NodeStatus.REVOKED:
-                db.execute("UPDATE requests SET state = 'revoked', reason = 'node revoked'"
+            if status != NodeStatus.ACTIVE:
+                db.execute("UPDATE requests SET state = 'revoked', reason = ?"
                            " WHERE cluster_id = ? AND node_id = ? AND state = 'pending'",
-                           (cluster_id, node_id))
+                           (f"node {status}", cluster_id, node_id))
             self._append(db, event)
 
     def create_request(self, record: RequestRecord, event: AuditEvent) -> list[str]:
@@ -452,20 +469,65 @@ class SqliteStore:
                        (f"superseded by {record.request_id}", record.cluster_id, record.node_id))
             db.execute("INSERT INTO requests (request_id, cluster_id, node_id, hostname,"
                        " boot_id, source, cert_pem, ephemeral_key, kek_version, created_at,"
-                       " expires_at, state, reason) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                       " expires_at, state, reason, held_until)"
+                       " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                        (record.request_id, record.cluster_id, record.node_id, record.hostname,
                         record.boot_id, record.source, record.cert_pem, record.ephemeral_key,
                         record.kek_version, record.created_at, record.expires_at, record.state,
-                        record.reason))
+                        record.reason, record.held_until))
             self._append(db, replace(event, details={**event.details,
                                                      "superseded": superseded}))
             return superseded
 
-    def count_requests_since(self, cluster_id: str, node_id: str, since: str) -> int:
-        row = self._db.execute("SELECT COUNT(*) FROM requests WHERE cluster_id = ? AND"
-                               " node_id = ? AND created_at >= ?",
-                               (cluster_id, node_id, since)).fetchone()
+    def count_requests_since(self, cluster_id: str, node_id: str, since: str, *,
+                             unconfirmed: bool = False) -> int:
+        row = self._db.execute(
+            "SELECT COUNT(*) FROM requests WHERE cluster_id = ? AND node_id = ? AND"
+            " created_at >= ? AND (? = 0 OR NOT EXISTS (SELECT 1 FROM results WHERE"
+            " results.request_id = requests.request_id AND results.outcome = 'unlocked'))",
+            (cluster_id, node_id, since, int(unconfirmed))).fetchone()
         return int(row[0])
+
+    def pending_requests_of(self, cluster_id: str, node_id: str) -> list[RequestRecord]:
+        rows = self._named(_SELECT_REQUESTS + " WHERE cluster_id = ? AND node_id = ? AND"
+                           " state = 'pending' ORDER BY created_at", (cluster_id, node_id))
+        return [_request(row) for row in rows]
+
+    def record_heartbeat(self, record: HeartbeatRecord, event: AuditEvent | None) -> None:
+        with self._write() as db:
+            db.execute(
+                "INSERT INTO heartbeats (cluster_id, node_id, boot_id, first_at, last_at,"
+                " lock_state, kek_version, agent_version, uptime_seconds, interval_seconds,"
+                " goodbye, source) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                " ON CONFLICT (cluster_id, node_id, boot_id) DO UPDATE SET"
+                " last_at = excluded.last_at, lock_state = excluded.lock_state,"
+                " kek_version = excluded.kek_version, agent_version = excluded.agent_version,"
+                " uptime_seconds = excluded.uptime_seconds,"
+                " interval_seconds = excluded.interval_seconds, goodbye = excluded.goodbye,"
+                " source = excluded.source",
+                (record.cluster_id, record.node_id, record.boot_id, record.first_at,
+                 record.last_at, record.lock_state, record.kek_version, record.agent_version,
+                 record.uptime_seconds, record.interval_seconds, int(record.goodbye),
+                 record.source))
+            db.execute("DELETE FROM heartbeats WHERE cluster_id = ? AND node_id = ? AND boot_id"
+                       " NOT IN (SELECT boot_id FROM heartbeats WHERE cluster_id = ? AND"
+                       " node_id = ? ORDER BY last_at DESC LIMIT ?)",
+                       (record.cluster_id, record.node_id, record.cluster_id, record.node_id,
+                        HEARTBEAT_BOOTS))
+            if event is not None:
+                self._append(db, event)
+
+    def heartbeats(self, cluster_id: str, node_id: str) -> list[HeartbeatRecord]:
+        rows = self._named(_SELECT_HEARTBEATS + " WHERE cluster_id = ? AND node_id = ?"
+                           " ORDER BY last_at DESC", (cluster_id, node_id))
+        return [_heartbeat(row) for row in rows]
+
+    def latest_heartbeats(self) -> dict[tuple[str, str], HeartbeatRecord]:
+        latest: dict[tuple[str, str], HeartbeatRecord] = {}
+        for row in self._named(_SELECT_HEARTBEATS + " ORDER BY last_at"):
+            beat = _heartbeat(row)
+            latest[(beat.cluster_id, beat.node_id)] = beat
+        return latest
 
     def get_request(self, request_id: str) -> RequestRecord | None:
         row = self._named(_SELECT_REQUESTS + " WHERE request_id = ?", (request_id,)).fetchone()
@@ -670,7 +732,17 @@ def _request(row: sqlite3.Row) -> RequestRecord:
                          ephemeral_key=bytes(row["ephemeral_key"]),
                          kek_version=row["kek_version"], created_at=row["created_at"],
                          expires_at=row["expires_at"], state=RequestState(row["state"]),
-                         reason=row["reason"])
+                         reason=row["reason"], held_until=row["held_until"])
+
+
+def _heartbeat(row: sqlite3.Row) -> HeartbeatRecord:
+    return HeartbeatRecord(cluster_id=row["cluster_id"], node_id=row["node_id"],
+                           boot_id=row["boot_id"], first_at=row["first_at"],
+                           last_at=row["last_at"], lock_state=LockState(row["lock_state"]),
+                           kek_version=row["kek_version"], agent_version=row["agent_version"],
+                           uptime_seconds=row["uptime_seconds"],
+                           interval_seconds=row["interval_seconds"],
+                           goodbye=bool(row["goodbye"]), source=row["source"])
 
 
 def _no_cluster(cluster_id: str) -> NotFound:

@@ -301,10 +301,20 @@ def test_posts_still_running_at_cleanup_are_cancelled(monkeypatch: pytest.Monkey
 
 def test_the_exposition_carries_every_series_and_the_gauges_sampled_at_the_scrape() -> None:
     metrics = Metrics()
-    text = metrics.latest(pending=3, free_bytes=4096).decode()
+    text = metrics.latest(pending=3, free_bytes=4096,
+                          nodes={("c1", "unlocked"): 2, ("c1", "unreachable"): 1}).decode()
     assert "escrow_pending_approvals 3.0" in text
+    assert 'escrow_nodes{cluster="c1",state="unlocked"} 2.0' in text
     assert "escrow_data_dir_free_bytes 4096.0" in text
     for name in ("escrow_requests_total", "escrow_shares_released_total",
                  "escrow_hsm_seconds", "escrow_connections_dropped_total",
                  "escrow_unauthenticated_refusals_total", "escrow_source_limited_total"):
         assert f"# TYPE {name} " in text
+
+
+def test_a_node_state_no_node_is_in_any_more_leaves_the_exposition() -> None:
+    metrics = Metrics()
+    metrics.latest(pending=0, free_bytes=1, nodes={("c1", "locked"): 1})
+    text = metrics.latest(pending=0, free_bytes=1, nodes={("c1", "unlocked"): 1}).decode()
+    assert 'state="locked"' not in text
+    assert 'escrow_nodes{cluster="c1",state="unlocked"} 1.0' in text
