@@ -47,7 +47,9 @@ Settings (TOML table.key = environment variable):
                                                 127.0.0.1; lower it when clients do not share
                                                 an address, e.g. 256)
     requests.ttl_seconds ESCROW_REQUESTS_TTL_SECONDS  unseal requests expire after (900)
-    requests.rate_limit ESCROW_REQUESTS_RATE_LIMIT  unseal requests per node per window (10)
+    requests.rate_limit ESCROW_REQUESTS_RATE_LIMIT  unseal requests per node per window that
+                                                did not end in a reported unlock (10); all
+                                                requests, unlocked or not: six times that
     requests.rate_window_seconds ESCROW_REQUESTS_RATE_WINDOW_SECONDS  that window (600)
     requests.source_rate ESCROW_REQUESTS_SOURCE_RATE  requests per second one client address
                                                 (IPv6: one /64) may make to the endpoints
