@@ -48,7 +48,8 @@ def config_options(command: Callable[..., Any]) -> Callable[..., Any]:
                        ("docker_root", str), ("state_dir", str),
                        ("docker_poll_seconds", float), ("key_check_seconds", float),
                        ("approval_wait_seconds", float), ("retry_max_seconds", float),
-                       ("refused_retry_seconds", float), ("escrow_deposit_key_sha256", str)):
+                       ("refused_retry_seconds", float), ("heartbeat_seconds", float),
+                       ("escrow_deposit_key_sha256", str)):
         options.append(click.option("--" + name.replace("_", "-"), name, type=kind,
                                     help=f"Overrides {name} of the config file."))
     for option in reversed(options):

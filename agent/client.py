@@ -7,6 +7,7 @@ fresh X25519 key to which the escrow encrypts every released share.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
@@ -27,6 +28,8 @@ from escrow.core.protocol import (
     HPKE,
     DepositResponse,
     EnrollResponse,
+    HeartbeatRequest,
+    HeartbeatResponse,
     InfoResponse,
     NonceResponse,
     RequestStatus,
@@ -186,6 +189,12 @@ class EscrowClient:
                 request_id, node_id, outcome, version)))
         await self._call("POST", f"/v1/unseal/{request_id}/result", protocol.ResultResponse,
                          body)
+
+    async def heartbeat(self, beat: Callable[[bytes], HeartbeatRequest]) -> None:
+        """Send the beat that ``beat`` makes and signs over a fresh nonce (agent/heartbeat.py
+        says what a beat holds)."""
+        body = beat(await self.nonce())
+        await self._call("POST", "/v1/heartbeat", HeartbeatResponse, body)
 
 
 def _error_message(text: str) -> str:

@@ -14,7 +14,9 @@
     key_check_seconds       10     how often an unlocked manager's key is checked for rotation
     approval_wait_seconds   20     length of one long poll while custodians decide
     retry_max_seconds       60     cap of the back-off while the escrow is unreachable
-    refused_retry_seconds   300    wait before asking again after a refusal or a denial
+    refused_retry_seconds   300    wait before asking again after a denial, and the cap of the
+                                   back-off after a refusal (which starts at 2 s)
+    heartbeat_seconds       30     how often the running agent tells the escrow it is up
     escrow_deposit_key_sha256  the escrow's deposit key fingerprint (64 hex digits): when set,
                              deposits go only to that key, and it wins over the key pinned at
                              enrollment (agent/deposit_key.py)
@@ -57,6 +59,7 @@ class AgentConfig:
     approval_wait_seconds: float = 20.0
     retry_max_seconds: float = 60.0
     refused_retry_seconds: float = 300.0
+    heartbeat_seconds: float = 30.0
     escrow_deposit_key_sha256: str = ""
 
     @property
@@ -70,10 +73,11 @@ class AgentConfig:
 
 _KNOWN = {f.name: f for f in fields(AgentConfig)}
 _SECONDS = {name for name in _KNOWN if name.endswith("_seconds")}
-# The server holds a long poll for at most 60 s; anything longer is a typo, not a choice.
+# The server holds a long poll for at most 60 s; anything longer is a typo, not a choice. A
+# heartbeat's interval is bounded by what the escrow accepts (HeartbeatRequest).
 _LIMITS = {"docker_poll_seconds": (0.05, 10.0), "key_check_seconds": (1.0, 3600.0),
            "approval_wait_seconds": (1.0, 60.0), "retry_max_seconds": (1.0, 3600.0),
-           "refused_retry_seconds": (1.0, 86400.0)}
+           "refused_retry_seconds": (1.0, 86400.0), "heartbeat_seconds": (5.0, 3600.0)}
 
 
 def _shown(value: Any) -> str:

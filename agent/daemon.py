@@ -10,7 +10,8 @@ One task does the work, in this order on every turn: ask dockerd for the node's 
   event stream, which ends when dockerd stops (or after `key_check_seconds`), so an idle agent
   does not poll (agent/node_watch.py).
 A second task pings systemd's watchdog while the first keeps making progress
-(agent/runtime.py).
+(agent/runtime.py), and a third sends the escrow a heartbeat every `heartbeat_seconds`, with the
+lock state the first last saw, and a goodbye when the agent stops (agent/heartbeat.py).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from agent.client import EscrowClient
 from agent.config import AgentConfig
 from agent.docker_state import Docker
 from agent.errors import AgentError
+from agent.heartbeat import Heartbeat
 from agent.loaded_key import LoadedKey
 from agent.log import NodeLog
 from agent.node_watch import NodeWatch
@@ -45,6 +47,7 @@ class Agent:
         self.node = NodeWatch(self.parts, self._warm_escrow)
         self.rotation = RotationWatch(self.parts)
         self.unseal = UnsealFlow(self.parts, self.node, self.rotation.unlocked)
+        self.heartbeat = Heartbeat(self.parts)
 
     async def run(self) -> None:
         config, runtime = self.parts.config, self.parts.runtime
@@ -52,9 +55,11 @@ class Agent:
         runtime.notifier.ready("watching docker")
         self.parts.log.info("watching docker at %s; escrow %s", config.docker_host,
                             config.escrow_url)
+        runtime.in_background(self.heartbeat.run())
         while True:
             runtime.beat()
             state = await self.node.state()
+            self.heartbeat.saw(state)
             if state is None:
                 status("docker is not answering; watching for it")
                 await runtime.sleep(config.docker_poll_seconds)
@@ -106,5 +111,7 @@ async def run(config: AgentConfig, log: logging.Logger) -> None:
             for task in [watchdog, *runtime.background]:
                 if task is not None:
                     task.cancel()
+            # A second signal cuts the goodbye short (and a dead escrow, GOODBYE_TIMEOUT).
             with contextlib.suppress(asyncio.CancelledError):
                 await asyncio.gather(*runtime.background, return_exceptions=True)
+                await agent.heartbeat.goodbye()

@@ -12,9 +12,9 @@ returns are for the flow to write. What it is given:
   not): an older version may be complete (auto shares) while the newest still waits for
   custodians, so those are not tried again and, once the newest is complete too, nothing is
   left to wait for;
-- the monotonic clock, to say when to act, and the back-off of escrow failures, which it draws
-  the next delay from whenever a step waits on it (the back-off's jitter being its one random
-  input).
+- the monotonic clock, to say when to act, and two back-offs it draws the next delay from
+  whenever a step waits on one: that of escrow failures, and that of refusals of this node
+  (their jitter being the one random input).
 
 Whether a request expired is the escrow's word (its state), never this host's clock.
 """
@@ -82,15 +82,17 @@ class Step:
 
 
 def decide(answer: Answer, refused: Set[int], now: float, *, backoff: Backoff,
-           refused_retry: float, request_id: str = "") -> Step:
+           refusals: Backoff, refused_retry: float, request_id: str = "") -> Step:
     """The next step. `request_id` names the request being followed when the answer is an
-    error ("" while asking for one); `refused_retry` is the wait after a refusal or a denial."""
+    error ("" while asking for one); `refusals` is the back-off after the escrow refused or
+    revoked this node, `refused_retry` the wait after a denial and the cap of any wait."""
     if isinstance(answer, EscrowUnavailable):
         return _escrow_down(answer, now, backoff, request_id)
     if isinstance(answer, EscrowRejected):
         if request_id:
             return _forgotten(answer, now, request_id)
-        return _refused(answer, now, backoff, refused_retry)
+        return _refused(answer, now, backoff if answer.status == 429 else refusals,
+                        refused_retry)
     if isinstance(answer, SharesUnusable):
         return _unusable(answer, now, backoff, request_id)
     if isinstance(answer, RequestStatus):
@@ -98,10 +100,11 @@ def decide(answer: Answer, refused: Set[int], now: float, *, backoff: Backoff,
         if untried:
             return Step(Kind.TRY_KEYS, versions=tuple(untried))
         answer = Tried(answer)
-    return _after_keys(answer, refused, now, refused_retry)
+    return _after_keys(answer, refused, now, refusals, refused_retry)
 
 
-def _after_keys(tried: Tried, refused: Set[int], now: float, refused_retry: float) -> Step:
+def _after_keys(tried: Tried, refused: Set[int], now: float, refusals: Backoff,
+                refused_retry: float) -> Step:
     """No key of this status unlocks the manager: wait for the custodians, or stop waiting."""
     status = tried.status
     request_id = status.request_id
@@ -115,7 +118,7 @@ def _after_keys(tried: Tried, refused: Set[int], now: float, refused_retry: floa
                                 "or from paper shares (`escrow recover --unlock`), then run "
                                 "`unseal-agent enroll`", (_versions(refused),),
                                 request_id=request_id),))
-    step = _ended(status, now, refused_retry) or _poll(status)
+    step = _ended(status, now, refusals, refused_retry) or _poll(status)
     if tried.refused:
         older = Line(Level.INFO, "key version(s) %s do not unlock this manager; waiting for "
                      "approvals of the newest version", (_versions(refused),),
@@ -124,8 +127,11 @@ def _after_keys(tried: Tried, refused: Set[int], now: float, refused_retry: floa
     return step
 
 
-def _ended(status: RequestStatus, now: float, refused_retry: float) -> Step | None:
-    """The step after a request that ended without a key; None while it is pending."""
+def _ended(status: RequestStatus, now: float, refusals: Backoff,
+           refused_retry: float) -> Step | None:
+    """The step after a request that ended without a key; None while it is pending. A denial
+    is a person's decision, asked about again only after the full wait; a revocation may be
+    undone by an admin at any moment, so it is asked about again with the refusals' back-off."""
     request_id = status.request_id
     state = RequestState(status.state)
     if state == RequestState.DENIED:
@@ -141,7 +147,8 @@ def _ended(status: RequestStatus, now: float, refused_retry: float) -> Step | No
             Level.INFO, "unseal request %s ended (%s) before a quorum; asking again",
             (request_id, status.state), request_id=request_id),))
     if state == RequestState.REVOKED:
-        return Step(Kind.GIVE_UP, Reason.REVOKED, until=now + refused_retry,
+        return Step(Kind.GIVE_UP, Reason.REVOKED,
+                    until=now + min(refused_retry, refusals.next_delay()),
                     status="locked; this node is revoked at the escrow",
                     lines=(Line(Level.ERROR, "the escrow revoked this node while request %s was "
                                 "waiting; an admin can re-admit it with `escrow node allow`",
@@ -151,6 +158,14 @@ def _ended(status: RequestStatus, now: float, refused_retry: float) -> Step | No
 
 def _poll(status: RequestStatus) -> Step:
     need, request_id = status.needed, status.request_id
+    if need == 0:  # nothing released, none missing: the escrow holds the request back
+        return Step(Kind.POLL,
+                    status=f"locked, the escrow holds request {request_id} back for up to one "
+                           "heartbeat interval",
+                    lines=(Line(Level.INFO, "the escrow holds request %s back: another boot "
+                                "of this node beat recently (a crash, or a copy of this "
+                                "machine); waiting", (request_id,), once=Topic.WAITING,
+                                request_id=request_id),))
     return Step(Kind.POLL,
                 status=f"locked, waiting for {need} more approval{'s' if need != 1 else ''} "
                        f"(request {request_id}, expires {status.expires_at})",
@@ -169,9 +184,11 @@ def _escrow_down(exc: EscrowUnavailable, now: float, backoff: Backoff, request_i
 
 
 def _refused(exc: EscrowRejected, now: float, backoff: Backoff, refused_retry: float) -> Step:
-    # A rate limit lifts by itself: come back with the back-off, not after a refusal's wait.
+    """`backoff` is the escrow failures' for a rate limit, which lifts by itself, and the
+    refusals' otherwise: an admin may re-admit the node (`escrow node allow`) at any moment,
+    so it asks again within seconds at first, then less and less often."""
     limited = exc.status == 429
-    delay = min(refused_retry, backoff.next_delay()) if limited else refused_retry
+    delay = min(refused_retry, backoff.next_delay())
     return Step(Kind.NEW_REQUEST if limited else Kind.GIVE_UP,
                 Reason.RATE_LIMITED if limited else Reason.REFUSED, until=now + delay,
                 status=f"locked; the escrow refused this node ({exc.reason}); asking again in "

@@ -79,6 +79,7 @@ class Topic(Enum):
     ESCROW_DOWN = auto()
     REFUSED = auto()
     WAITING = auto()  # for approvals, once per request
+    HEARTBEAT = auto()
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,5 @@
-"""The agent's heartbeat: systemd's watchdog is pinged while the work keeps making progress.
+"""The agent's progress beats: systemd's watchdog is pinged while the work keeps making progress
+(the heartbeats the escrow hears are agent/heartbeat.py's, and never count as progress).
 
 Progress is a beat: every blocking call (dockerd's API, run in a thread) beats before and after,
 and a deliberate wait (a sleep, dockerd's event stream) counts as progress for as long as it

@@ -56,6 +56,10 @@ class UnsealFlow:
         self.log = parts.log
         self.node = node
         self.on_unlock = on_unlock
+        # Refusals of this node, apart from the escrow's failures (parts.backoff): a node that
+        # an admin re-admits is unlocked within seconds, and a node that stays refused asks
+        # less and less often, up to refused_retry_seconds.
+        self.refusals = Backoff(first=2.0, cap=self.config.refused_retry_seconds)
 
     async def attempt(self) -> float:
         """One unseal request, followed to its end; the monotonic time to ask again at."""
@@ -92,6 +96,7 @@ class UnsealFlow:
         except (EscrowUnavailable, EscrowRejected) as exc:
             return self._next(exc, set(), "").until
         self.parts.backoff.reset()
+        self.refusals.reset()
         self.log.clear(Topic.ESCROW_DOWN)
         self.log.clear(Topic.REFUSED)
         newest = max((r.version for r in answer.releases), default=0)
@@ -104,7 +109,8 @@ class UnsealFlow:
     def _next(self, answer: Answer, refused: set[int], request_id: str) -> Step:
         """The decided step, its lines written and its status shown."""
         step = decide(answer, refused, time.monotonic(), backoff=self.parts.backoff,
-                      refused_retry=self.config.refused_retry_seconds, request_id=request_id)
+                      refusals=self.refusals, refused_retry=self.config.refused_retry_seconds,
+                      request_id=request_id)
         for line in step.lines:
             self.log.write(line)
         if step.status:

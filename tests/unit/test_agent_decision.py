@@ -32,10 +32,16 @@ def status(state: RequestState = "pending", needed: int = 0,
                          releases=list(releases))
 
 
+def refusal_backoff() -> Backoff:
+    """The unseal flow's back-off after refusals, with a seeded jitter."""
+    return Backoff(first=2.0, cap=REFUSED_RETRY, rng=random.Random(1))
+
+
 def step(answer: Answer, refused: frozenset[int] = frozenset(), request_id: str = "",
-         backoff: Backoff | None = None) -> Step:
+         backoff: Backoff | None = None, refusals: Backoff | None = None) -> Step:
     return decide(answer, refused, NOW, backoff=backoff or Backoff(cap=CAP, rng=random.Random(1)),
-                  refused_retry=REFUSED_RETRY, request_id=request_id)
+                  refusals=refusals or refusal_backoff(), refused_retry=REFUSED_RETRY,
+                  request_id=request_id)
 
 
 def messages(decided: Step) -> list[str]:
@@ -58,6 +64,15 @@ def test_a_pending_request_with_no_share_yet_polls_and_says_what_it_waits_for() 
     (line,) = decided.lines
     assert (line.level, line.once, line.request_id) == (Level.INFO, Topic.WAITING, "r-1")
     assert messages(decided) == ["waiting for 2 more approval(s) of request r-1"]
+
+
+def test_a_request_the_escrow_holds_back_polls_and_says_it_is_held_not_awaiting_approvals(
+        ) -> None:
+    decided = step(status(needed=0))
+    assert decided.kind is Kind.POLL
+    assert "holds request r-1 back" in decided.status
+    assert "approval" not in decided.status
+    assert messages(decided)[0].startswith("the escrow holds request r-1 back")
 
 
 def test_the_keys_of_one_answer_are_tried_once_even_if_none_combined() -> None:
@@ -94,9 +109,12 @@ def test_when_every_version_is_refused_it_gives_up_naming_them() -> None:
 
 
 def test_a_denied_request_gives_up_until_the_refusal_wait_and_shows_the_reason_as_text() -> None:
-    decided = step(status("denied", needed=2, denial_reason="not now\x1b[2K"))
+    refusals = refusal_backoff()
+    decided = step(status("denied", needed=2, denial_reason="not now\x1b[2K"),
+                   refusals=refusals)
     assert (decided.kind, decided.reason) == (Kind.GIVE_UP, Reason.DENIED)
     assert decided.until == NOW + REFUSED_RETRY
+    assert refusals.failures == 0  # a person's denial is not retried sooner
     assert decided.status == "locked; request r-1 was denied, asking again in 300 s"
     assert messages(decided) == [
         "a custodian denied unseal request r-1: not now\\x1b[2K; asking again in 300 s"]
@@ -111,10 +129,11 @@ def test_a_request_that_ended_before_a_quorum_is_asked_again_at_once(
         f"unseal request r-1 ended ({state}) before a quorum; asking again"]
 
 
-def test_a_node_revoked_while_its_request_waits_gives_up() -> None:
+def test_a_node_revoked_while_its_request_waits_gives_up_and_asks_again_within_seconds(
+        ) -> None:
     decided = step(status("revoked", needed=1))
     assert (decided.kind, decided.reason) == (Kind.GIVE_UP, Reason.REVOKED)
-    assert decided.until == NOW + REFUSED_RETRY
+    assert NOW + 1.0 <= decided.until <= NOW + 2.0
     assert decided.status == "locked; this node is revoked at the escrow"
     assert "escrow node allow" in messages(decided)[0]
 
@@ -123,22 +142,44 @@ def test_a_revoked_node_is_refused_its_request_and_drops_its_agent_key() -> None
     refusal = EscrowRejected(403, "revoked", "node n is revoked", "ask an admin")
     decided = step(refusal)
     assert (decided.kind, decided.reason) == (Kind.GIVE_UP, Reason.REFUSED)
-    assert decided.until == NOW + REFUSED_RETRY
+    assert NOW + 1.0 <= decided.until <= NOW + 2.0
     assert decided.drop_key
     assert decided.status == ("locked; the escrow refused this node (revoked); asking again in "
-                              "300 s")
+                              f"{decided.until - NOW:.0f} s")
     (line,) = decided.lines
     assert (line.level, line.once) == (Level.ERROR, Topic.REFUSED)
     assert messages(decided) == ["cannot unseal: the escrow refused (403 revoked): node n is "
                                  "revoked (ask an admin)"]
 
 
+@pytest.mark.parametrize("refusal", [
+    EscrowRejected(403, "revoked", "node n is revoked"),
+    EscrowRejected(409, "quarantined", "node n looks cloned"),
+])
+def test_refusals_are_asked_again_after_two_seconds_then_twice_as_long_up_to_the_refusal_wait(
+        refusal: EscrowRejected) -> None:
+    refusals = refusal_backoff()
+    steps = [step(refusal, refusals=refusals) for _ in range(12)]
+    waits = [decided.until - NOW for decided in steps]
+    doubling = [min(REFUSED_RETRY, 2.0 * 2 ** failures) for failures in range(12)]
+    assert doubling[:3] == [2.0, 4.0, 8.0]
+    assert doubling[-1] == REFUSED_RETRY
+    # Half of each step is fixed, half jitter, so thousands of refused nodes spread out.
+    assert all(full / 2 <= wait <= full for wait, full in zip(waits, doubling, strict=True))
+    assert {decided.kind for decided in steps} == {Kind.GIVE_UP}
+    refusals.reset()  # what the unseal flow does once the escrow accepts a request
+    assert step(refusal, refusals=refusals).until <= NOW + 2.0
+
+
 def test_a_rate_limited_node_comes_back_with_the_back_off_within_the_refusal_wait() -> None:
     limited = EscrowRejected(429, "source_rate_limited", "too many requests")
-    decided = step(limited, backoff=Backoff(first=1.0, cap=CAP, rng=random.Random(1)))
+    refusals = refusal_backoff()
+    decided = step(limited, backoff=Backoff(first=1.0, cap=CAP, rng=random.Random(1)),
+                   refusals=refusals)
     assert (decided.kind, decided.reason) == (Kind.NEW_REQUEST, Reason.RATE_LIMITED)
     assert NOW + 0.5 <= decided.until <= NOW + 1.0
     assert decided.drop_key
+    assert refusals.failures == 0  # a rate limit is no refusal of the node
     long_backoff = Backoff(first=1.0, cap=10 * REFUSED_RETRY, failures=20)
     assert step(limited, backoff=long_backoff).until == NOW + REFUSED_RETRY
 
