@@ -150,9 +150,11 @@ def _ended(status: RequestStatus, now: float, refusals: Backoff,
         return Step(Kind.GIVE_UP, Reason.REVOKED,
                     until=now + min(refused_retry, refusals.next_delay()),
                     status="locked; this node is revoked at the escrow",
-                    lines=(Line(Level.ERROR, "the escrow revoked this node while request %s was "
-                                "waiting; an admin can re-admit it with `escrow node allow`",
-                                (request_id,), request_id=request_id),))
+                    lines=(Line(Level.ERROR, "the escrow ended request %s while it waited "
+                                "(%s); an admin can re-admit this node with `escrow node "
+                                "allow`", (request_id, plain(status.denial_reason or
+                                                             "node revoked")),
+                                request_id=request_id),))
     return None
 
 

@@ -159,7 +159,7 @@ class RequestStatus(Message):
     threshold: int
     needed: int = Field(description="shares still missing for the newest version")
     approvals: list[str]
-    denial_reason: str = ""
+    denial_reason: str = Field(default="", description="why a denied or revoked request ended")
     releases: list[ReleasedShare]
 
 

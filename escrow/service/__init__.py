@@ -111,7 +111,7 @@ class Escrow:
         with self.refusals.counted("unseal", source):
             verified = self.auth.verify_unseal(body)
         with self.refusals.audited("unseal", body.cluster_id, node_id=body.node_id,
-                                   hostname=body.hostname, source=source):
+                                   hostname=body.hostname, boot_id=body.boot_id, source=source):
             self.auth.admit_unseal(verified, body)
             return self.unseals.open(verified, body, source)
 

@@ -46,11 +46,11 @@ def liveness(beat: HeartbeatRecord | None, now: datetime) -> Liveness:
 
 def holder_of(beats: Sequence[HeartbeatRecord], boot_id: str,
               now: datetime) -> HeartbeatRecord | None:
-    """The other boot an unseal request from ``boot_id`` must wait on, if any: the node's
-    latest beat, from another boot, unlocked, recent and no goodbye."""
-    latest = beats[0] if beats else None
-    if (latest is None or latest.boot_id == boot_id or latest.goodbye
-            or latest.lock_state != LockState.UNLOCKED
+    """The other boot an unseal request from ``boot_id`` must wait on, if any: the latest beat
+    of any other boot of the node, if it was unlocked, recent and no goodbye. (Not the node's
+    latest beat: an agent beats before it asks, so a copy's own "locked" beat comes first.)"""
+    latest = next((beat for beat in beats if beat.boot_id != boot_id), None)
+    if (latest is None or latest.goodbye or latest.lock_state != LockState.UNLOCKED
             or _age(latest, now) > HOLD_WITHIN * _interval(latest)):
         return None
     return latest

@@ -106,7 +106,9 @@ class Unseals:
             created_at=request.created_at, expires_at=request.expires_at,
             threshold=plan.threshold, needed=plan.needed,
             approvals=self.context.approvers(request_id),
-            denial_reason=request.reason if state == RequestState.DENIED else "",
+            # Why it ended, for a denial or a revocation ("node quarantined", say).
+            denial_reason=(request.reason if state in (RequestState.DENIED,
+                                                        RequestState.REVOKED) else ""),
             releases=released)
 
     def held_for(self, request_id: str) -> float:

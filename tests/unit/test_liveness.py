@@ -53,8 +53,15 @@ def test_a_request_waits_on_no_one_after_a_goodbye_a_silence_or_a_locked_beat() 
     assert holder_of([], B, NOW) is None
 
 
-def test_a_request_from_the_boot_that_last_beat_waits_on_no_one() -> None:
-    assert holder_of([beat(A, 5), beat(B, 40)], A, NOW) is None
+def test_a_copy_that_beat_before_asking_still_waits_on_the_original() -> None:
+    # The copy's agent beats "locked" first, then asks: the original's beat still counts.
+    copy_first = [beat(B, 1, state=LockState.LOCKED), beat(A, 4)]
+    assert holder_of(copy_first, B, NOW) == beat(A, 4)
+
+
+def test_a_request_from_the_only_boot_beating_waits_on_no_one() -> None:
+    assert holder_of([beat(A, 5)], A, NOW) is None
+    assert holder_of([beat(A, 5), beat(B, 100)], A, NOW) is None
 
 
 def test_a_boot_that_beat_after_another_began_is_alive_alongside_it() -> None:
