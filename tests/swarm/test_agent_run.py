@@ -321,3 +321,32 @@ def test_an_agent_key_kept_in_a_pkcs11_token_enrolls_and_unlocks(
     refused = node.command("status")
     assert refused.returncode == 1
     assert "refused the PIN from file" in refused.stderr
+
+
+def test_a_manager_restarting_over_and_over_is_unlocked_every_time_despite_the_rate_limit(
+        dockerd: Dockerd, tmp_path: Path) -> None:
+    # Three requests per window that did not unlock: the old rule locked this manager out at
+    # its fourth restart.
+    escrow = make_escrow(tmp_path / "escrow", ESCROW_REQUESTS_RATE_LIMIT="3")
+    for name in ("alice", "bob"):
+        escrow.custodian(name)
+    escrow.start()
+    try:
+        node = enrolled_manager(dockerd, escrow, tmp_path / "node", "auto,auto,alice,bob")
+        node.start()
+        try:
+            node.wait_state("active")
+            for restart in range(1, 9):
+                dockerd.restart()
+                node.wait_state("active")
+                deadline = time.monotonic() + 10
+                while len(escrow.audit("unseal.result")) < restart:
+                    assert time.monotonic() < deadline, "the unlock was never reported"
+                    time.sleep(0.2)
+        finally:
+            assert node.stop() == 0
+        assert len(escrow.audit("unseal.request")) == 8
+        assert not escrow.audit("unseal.refused")
+        assert "429" not in node.log()
+    finally:
+        escrow.stop()
