@@ -190,9 +190,13 @@ class EscrowClient:
         await self._call("POST", f"/v1/unseal/{request_id}/result", protocol.ResultResponse,
                          body)
 
-    async def heartbeat(self, beat: Callable[[bytes], HeartbeatRequest]) -> None:
+    async def heartbeat(self, beat: Callable[[bytes], HeartbeatRequest], pinned: str) -> None:
         """Send the beat that ``beat`` makes and signs over a fresh nonce (agent/heartbeat.py
-        says what a beat holds)."""
+        says what a beat holds), only to the escrow whose deposit key is the ``pinned`` one: an
+        impersonator (say, one holding the escrow's TLS key) learns nothing of this node."""
+        info = await self.info()
+        deposit_key.check(self.url, deposit_key.offered_key(self.url, info.deposit_public_key),
+                          pinned)
         body = beat(await self.nonce())
         await self._call("POST", "/v1/heartbeat", HeartbeatResponse, body)
 

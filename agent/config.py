@@ -10,7 +10,8 @@
     agent_key_pkcs11_token   the token's label,
     agent_key_pkcs11_label   the key pair's label (unseal-agent), and the token's user PIN
     agent_key_pkcs11_pin_file  in this file or the systemd credential agent-key-pin
-    docker_poll_seconds     0.25   how often to look for dockerd while it does not answer
+    docker_poll_seconds     0.25   how often to look for dockerd while it does not answer, where
+                                   it keeps no docker.pid beside its socket (else inotify)
     key_check_seconds       10     how often an unlocked manager's key is checked for rotation
     approval_wait_seconds   20     length of one long poll while custodians decide
     retry_max_seconds       60     cap of the back-off while the escrow is unreachable

@@ -2,8 +2,9 @@
 shares; while it is unlocked, make sure the escrow holds its current key.
 
 One task does the work, in this order on every turn: ask dockerd for the node's state, then
-- not answering: look again every `docker_poll_seconds` (a missing socket costs dockerd
-  nothing), so a restarted daemon is seen well within a second of its API answering;
+- not answering: wait for dockerd to come back (agent/node_watch.py: inotify on its pid
+  file and socket, agent/dockerd_files.py, or every `docker_poll_seconds` where dockerd keeps
+  no pid file beside its socket), so a restarted daemon is seen as its API answers;
 - `locked`: request an unseal, wait for the quorum, combine, unlock, report
   (agent/unseal_flow.py, performing the steps agent/decision.py decides);
 - `active`: check the unlock key for rotation (agent/rotation_watch.py), then wait on dockerd's

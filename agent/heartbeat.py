@@ -95,9 +95,10 @@ class Heartbeat:
     async def _beat(self, *, goodbye: bool, within: float) -> str:
         """Send one beat within `within` seconds if this node is enrolled; why it was not
         delivered, or ""."""
-        identity = self._enrolled()
-        if identity is None or self.parts.key.get() is None:
+        enrolled = self._enrolled()
+        if enrolled is None or self.parts.key.get() is None:
             return ""
+        identity, pinned = enrolled
         lock, uptime = lock_state(self._swarm_state), time.monotonic() - self._started
 
         def signed(nonce: bytes) -> HeartbeatRequest:
@@ -111,19 +112,22 @@ class Heartbeat:
                                 agent_key=agent_key)
         try:
             async with asyncio.timeout(within):
-                await self.parts.client.heartbeat(signed)
+                await self.parts.client.heartbeat(signed, pinned)
         except TimeoutError:
             return f"the escrow at {self.config.escrow_url} did not answer within {within:g} s"
         except AgentError as exc:  # unreachable, refused, or the key is gone
             return exc.message + (f" ({exc.hint})" if exc.hint else "")
         return ""
 
-    def _enrolled(self) -> NodeIdentity | None:
-        """The node's identity if the agent enrolled it; None otherwise, or while its state
-        cannot be read (agent/rotation_watch.py says why)."""
+    def _enrolled(self) -> tuple[NodeIdentity, str] | None:
+        """The node's identity and the escrow's pinned deposit key if the agent enrolled it;
+        None otherwise, or while its state cannot be read (agent/rotation_watch.py says
+        why)."""
         try:
             identity = read_identity(self.config.docker_root)
             enrolled = agent_state.load(self.config.state_path)
         except AgentError:
             return None
-        return identity if enrolled.knows(identity.node_id, identity.cluster_id) else None
+        if not enrolled.knows(identity.node_id, identity.cluster_id):
+            return None
+        return identity, enrolled.deposit_key_sha256

@@ -1,8 +1,10 @@
 """A booted Debian box with a real systemd as PID 1, to prove our units where operators run them.
 
 The recipe is DESIGN section 6, "A real systemd for tests": a debootstrap image cached as a
-tarball under /var/tmp, booted with `systemd-nspawn -b` on an overlay root (so every boot starts
-from the pristine image), loopback only, with an ext4 directory bound at /var/lib/docker because
+tarball under /var/tmp, unpacked afresh for every box and booted with `systemd-nspawn -b` on an
+overlay root (so every boot starts from the pristine image; a box made with `rebootable=True`
+writes into its own unpacked copy instead, so that `reboot()` finds what was installed), loopback
+only, with an ext4 directory bound at /var/lib/docker because
 docker's overlay2 cannot sit on an overlay root. Teardown powers the box off and removes what
 nspawn leaves on the host (cgroups, `/run/systemd/nspawn/propagate/NAME`), even after a failure.
 """
@@ -92,8 +94,10 @@ class Box:
 
     PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
-    def __init__(self, name: str, workdir: Path, binds_ro: dict[Path, str] | None = None) -> None:
+    def __init__(self, name: str, workdir: Path, binds_ro: dict[Path, str] | None = None,
+                 *, rebootable: bool = False) -> None:
         self.name = name
+        self.rebootable = rebootable
         self.workdir = workdir
         self.rootfs = workdir / "rootfs"
         # On the host's ext4: docker's overlay2 cannot sit on the box's overlay root.
@@ -117,6 +121,19 @@ class Box:
         self.docker_dir.mkdir()
         _run(["tar", "--numeric-owner", "-xpf", str(image()), "-C", str(self.rootfs)],
              timeout=300)
+        self._start(timeout)
+
+    def reboot(self, timeout: float = 60) -> float:
+        """Power off and boot again what was installed (a `rebootable` box only); returns the
+        host's monotonic clock when the new boot began, the clock the box's systemd uses."""
+        assert self.rebootable, "an overlay root forgets everything at poweroff"
+        self._halt()
+        started = time.monotonic()
+        self._start(timeout)
+        return started
+
+    def _start(self, timeout: float) -> None:
+        self.pid1 = 0
         for cgroup in self.cgroups:
             cgroup.mkdir()
         # nspawn's --keep-unit from the host's root cgroup would leave payload/ and supervisor/
@@ -125,7 +142,9 @@ class Box:
         argv = ["sh", "-c", enter + ' exec "$@"', "sh", "systemd-nspawn", "-D", str(self.rootfs),
                 "-b", "-M", self.name, "--register=no", "--keep-unit", "--private-network",
                 "--console=read-only", "--link-journal=no", "--resolv-conf=off",
-                "--timezone=off", "--volatile=overlay", f"--bind={self.docker_dir}:/var/lib/docker"]
+                "--timezone=off", f"--bind={self.docker_dir}:/var/lib/docker"]
+        if not self.rebootable:
+            argv.append("--volatile=overlay")
         argv += [f"--bind-ro={host}:{inside}" for host, inside in self.binds_ro.items()]
         with open(self.console, "wb") as console:
             self.nspawn = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=console,
@@ -195,6 +214,11 @@ class Box:
 
     def poweroff(self, timeout: float = 60) -> None:
         """Power the box off (SIGRTMIN+4 to its init), kill what is left, clean the host."""
+        self._halt(timeout)
+        shutil.rmtree(self.rootfs, ignore_errors=True)
+        shutil.rmtree(self.docker_dir, ignore_errors=True)
+
+    def _halt(self, timeout: float = 60) -> None:
         if self.nspawn is not None:
             if self.nspawn.poll() is None and self.pid1:
                 with contextlib.suppress(ProcessLookupError):
@@ -212,8 +236,6 @@ class Box:
         for directory in (NSPAWN_RUN / "propagate", NSPAWN_RUN / "locks", NSPAWN_RUN):
             with contextlib.suppress(OSError):
                 directory.rmdir()
-        shutil.rmtree(self.rootfs, ignore_errors=True)
-        shutil.rmtree(self.docker_dir, ignore_errors=True)
 
     def leftovers(self) -> list[str]:
         """What the box left on the host; empty after a clean poweroff."""

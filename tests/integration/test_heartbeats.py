@@ -37,8 +37,8 @@ async def beat(c: EscrowClient, node: Node, boot_id: str, *,
                lock: LockState = LockState.UNLOCKED, goodbye: bool = False) -> None:
     identity = NodeIdentity(node.node_id, node.cluster_id, "swarm-manager", node.cert_pem, "")
     await c.heartbeat(lambda nonce: beat_request(
-        identity, lock, boot=boot_id, uptime=60, interval=INTERVAL, goodbye=goodbye,
-        agent_key=node.agent_key, nonce=nonce))
+        identity, lock, nonce, boot=boot_id, uptime=60, interval=INTERVAL, goodbye=goodbye,
+        agent_key=node.agent_key), await c.deposit_key_sha256())
 
 
 async def ask(c: EscrowClient, node: Node, boot_id: str, wait: float = 0) -> tuple[str, int]:
@@ -84,15 +84,14 @@ def test_a_replayed_or_forged_heartbeat_is_refused_and_writes_nothing(
     async def scenario() -> list[int]:
         statuses: list[int] = []
         async with client(escrow) as c:
-            nonce = await c.nonce()
+            nonce, pinned = await c.nonce(), await c.deposit_key_sha256()
             identity = NodeIdentity(node.node_id, node.cluster_id, "swarm-manager",
                                     node.cert_pem, "")
-            signed = beat_request(identity, LockState.UNLOCKED, boot=boot(), uptime=1,
-                                  interval=INTERVAL, goodbye=False, agent_key=node.agent_key,
-                                  nonce=nonce)
-            await c.heartbeat(lambda _: signed)
+            signed = beat_request(identity, LockState.UNLOCKED, nonce, boot=boot(), uptime=1,
+                                  interval=INTERVAL, goodbye=False, agent_key=node.agent_key)
+            await c.heartbeat(lambda _: signed, pinned)
             with pytest.raises(EscrowRejected) as replayed:
-                await c.heartbeat(lambda _: signed)
+                await c.heartbeat(lambda _: signed, pinned)
             with pytest.raises(EscrowRejected) as forged:
                 await beat(c, stranger, boot())
             statuses += [replayed.value.status, forged.value.status]

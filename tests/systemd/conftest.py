@@ -7,28 +7,15 @@ run line by line, so README and this test cannot drift apart.
 
 from __future__ import annotations
 
-import json
 import os
-import re
-import subprocess
-import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from lab.box import Box, booted
-
-ROOT = Path(__file__).resolve().parents[2]
-ESCROW = "/opt/swarm-unseal/bin/escrow"
-AGENT = "/opt/swarm-unseal/bin/unseal-agent"
-CUSTODIANS = "/srv/custodians"
-PASSPHRASE = "correct horse battery staple"  # the test custodians' key passphrase
-AGENT_CONFIG = """\
-escrow_url = "https://127.0.0.1:8443"
-escrow_ca = "/etc/unseal-agent/escrow-ca.pem"
-"""
+from lab.box_site import Site, binds, build_wheels, install
 
 # Measured figures, printed at the end of the run (and quoted in closing notes).
 FIGURES: list[tuple[str, float, str]] = []
@@ -45,154 +32,22 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
             terminalreporter.write_line(f"{value:8.2f} {unit:2}  {what}")
 
 
-def readme_blocks(section: str) -> list[list[str]]:
-    """The `sh` code blocks of one README section, as lists of command lines."""
-    text = (ROOT / "README.md").read_text()
-    match = re.search(rf"^## {re.escape(section)}\n(.*?)(?=^## )", text, re.MULTILINE | re.DOTALL)
-    assert match, f"README has no section {section!r}"
-    blocks = re.findall(r"```sh\n(.*?)```", match.group(1), re.DOTALL)
-    return [[line for line in block.splitlines() if line.strip()] for block in blocks]
-
-
-class Site:
-    """The box seen as an operator sees it: units, docker, the escrow's CLI, the journal."""
-
-    def __init__(self, box: Box) -> None:
-        self.box = box
-        self.cluster_id = ""
-        self.unlock_keys: set[str] = set()
-
-    def sh(self, script: str) -> subprocess.CompletedProcess[str]:
-        return self.box.sh(script)
-
-    def escrow_admin(self, *args: str) -> subprocess.CompletedProcess[str]:
-        """An escrow administration command, run as the escrow's own user as README says."""
-        return self.box.run(["runuser", "-u", "escrow", "--", ESCROW, *args])
-
-    def custodian(self, name: str, *args: str) -> subprocess.CompletedProcess[str]:
-        return self.box.run([ESCROW, *args, "--passphrase-file", f"{CUSTODIANS}/passphrase"],
-                            env={"ESCROW_URL": "https://127.0.0.1:8443",
-                                 "ESCROW_CA": "/var/lib/escrow/tls/ca.pem",
-                                 "ESCROW_KEY": f"{CUSTODIANS}/{name}.key"})
-
-    def unit(self, name: str, *props: str) -> dict[str, str]:
-        shown = self.box.run(["systemctl", "show", name, *(f"--property={p}" for p in props)])
-        return dict(line.split("=", 1) for line in shown.stdout.splitlines() if "=" in line)
-
-    def wait_unit(self, name: str, ready: Callable[[dict[str, str]], bool], *props: str,
-                  timeout: float = 60) -> dict[str, str]:
-        deadline = time.monotonic() + timeout
-        while True:
-            shown = self.unit(name, *props)
-            if ready(shown):
-                return shown
-            if time.monotonic() > deadline:
-                raise AssertionError(f"{name} never got there: {shown}\n"
-                                     f"{self.journal_text(name)[-3000:]}")
-            time.sleep(0.1)
-
-    def swarm_state(self) -> str:
-        """The node's swarm state, asking dockerd only while docker.service is active (a
-        request to docker.socket while docker is down would start it)."""
-        if self.unit("docker", "ActiveState")["ActiveState"] != "active":
-            return "docker-down"
-        shown = self.box.run(["docker", "info", "--format", "{{.Swarm.LocalNodeState}}"],
-                             check=False, timeout=30)
-        return shown.stdout.strip() if shown.returncode == 0 else "unreachable"
-
-    def wait_swarm(self, state: str, timeout: float = 90) -> float:
-        """Wait for the swarm state; returns the host's monotonic clock when it was seen."""
-        deadline = time.monotonic() + timeout
-        while (seen := self.swarm_state()) != state:
-            if time.monotonic() > deadline:
-                raise AssertionError(f"swarm is {seen!r}, not {state!r}, after {timeout} s\n"
-                                     f"{self.journal_text('unseal-agent')[-4000:]}")
-            time.sleep(0.05)
-        return time.monotonic()
-
-    def docker_active_since(self) -> float:
-        """When docker.service last became active, on the monotonic clock the host shares."""
-        shown = self.unit("docker", "ActiveEnterTimestampMonotonic")
-        return int(shown["ActiveEnterTimestampMonotonic"]) / 1e6
-
-    def journal(self, unit: str) -> list[dict[str, object]]:
-        shown = self.box.run(["journalctl", "-u", unit, "-o", "json", "--no-pager"])
-        return [json.loads(line) for line in shown.stdout.splitlines() if line.strip()]
-
-    def journal_text(self, unit: str) -> str:
-        return self.box.run(["journalctl", "-u", unit, "--no-pager", "-o", "short-monotonic"],
-                            check=False).stdout
-
-    def agent_messages(self) -> list[str]:
-        return self.box.run(["journalctl", "-u", "unseal-agent", "-o", "cat", "--no-pager"]
-                            ).stdout.splitlines()
-
-    def unlocks(self) -> int:
-        """How many times the agent has unlocked this manager (its journal says so each time)."""
-        return sum(m.startswith("unlocked the manager") for m in self.agent_messages())
-
-    def file(self, path: str) -> Path:
-        """A file inside the box, seen from the host."""
-        return Path(f"/proc/{self.box.pid1}/root{path}")
-
-    def remember_unlock_key(self) -> None:
-        self.unlock_keys.add(self.box.run(["docker", "swarm", "unlock-key", "-q"]).stdout.strip())
-
-
-def _install(site: Site) -> None:
-    """README's "Install with systemd", then a registered swarm and an enrolled agent."""
-    venv, escrow, agent = readme_blocks("Install with systemd")
-    for line in venv + escrow:
-        site.sh(line)
-    site.sh(f"""
-        install -d -m 0755 {CUSTODIANS}
-        printf '%s\\n' '{PASSPHRASE}' > {CUSTODIANS}/passphrase
-        for name in alice bob; do
-          {ESCROW} custodian keygen --out {CUSTODIANS}/$name.key \
-            --passphrase-file {CUSTODIANS}/passphrase >/dev/null
-        done
-        chmod 0644 {CUSTODIANS}/*.pub
-        docker swarm init --autolock --advertise-addr 127.0.0.1 >/dev/null
-        install -m 0644 /var/lib/docker/swarm/certificates/swarm-root-ca.crt /srv/swarm-root-ca.crt
-    """)
-    for name in ("alice", "bob"):
-        site.escrow_admin("custodian", "add", name, "--public-key", f"{CUSTODIANS}/{name}.key.pub")
-    site.cluster_id = site.box.run(
-        ["docker", "info", "--format", "{{.Swarm.Cluster.ID}}"]).stdout.strip()
-    site.escrow_admin("cluster", "add", site.cluster_id, "--root-ca", "/srv/swarm-root-ca.crt",
-                      "--threshold", "2", "--slots", "auto,auto,alice,bob")
-    site.remember_unlock_key()
-    # README leaves writing config.toml and escrow-ca.pem to the operator, after this line.
-    makes_config_dir = "install -d -m 0755 /etc/unseal-agent"
-    assert agent[1].startswith(makes_config_dir), agent
-    for line in agent:
-        site.sh(line)
-        if line.startswith(makes_config_dir):
-            site.sh(f"""
-                printf '%s' '{AGENT_CONFIG}' > /etc/unseal-agent/config.toml
-                install -m 0644 /var/lib/escrow/tls/ca.pem /etc/unseal-agent/escrow-ca.pem
-            """)
-
-
 @pytest.fixture(scope="session")
 def wheels(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The project's wheels and its dependencies', built as README says."""
-    out = tmp_path_factory.mktemp("wheels")
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--disable-pip-version-check",
-                    "--wheel-dir", str(out), str(ROOT)], check=True, capture_output=True)
-    return out
+    return build_wheels(tmp_path_factory.mktemp("wheels"))
 
 
 @pytest.fixture(scope="module")
 def site(wheels: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
     workdir = tmp_path_factory.mktemp("box")
-    binds = {wheels: "/root/wheels", ROOT / "systemd": "/root/systemd"}
     started = time.monotonic()
-    with booted(Box(f"unseal-box-{os.getpid()}", workdir, binds)) as box:
+    # Rebootable: the last test boots it again with everything installed.
+    with booted(Box(f"unseal-box-{os.getpid()}", workdir, binds(wheels),
+                    rebootable=True)) as box:
         record("box: unpack the image and boot to running", time.monotonic() - started)
         site = Site(box)
         installed = time.monotonic()
-        _install(site)
+        install(site)
         record("install as README says (venv, escrow, swarm, enrolled agent)",
                time.monotonic() - installed)
         yield site

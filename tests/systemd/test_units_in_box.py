@@ -1,8 +1,10 @@
 """Our units under a real systemd 252 next to Debian's own docker.service (DESIGN section 6).
 
-The tests share one box and run in file order; each starts from the state it needs.
-Debian's docker.service allows 3 starts in 60 s (StartLimitBurst=3): tests that restart docker
-on purpose call `systemctl reset-failed docker` first, so only the start-limit test hits it.
+The tests share one box and run in file order; each starts from the state it needs, and the
+last one reboots it. Debian's docker.service allows 3 starts in 60 s (StartLimitBurst=3): tests
+that restart docker on purpose call `systemctl reset-failed docker` first, so only the
+start-limit test hits it. The agent is resident: one process lives through every docker
+restart, crash and stop, which the tests check by its MainPID.
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ import time
 
 import pytest
 
-from tests.systemd.conftest import AGENT, AGENT_CONFIG, Site, record
+from lab.box_site import AGENT, AGENT_CONFIG, Site
+from tests.systemd.conftest import record
 
 pytestmark = [pytest.mark.slow, pytest.mark.systemd]
 
@@ -33,6 +36,17 @@ def restart_docker_and_time_unlock(site: Site, what: str) -> None:
     active = site.wait_swarm("active")
     record(what, active - site.docker_active_since())
     assert site.unlocks() == unlocks + 1
+
+
+def agent_pid(site: Site) -> str:
+    pid = site.unit("unseal-agent", "MainPID")["MainPID"]
+    assert pid != "0"
+    return pid
+
+
+def cpu_seconds(site: Site, pid: str) -> float:
+    fields = site.file(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / 100  # utime and stime, in clock ticks
 
 
 def kill_dockerd(site: Site) -> dict[str, str]:
@@ -71,16 +85,20 @@ def test_escrow_is_active_only_once_it_listens(site: Site) -> None:
     assert "127.0.0.1:8443" in site.sh("ss -Hltn 'sport = :8443'").stdout
 
 
-def test_agent_unlocks_after_systemctl_restart_docker(site: Site) -> None:
+def test_agent_unlocks_after_systemctl_restart_docker_and_is_the_same_process(
+        site: Site) -> None:
     site.wait_swarm("active")
     assert site.unit("unseal-agent", "ActiveState")["ActiveState"] == "active"
+    pid = agent_pid(site)
     restart_docker_and_time_unlock(site, "systemctl restart docker: docker active -> swarm active")
     status = site.unit("unseal-agent", "StatusText")["StatusText"]
     assert status.startswith("unlocked at "), status
+    assert agent_pid(site) == pid
 
 
 def test_agent_unlocks_after_each_of_five_dockerd_sigkills(site: Site) -> None:
     site.wait_swarm("active")
+    pid = agent_pid(site)
     for kill in range(1, 6):
         unlocks = site.unlocks()
         site.box.run(["systemctl", "reset-failed", "docker"])
@@ -89,9 +107,36 @@ def test_agent_unlocks_after_each_of_five_dockerd_sigkills(site: Site) -> None:
         record(f"dockerd SIGKILL {kill}/5: docker active -> swarm active",
                active - site.docker_active_since())
         assert site.unlocks() == unlocks + 1
-    # Stopped and started with docker each time, never crashed or restarted on its own.
-    shown = site.unit("unseal-agent", "NRestarts", "Result", "ActiveState")
-    assert shown == {"NRestarts": "0", "Result": "success", "ActiveState": "active"}
+    # One agent through all five, never crashed or restarted.
+    shown = site.unit("unseal-agent", "NRestarts", "Result", "ActiveState", "MainPID")
+    assert shown == {"NRestarts": "0", "Result": "success", "ActiveState": "active",
+                     "MainPID": pid}
+    status = site.file(f"/proc/{pid}/status").read_text()
+    rss = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS:"))
+    record("the resident agent's RSS after a restart and five crashes of dockerd", rss / 1024,
+           "MiB")
+
+
+def test_agent_leaves_a_stopped_docker_stopped_and_unlocks_once_it_is_started(
+        site: Site) -> None:
+    site.wait_swarm("active")
+    pid = agent_pid(site)
+    site.box.run(["systemctl", "reset-failed", "docker"])
+    site.box.run(["systemctl", "stop", "docker"])
+    site.wait_unit("unseal-agent", lambda s: "docker is not answering" in s["StatusText"],
+                   "StatusText")
+    # docker.socket still listens and would start docker on any connection: the agent makes
+    # none while dockerd is away.
+    time.sleep(2)
+    assert site.unit("docker", "ActiveState")["ActiveState"] == "inactive"
+    assert site.unit("docker.socket", "ActiveState")["ActiveState"] == "active"
+    unlocks = site.unlocks()
+    site.box.run(["systemctl", "start", "docker"])
+    active = site.wait_swarm("active")
+    record("systemctl stop docker, then start: docker active -> swarm active",
+           active - site.docker_active_since())
+    assert site.unlocks() == unlocks + 1
+    assert agent_pid(site) == pid
 
 
 def test_agent_waits_out_docker_at_its_start_limit_and_unlocks_when_docker_is_back(
@@ -102,11 +147,13 @@ def test_agent_waits_out_docker_at_its_start_limit_and_unlocks_when_docker_is_ba
         if kill_dockerd(site)["ActiveState"] == "failed":
             break
     assert site.unit("docker", "ActiveState")["ActiveState"] == "failed"
-    # Bound to docker, the agent is stopped (not failed) and stays so: it does not spin.
-    agent = site.wait_unit("unseal-agent", lambda s: s["ActiveState"] == "inactive",
-                           "ActiveState", "NRestarts", "InvocationID")
-    time.sleep(12)  # more than twice RestartSec=
-    assert site.unit("unseal-agent", "ActiveState", "NRestarts", "InvocationID") == agent
+    # The agent stays, waiting on the socket's directory: it neither spins nor restarts.
+    agent = site.unit("unseal-agent", "ActiveState", "NRestarts", "MainPID")
+    assert agent["ActiveState"] == "active"
+    used = cpu_seconds(site, agent["MainPID"])
+    time.sleep(3)
+    assert cpu_seconds(site, agent["MainPID"]) - used < 0.1
+    assert site.unit("unseal-agent", "ActiveState", "NRestarts", "MainPID") == agent
     unlocks = site.unlocks()
     site.box.run(["systemctl", "reset-failed", "docker", "docker.socket"])
     site.box.run(["systemctl", "start", "docker"])
@@ -114,7 +161,7 @@ def test_agent_waits_out_docker_at_its_start_limit_and_unlocks_when_docker_is_ba
     record("docker failed at its start limit, then started: docker active -> swarm active",
            active - site.docker_active_since())
     assert site.unlocks() == unlocks + 1
-    assert site.unit("unseal-agent", "ActiveState")["ActiveState"] == "active"
+    assert site.unit("unseal-agent", "ActiveState", "NRestarts", "MainPID") == agent
 
 
 def test_watchdog_kills_a_hung_agent_and_the_new_one_unlocks(site: Site) -> None:
@@ -236,3 +283,20 @@ def test_hardening_is_in_force(site: Site, unit: str, goal: float) -> None:
     written = site.box.run(["nsenter", "-t", pid, "-m", "touch", "/usr/lib/written"], check=False)
     assert written.returncode != 0
     assert "Read-only file system" in written.stderr
+
+
+def test_agent_and_docker_start_together_at_boot_and_the_agent_unlocks(site: Site) -> None:
+    site.wait_swarm("active")
+    before = agent_pid(site)
+    booted = site.box.reboot()
+    active = site.wait_swarm("active", timeout=120)
+    record("boot: box started -> swarm active", active - booted)
+    record("boot: docker active -> swarm active", active - site.docker_active_since())
+    agent = site.unit("unseal-agent", "ActiveState", "MainPID", "ExecMainStartTimestampMonotonic")
+    assert agent["ActiveState"] == "active"
+    assert agent["MainPID"] != before
+    # Started next to docker, not after it.
+    assert int(agent["ExecMainStartTimestampMonotonic"]) / 1e6 < site.docker_active_since()
+    this_boot = site.box.run(["journalctl", "-b", "-u", "unseal-agent", "-o", "cat",
+                              "--no-pager"]).stdout.splitlines()
+    assert sum(m.startswith("unlocked the manager") for m in this_boot) == 1

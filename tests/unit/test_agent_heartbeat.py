@@ -12,8 +12,10 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from agent import config as agent_config
+from agent import deposit_key
 from agent import heartbeat as agent_heartbeat
 from agent import state as agent_state
 from agent.backoff import Backoff
@@ -29,7 +31,7 @@ from agent.runtime import Runtime
 from agent.swarm_identity import CERT_DIR, NodeIdentity
 from escrow.core import protocol
 from escrow.core.notify import Notifier
-from escrow.core.protocol import HeartbeatRequest, HeartbeatResponse
+from escrow.core.protocol import HeartbeatRequest, HeartbeatResponse, InfoResponse
 from escrow.core.states import LockState
 from lab.certs import make_node_cert, make_root_ca
 
@@ -38,6 +40,7 @@ IDENTITY = NodeIdentity(node_id="n" * 25, cluster_id="c" * 25, role="swarm-manag
                         cert_pem="", kek_version="3")
 BOOT = "3f0c8a52-1d4e-4b6a-9c7e-0a1b2c3d4e51"
 NONCE = b"\x01" * 32
+DEPOSIT_KEY = X25519PrivateKey.generate().public_key().public_bytes_raw()
 
 
 def beat(lock: LockState = LockState.LOCKED, *, goodbye: bool = False, interval: float = 30.0,
@@ -90,9 +93,11 @@ def test_a_fractional_interval_is_announced_rounded_up_so_no_beat_counts_as_miss
 
 
 class FakeEscrow(EscrowClient):
-    """Hands out NONCE and records what was posted."""
+    """Offers ``offered`` as its deposit key, hands out NONCE and records what was asked."""
 
-    def __init__(self) -> None:  # no TLS: nothing is sent
+    def __init__(self, offered: bytes = DEPOSIT_KEY) -> None:  # no TLS: nothing is sent
+        self.url = "https://escrow.invalid:8443"
+        self.offered = offered
         self.sent: list[tuple[str, str, Any]] = []
 
     async def nonce(self) -> bytes:
@@ -102,6 +107,9 @@ class FakeEscrow(EscrowClient):
     async def _call(self, method: str, path: str, model: Any, body: Any = None,
                     timeout: float | None = None) -> Any:
         self.sent.append((method, path, body))
+        if path == "/v1/info":
+            return InfoResponse(api="v1", deposit_public_key=protocol.b64e(self.offered),
+                                server_time="now")
         return HeartbeatResponse(recorded=True)
 
 
@@ -147,7 +155,8 @@ def agent_on(tmp_path: Path, client: EscrowClient, *, enrolled: bool = True) -> 
     config.agent_key_path.chmod(0o600)
     if enrolled:
         agent_state.save(config.state_path, agent_state.AgentState(
-            node_id=IDENTITY.node_id, cluster_id=IDENTITY.cluster_id))
+            node_id=IDENTITY.node_id, cluster_id=IDENTITY.cluster_id,
+            deposit_key_sha256=deposit_key.fingerprint(DEPOSIT_KEY)))
     log = NodeLog(logging.getLogger("test-heartbeat"))
     return Heartbeat(Parts(config, Docker(config.docker_host), client, Runtime(Notifier()),
                            log, LoadedKey(config, log), Backoff()))
@@ -160,12 +169,18 @@ def test_a_stopping_agent_says_goodbye_with_the_last_state_it_saw_signed_by_its_
     heartbeat.saw("active")
     heartbeat.saw(None)  # dockerd stopped: the manager serves nothing
     asyncio.run(heartbeat.goodbye())
-    (_, nonce_path, _), (_, path, body) = client.sent
-    assert (nonce_path, path) == ("/v1/nonce", "/v1/heartbeat")
+    (_, info_path, _), (_, nonce_path, _), (_, path, body) = client.sent
+    assert (info_path, nonce_path, path) == ("/v1/info", "/v1/nonce", "/v1/heartbeat")
     assert isinstance(body, HeartbeatRequest)
     assert (body.node_id, body.kek_version, body.lock_state, body.goodbye,
             body.interval_seconds) == (IDENTITY.node_id, "3", "locked", True, 8)
     assert verifies(body)
+
+
+def test_an_escrow_offering_another_deposit_key_gets_no_beat(tmp_path: Path) -> None:
+    impersonator = FakeEscrow(offered=X25519PrivateKey.generate().public_key().public_bytes_raw())
+    asyncio.run(agent_on(tmp_path, impersonator).goodbye())
+    assert [path for _, path, _ in impersonator.sent] == ["/v1/info"]
 
 
 def test_an_agent_that_did_not_enroll_this_node_sends_no_beat(tmp_path: Path) -> None:

@@ -37,16 +37,21 @@ def test_units_pass_systemd_analyze_verify_without_a_single_warning(tmp_path: Pa
     assert result.stdout + result.stderr == ""  # unknown keys are only warnings: none allowed
 
 
-def test_agent_unit_follows_docker_through_restarts_crashes_and_stop_start() -> None:
+def test_agent_unit_is_resident_for_the_life_of_the_machine_not_of_dockerd() -> None:
     agent = settings("unseal-agent.service")
-    assert agent["BindsTo"] == ["docker.service"]
-    assert "docker.service" in agent["After"][0].split()
-    assert agent["WantedBy"] == ["docker.service"]  # without it a docker crash strands it
-    # Started with every docker start: the default start limit stranded it (tests/systemd).
+    # Not stopped with docker, and never starting it: docker.socket would be asked otherwise.
+    for tie in ("BindsTo", "Requires", "Wants", "PartOf", "Requisite"):
+        assert not any("docker" in value for value in agent.get(tie, [])), tie
+    # Started at boot next to docker, not after it, so its imports overlap docker's start.
+    assert agent["WantedBy"] == ["multi-user.target"]
+    assert not any("docker" in value for value in agent.get("After", []))
+    # Back after anything, paced, and never left failed by a start limit.
+    assert agent["Restart"] == ["always"]
+    assert agent["RestartSec"] == ["5s"]
     assert agent["StartLimitIntervalSec"] == ["0"]
+    assert agent["RestartPreventExitStatus"] == [str(EX_CONFIG)]
     assert agent["Type"] == ["notify"]
     assert agent["WatchdogSec"]
-    assert agent["RestartPreventExitStatus"] == [str(EX_CONFIG)]
     assert agent["CapabilityBoundingSet"] == [""]
 
 
