@@ -29,7 +29,6 @@ import sqlite3
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
@@ -133,29 +132,11 @@ class HubEscrow(EscrowProcess):
     def url(self) -> str:
         return f"https://{self.address}:{self.port}"
 
-    def start(self, *, healthy: bool = True) -> None:
-        env = {k: v for k, v in os.environ.items() if k != "SOFTHSM2_CONF"}
-        env.update(self.env)
+    def command(self) -> list[str]:
         # nsenter execs (no --fork): the pid held is the server's.
-        with (self.base / "serve.log").open("ab") as log:
-            self.process = subprocess.Popen(
-                ["nsenter", f"--net=/run/netns/{self.netns}", "--", sys.executable, "-m",
-                 "escrow", "serve", "--data-dir", str(self.data_dir), "--listen",
-                 f"{self.address}:{self.port}"], cwd=REPO, env=env,
-                stdout=subprocess.DEVNULL, stderr=log)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError("escrow serve exited:\n" + self.log())
-            try:
-                status, _ = self.health()
-            except OSError:
-                time.sleep(0.1)
-                continue
-            if status == 200 or not healthy:
-                return
-            time.sleep(0.1)
-        raise RuntimeError("escrow serve did not become healthy:\n" + self.log())
+        return ["nsenter", f"--net=/run/netns/{self.netns}", "--", sys.executable, "-m",
+                "escrow", "serve", "--data-dir", str(self.data_dir), "--listen",
+                f"{self.address}:{self.port}"]
 
     def health(self) -> tuple[int, dict[str, Any]]:
         assert self.hub is not None

@@ -105,14 +105,18 @@ class EscrowProcess:
         assert result.returncode == 0, result.stderr
         return cluster
 
+    def command(self) -> list[str]:
+        """What runs the server: the pid of its first word is the server's."""
+        return [sys.executable, "-m", "escrow", "serve", "--data-dir", str(self.data_dir),
+                "--listen", f"127.0.0.1:{self.port}"]
+
     def start(self, *, healthy: bool = True) -> None:
         """Start serving; wait until /healthz says ok, or only until it answers at all."""
         env = {k: v for k, v in os.environ.items() if k != "SOFTHSM2_CONF"}
         env.update(self.env)
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "escrow", "serve", "--data-dir", str(self.data_dir),
-             "--listen", f"127.0.0.1:{self.port}"], cwd=REPO, env=env,
-            stdout=subprocess.DEVNULL, stderr=(self.base / "serve.log").open("ab"))
+        with (self.base / "serve.log").open("ab") as log:
+            self.process = subprocess.Popen(self.command(), cwd=REPO, env=env,
+                                            stdout=subprocess.DEVNULL, stderr=log)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
