@@ -7,13 +7,13 @@ fresh X25519 key to which the escrow encrypts every released share.
 from __future__ import annotations
 
 import json
+import ssl
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import TypeVar
 
-import aiohttp
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
@@ -22,6 +22,7 @@ from pydantic import BaseModel, ValidationError
 
 from agent import deposit_key
 from agent.errors import EscrowRejected, EscrowUnavailable
+from agent.https import HttpError, Origin
 from escrow.core import protocol
 from escrow.core.plaintext import plain
 from escrow.core.protocol import (
@@ -72,45 +73,30 @@ class EscrowClient:
     def __init__(self, url: str, ca: Path, *, timeout: float = 30.0, connections: int = 4,
                  keepalive: float = 15.0) -> None:
         self.url = url.rstrip("/")
-        self._ssl = client_context(ca)
-        self._timeout = aiohttp.ClientTimeout(total=timeout)
-        self._connections = connections
-        self._keepalive = keepalive
-        self._session: aiohttp.ClientSession | None = None
+        self._timeout = timeout
+        self._origin = Origin(self.url, client_context(ca), connections=connections,
+                              keepalive=keepalive)
 
     async def __aenter__(self) -> EscrowClient:
-        self._session = aiohttp.ClientSession(
-            timeout=self._timeout,
-            connector=aiohttp.TCPConnector(ssl=self._ssl, limit=self._connections,
-                                           keepalive_timeout=self._keepalive))
         return self
 
     async def __aexit__(self, kind: type[BaseException] | None, value: BaseException | None,
                         trace: TracebackType | None) -> None:
-        if self._session is not None:
-            await self._session.close()
+        await self._origin.close()
 
     async def _call(self, method: str, path: str, model: type[M], body: BaseModel | None = None,
                     timeout: float | None = None) -> M:
-        if self._session is None:
-            raise RuntimeError("use `async with EscrowClient(...)`")
-        data = body.model_dump_json() if body is not None else None
-        extra: dict[str, Any] = {}
-        if timeout is not None:
-            extra["timeout"] = aiohttp.ClientTimeout(total=timeout)
+        data = body.model_dump_json().encode() if body is not None else None
         try:
-            async with self._session.request(
-                    method, self.url + path, data=data,
-                    headers={"Content-Type": "application/json"}, **extra) as response:
-                text = await response.text()
-                status = response.status
-        except aiohttp.ClientConnectorCertificateError as exc:
+            answer = await self._origin.request(method, path, data,
+                                                self._timeout if timeout is None else timeout)
+        except ssl.SSLCertVerificationError as exc:
             raise _certificate_problem(self.url, exc) from None
-        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+        except (HttpError, TimeoutError, OSError) as exc:
             raise EscrowUnavailable(plain(f"the escrow at {self.url} is unreachable: "
                                           f"{type(exc).__name__}: {exc}"),
                                     "check the escrow service and the network") from None
-        return parse_answer(status, text, model)
+        return parse_answer(answer.status, answer.body.decode("utf-8", "replace"), model)
 
     async def health(self) -> None:
         """Raise EscrowUnavailable unless the escrow can reach its database and token."""
@@ -215,14 +201,13 @@ def _error_message(text: str) -> str:
 _CLOCK_ERRORS = {9: "is not valid yet", 10: "has expired"}
 
 
-def _certificate_problem(url: str, exc: aiohttp.ClientConnectorCertificateError
-                         ) -> EscrowUnavailable:
-    code = getattr(exc.certificate_error, "verify_code", None)
+def _certificate_problem(url: str, exc: ssl.SSLCertVerificationError) -> EscrowUnavailable:
+    code = exc.verify_code
     if code in _CLOCK_ERRORS:
         return EscrowUnavailable(
             f"the escrow's TLS certificate {_CLOCK_ERRORS[code]} by this host's clock "
             f"({datetime.now(UTC):%Y-%m-%d %H:%M:%S} UTC): this clock or the escrow's is wrong",
             "compare both clocks (`timedatectl`) and synchronise them (NTP)")
     return EscrowUnavailable(plain(f"the escrow at {url} presented a certificate this agent "
-                                   f"does not trust: {exc.certificate_error}"),
+                                   f"does not trust: {exc.verify_message}"),
                              "check escrow_ca in the agent's config")

@@ -11,14 +11,13 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from agent.config import AgentConfig
 from agent.errors import AgentError
-from agent.token_key import TokenKey
 from escrow.core.hsm import HsmSettings, Pin, credential_pin, read_pin_file
 
 PIN_CREDENTIAL = "agent-key-pin"
 
 
 def load(config: AgentConfig) -> ec.EllipticCurvePrivateKey:
-    """The enrolled agent key, from its token or its file."""
+    """The enrolled agent key, from its token (an agent.token_key.TokenKey) or its file."""
     if config.agent_key_pkcs11_module:
         return _in_token(config, create=False)
     return load_file(config.agent_key_path)
@@ -45,7 +44,10 @@ def _token_pin(config: AgentConfig) -> Pin:
                      f"{PIN_CREDENTIAL} (LoadCredential={PIN_CREDENTIAL}:/path)")
 
 
-def _in_token(config: AgentConfig, *, create: bool) -> TokenKey:
+def _in_token(config: AgentConfig, *, create: bool) -> ec.EllipticCurvePrivateKey:
+    # Imported only here: python-pkcs11 costs an agent with a file key 2 MiB it never uses.
+    from agent.token_key import TokenKey  # noqa: PLC0415
+
     settings = HsmSettings(config.agent_key_pkcs11_module, config.agent_key_pkcs11_token,
                            key_label=config.agent_key_pkcs11_label,
                            module_set_in="agent_key_pkcs11_module",

@@ -9,7 +9,6 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from agent import keys
 from agent.config import AgentConfig
 from agent.log import Level, NodeLog, Topic
-from agent.token_key import TokenKey
 from escrow.core.errors import EscrowError
 
 
@@ -31,6 +30,10 @@ class LoadedKey:
         return self._key
 
     def drop(self) -> None:
-        if isinstance(self._key, TokenKey):
-            self._key.close()
+        if self._key is not None and self.config.agent_key_pkcs11_module:
+            # Loaded by keys.load along with the key; a file key never needs it.
+            from agent.token_key import TokenKey  # noqa: PLC0415
+
+            if isinstance(self._key, TokenKey):
+                self._key.close()
         self._key = None

@@ -49,3 +49,13 @@ def test_reading_the_escrow_config_does_not_load_the_pkcs11_extension() -> None:
     loaded = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True,
                             text=True, check=True).stdout.strip()
     assert loaded == "False"
+
+
+def test_a_resident_agent_with_a_file_key_loads_neither_pkcs11_nor_aiohttp() -> None:
+    # What `unseal-agent run` imports for its three tasks; each would add megabytes to an
+    # agent that sits idle on every manager (bench/results/agent_unit.md has its RSS).
+    probe = ("import sys, agent.cli, agent.daemon, agent.unseal_flow, agent.heartbeat; "
+             "print(sorted({'pkcs11', 'aiohttp'} & set(sys.modules)))")
+    loaded = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True,
+                            text=True, check=True).stdout.strip()
+    assert loaded == "[]"
