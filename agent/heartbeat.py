@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import importlib.metadata
 import math
+import random
 import time
 
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -33,6 +34,15 @@ from escrow.core.states import LockState
 AGENT_VERSION = importlib.metadata.version("swarm-unseal")[:32]
 # systemd waits TimeoutStopSec (30 s) for the agent to stop; a dead escrow must not use it up.
 GOODBYE_TIMEOUT = 3.0
+# Managers that came back together (a power cut) would otherwise beat in step, every one in
+# the same second: each pause is shortened by up to this share of the interval, at random.
+# Never lengthened: the escrow counts a beat later than the interval said as missed.
+JITTER = 0.2
+
+
+def pause(interval: float, draw: float) -> float:
+    """Seconds from the start of one beat to the next, given `draw` uniform in [0, 1)."""
+    return interval * (1 - JITTER * draw)
 
 
 def lock_state(swarm_state: str | None) -> LockState:
@@ -76,7 +86,7 @@ class Heartbeat:
         await self._seen.wait()
         interval = self.config.heartbeat_seconds
         while True:
-            due = time.monotonic() + interval
+            due = time.monotonic() + pause(interval, random.random())  # noqa: S311 (spread, not secrecy)
             # A beat still unanswered when the next is due is lost: the next one says more.
             failure = await self._beat(goodbye=False, within=interval)
             if failure:

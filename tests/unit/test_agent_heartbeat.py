@@ -23,7 +23,7 @@ from agent.client import EscrowClient
 from agent.config import AgentConfig
 from agent.docker_state import Docker
 from agent.errors import AgentError
-from agent.heartbeat import AGENT_VERSION, Heartbeat, beat_request, lock_state
+from agent.heartbeat import AGENT_VERSION, JITTER, Heartbeat, beat_request, lock_state, pause
 from agent.loaded_key import LoadedKey
 from agent.log import NodeLog
 from agent.parts import Parts
@@ -86,6 +86,16 @@ def test_a_goodbye_is_a_beat_of_its_own_signature() -> None:
     goodbye = beat(goodbye=True)
     assert goodbye.goodbye
     assert verifies(goodbye)
+
+
+def test_beats_are_spread_over_the_last_fifth_of_the_interval_and_never_late() -> None:
+    # Managers that came back from one power cut beat at different times, and no pause is
+    # longer than the interval the escrow counts missed beats against.
+    assert pause(30.0, 0.0) == 30.0
+    assert pause(30.0, 0.999999) == pytest.approx(30.0 * (1 - JITTER))
+    pauses = [pause(30.0, draw / 1000) for draw in range(1000)]
+    assert all(30.0 * (1 - JITTER) < p <= 30.0 for p in pauses)
+    assert max(pauses) - min(pauses) > 5.9
 
 
 def test_a_fractional_interval_is_announced_rounded_up_so_no_beat_counts_as_missed() -> None:
