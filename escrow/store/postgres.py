@@ -40,8 +40,9 @@ CREATE FUNCTION {name}() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN RAISE EXCEPTION '{message}'; END $$"""
 
 # Forward migrations, as for SQLite (escrow.store.sqlite): entry i moves the schema from
-# version i to i + 1. The first is SQLite's six in one; column order matches SQLite's, since
-# some inserts name no columns.
+# version i to i + 1. The first is SQLite's six in one, written out again rather than shared:
+# a released migration never changes, and the dialects differ (BYTEA, BIGINT, plpgsql). Column
+# order matches SQLite's, since some inserts name no columns.
 MIGRATIONS: tuple[tuple[str, ...], ...] = (
     (
         "CREATE TABLE custodians (name TEXT PRIMARY KEY, public_key_pem TEXT NOT NULL,"
