@@ -60,6 +60,14 @@ Settings (TOML table.key = environment variable):
     keys.node_deposit_limit ESCROW_KEYS_NODE_DEPOSIT_LIMIT  new key versions one node may
                                                 deposit per window (4)
     keys.node_deposit_window_seconds ESCROW_KEYS_NODE_DEPOSIT_WINDOW_SECONDS  that window (3600)
+    store.url          ESCROW_STORE_URL         a PostgreSQL store instead of escrow.db: a libpq
+                                                URL or conninfo without a password (several
+                                                hosts with target_session_attrs=read-write
+                                                find a promoted standby); unset: SQLite
+    store.password_file ESCROW_STORE_PASSWORD_FILE  its password, 0600, relative to the data
+                                                directory or absolute (or a systemd credential
+                                                named store-password; neither: libpq's own
+                                                ~/.pgpass or PGPASSFILE)
 """
 
 from __future__ import annotations
@@ -113,6 +121,8 @@ _SETTINGS: dict[tuple[str, str], tuple[str, type]] = {
     ("keys", "max_versions"): ("ESCROW_KEYS_MAX_VERSIONS", float),
     ("keys", "node_deposit_limit"): ("ESCROW_KEYS_NODE_DEPOSIT_LIMIT", float),
     ("keys", "node_deposit_window_seconds"): ("ESCROW_KEYS_NODE_DEPOSIT_WINDOW_SECONDS", float),
+    ("store", "url"): ("ESCROW_STORE_URL", str),
+    ("store", "password_file"): ("ESCROW_STORE_PASSWORD_FILE", str),
 }
 
 
@@ -142,11 +152,18 @@ class ServerSettings:
 
 
 @dataclass(frozen=True)
+class StoreSettings:
+    url: str = ""  # empty: the SQLite file escrow.db in the data directory
+    password_file: Path | None = None
+
+
+@dataclass(frozen=True)
 class Settings:
     data_dir: Path
     hsm: HsmSettings
     retention_days: float
     server: ServerSettings = ServerSettings()
+    store: StoreSettings = StoreSettings()
 
     @property
     def db_path(self) -> Path:
@@ -280,8 +297,10 @@ def load(data_dir: Path, env: Mapping[str, str] | None = None) -> Settings:
         node_deposit_window_seconds=values.get(("keys", "node_deposit_window_seconds"),
                                                defaults.node_deposit_window_seconds),
     )
+    store = StoreSettings(values.get(("store", "url"), ""),
+                          _resolve(data_dir, values.get(("store", "password_file"))))
     return Settings(data_dir, hsm, values.get(("keys", "retention_days"), DEFAULT_RETENTION_DAYS),
-                    server)
+                    server, store)
 
 
 def write(data_dir: Path, hsm: HsmSettings, retention_days: float) -> Path:

@@ -178,12 +178,13 @@ class EscrowProcess:
         return path.read_text() if path.exists() else ""
 
 
-def make_escrow(base: Path, **env: str) -> EscrowProcess:
+def make_escrow(base: Path, *init: str, **env: str) -> EscrowProcess:
+    """An escrow made by `escrow init` with the options `init`, not yet serving."""
     # Tests play many agents from one loopback address: the per-source limit is off unless a
     # test sets it (tests/integration/test_hostile_clients.py does).
     env.setdefault("ESCROW_REQUESTS_SOURCE_RATE", "0")
     escrow = EscrowProcess(base, free_port(), env)
-    result = run_escrow("init", "--data-dir", str(escrow.data_dir))
+    result = run_escrow("init", "--data-dir", str(escrow.data_dir), *init)
     assert result.returncode == 0, result.stderr
     (base / "pass").write_text(PASSPHRASE + "\n")
     return escrow

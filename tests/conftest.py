@@ -1,5 +1,6 @@
-"""Shared fixtures: a real SoftHSM token, real SQLite stores, swarm-like certificates, a
-running escrow (the laboratory they come from is lab/; dockerd's fixtures are in tests/swarm).
+"""Shared fixtures: a real SoftHSM token, real stores (every test of the `store` fixture runs
+on SQLite and on a PostgreSQL server of the session's own), swarm-like certificates, a running
+escrow (the laboratory they come from is lab/; dockerd's fixtures are in tests/swarm).
 
 python-pkcs11 loads the SoftHSM module once per process and SoftHSM reads its token directory
 only then, so every in-process test uses one session token (each test gets a wrapping key of its
@@ -8,12 +9,14 @@ own). Tests of commands run the real `escrow` in subprocesses, which see tokens 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import sqlite3
 import subprocess
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -24,9 +27,12 @@ from escrow import config
 from escrow.core.hsm import HsmSettings, Pin
 from escrow.core.timestamps import timestamp
 from escrow.softhsm import create_token, default_module
+from escrow.store.postgres import PostgresStore
+from escrow.store.sql import SqlStore
 from escrow.store.sqlite import SqliteStore
 from escrow.vault import Vault
 from escrow.wrapping import Token
+from lab import postgres as lab_postgres
 from lab.certs import make_root_ca
 from lab.server import EscrowProcess, make_escrow
 
@@ -87,15 +93,53 @@ def clock() -> Clock:
     return Clock()
 
 
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[lab_postgres.Server]:
+    with lab_postgres.running() as server:
+        yield server
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    open: Callable[[], SqlStore]  # another store on the same database, as a replica opens
+    tamper: Callable[[str], None]  # run SQL on the database behind the escrow's back
+    url: str = ""  # the PostgreSQL database's, without its password
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def backend(request: pytest.FixtureRequest, tmp_path: Path, clock: Clock) -> Iterator[Backend]:
+    def now() -> str:
+        return timestamp(clock())
+
+    if request.param == "sqlite":
+        path = tmp_path / "escrow.db"
+
+        def tamper_file(statement: str) -> None:
+            with contextlib.closing(sqlite3.connect(path)) as db:
+                db.execute(statement)
+                db.commit()
+        yield Backend("sqlite", lambda: SqliteStore.open(path, now, create=True), tamper_file)
+        return
+    server: lab_postgres.Server = request.getfixturevalue("postgres")
+    with server.database() as name:
+        def tamper_database(statement: str) -> None:
+            with server.connect(name) as db:
+                db.execute(statement)
+        yield Backend("postgresql",
+                      lambda: PostgresStore.open(server.url(name), server.password, now),
+                      tamper_database, server.url(name))
+
+
 @pytest.fixture
-def store(tmp_path: Path, clock: Clock) -> Iterator[SqliteStore]:
-    opened = SqliteStore.open(tmp_path / "escrow.db", lambda: timestamp(clock()), create=True)
+def store(backend: Backend) -> Iterator[SqlStore]:
+    opened = backend.open()
     yield opened
     opened.close()
 
 
 @pytest.fixture
-def vault(store: SqliteStore, token: Token, clock: Clock) -> Vault:
+def vault(store: SqlStore, token: Token, clock: Clock) -> Vault:
     return Vault(store, token, clock, "test")
 
 

@@ -11,6 +11,7 @@ from escrow import backup as backups
 from escrow import config
 from escrow.audit import AuditEvent
 from escrow.cli.context import actor, data_dir_option, now, open_store
+from escrow.core.errors import ConfigError
 
 
 @click.command()
@@ -26,6 +27,12 @@ def backup(data_dir: Path, out: Path) -> None:
     serve` runs.
     """
     settings = config.load(data_dir)
+    if settings.store.url:
+        raise ConfigError(
+            "`escrow backup` copies the SQLite store; this escrow's store is PostgreSQL "
+            "(store.url)",
+            "back the database up with PostgreSQL's tools (pg_dump, or your replication's "
+            "base backups) and keep this data directory's escrow.toml and tls/ with it")
     store = open_store(settings)
     try:
         store.append_audit(AuditEvent("escrow.backup", actor(), "", {"file": str(out)}))

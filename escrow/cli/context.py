@@ -23,7 +23,8 @@ from escrow.config import Settings
 from escrow.core import plaintext
 from escrow.core.errors import InputError
 from escrow.core.timestamps import timestamp
-from escrow.store.sqlite import SqliteStore
+from escrow.store import opening
+from escrow.store.sql import SqlStore
 from escrow.vault import Vault
 from escrow.wrapping import Token, resolve_pin
 
@@ -52,8 +53,8 @@ def actor() -> str:
     return f"cli:{getpass.getuser()}@{socket.gethostname()}"
 
 
-def open_store(settings: Settings, *, create: bool = False) -> SqliteStore:
-    return SqliteStore.open(settings.db_path, lambda: timestamp(now()), create=create)
+def open_store(settings: Settings, *, create: bool = False) -> SqlStore:
+    return opening.open_store(settings, lambda: timestamp(now()), create=create)
 
 
 class LazyToken:

@@ -14,6 +14,7 @@ from escrow.cli.context import actor, data_dir_option, open_store
 from escrow.core import tls
 from escrow.core.errors import ConfigError
 from escrow.core.hsm import HsmSettings
+from escrow.store import opening
 from escrow.wrapping import Token, resolve_pin
 
 EMBEDDED_TOKEN = "escrow"  # noqa: S105 - a token label, not a password
@@ -32,6 +33,32 @@ def _embedded_hsm(data_dir: Path, key_label: str) -> HsmSettings:
                        pin_file=pin_path, softhsm_conf=conf)
 
 
+def _check_options(hsm_module: str | None, hsm_token: str | None, hsm_pin_file: Path | None,
+                   store_url: str | None, store_password_file: Path | None) -> None:
+    if hsm_module is None and (hsm_token or hsm_pin_file):
+        raise click.UsageError("--hsm-token and --hsm-pin-file go with --hsm-module")
+    if hsm_module is not None and not hsm_token:
+        raise click.UsageError("--hsm-module needs --hsm-token (the token's label)")
+    if store_password_file is not None and not store_url:
+        raise click.UsageError("--store-password-file goes with --store-url")
+    if store_url:
+        opening.refuse_password_in(store_url)
+
+
+def _refuse_a_used_store(url: str, password_file: Path | None) -> None:
+    """Before anything is made: a store that holds an escrow's records is that escrow's."""
+    store = opening.open_url(url, password_file, lambda: "")
+    try:
+        used = bool(store.latest_audit(1))
+    finally:
+        store.close()
+    if used:
+        raise ConfigError("the PostgreSQL store at --store-url already holds an escrow's data",
+                          "several replicas on one database are not supported yet: give this "
+                          "escrow a database of its own, or restore the other escrow's data "
+                          "directory to serve that one")
+
+
 @click.command()
 @data_dir_option
 @click.option("--hsm-module", help="PKCS#11 module of a real HSM (default: embedded SoftHSM).")
@@ -45,11 +72,17 @@ def _embedded_hsm(data_dir: Path, key_label: str) -> HsmSettings:
               default=config.DEFAULT_RETENTION_DAYS, show_default=True,
               help="Days a superseded key version is kept before `escrow key prune` may "
                    "destroy it.")
+@click.option("--store-url",
+              help="A PostgreSQL database to keep the escrow's data in, instead of DATA_DIR/"
+                   "escrow.db: a libpq URL without a password (store.url).")
+@click.option("--store-password-file", type=click.Path(path_type=Path),
+              help="File holding the database password, 0600 (store.password_file; or a "
+                   "systemd credential named store-password).")
 @click.option("--exist-ok", is_flag=True,
               help="Succeed without changing anything if DIR is already initialised.")
 def init(data_dir: Path, hsm_module: str | None, hsm_token: str | None,
          hsm_pin_file: Path | None, hsm_key_label: str, retention_days: float,
-         exist_ok: bool) -> None:
+         store_url: str | None, store_password_file: Path | None, exist_ok: bool) -> None:
     """Create the data directory, database and HSM wrapping key.
 
     Without --hsm-module a SoftHSM token is created inside the data directory, with its PIN
@@ -66,10 +99,9 @@ def init(data_dir: Path, hsm_module: str | None, hsm_token: str | None,
             return
         raise ConfigError(f"{data_dir} is already initialised",
                           "use it as it is, or choose another --data-dir")
-    if hsm_module is None and (hsm_token or hsm_pin_file):
-        raise click.UsageError("--hsm-token and --hsm-pin-file go with --hsm-module")
-    if hsm_module is not None and not hsm_token:
-        raise click.UsageError("--hsm-module needs --hsm-token (the token's label)")
+    _check_options(hsm_module, hsm_token, hsm_pin_file, store_url, store_password_file)
+    if store_url:
+        _refuse_a_used_store(store_url, store_password_file)
     data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     data_dir.chmod(0o700)
 
@@ -82,6 +114,10 @@ def init(data_dir: Path, hsm_module: str | None, hsm_token: str | None,
     with Token(hsm, resolve_pin(None, hsm.pin_file, os.environ)) as token:
         created = token.create_wrapping_key()
     config.write(data_dir, hsm, retention_days)
+    if store_url:
+        config.update(data_dir, "store", "url", store_url)
+    if store_password_file is not None:
+        config.update(data_dir, "store", "password_file", str(store_password_file.absolute()))
     settings = config.load(data_dir)
     store = open_store(settings, create=True)
     try:

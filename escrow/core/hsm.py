@@ -33,35 +33,41 @@ class Pin:
         return f"Pin(<redacted>, source={self.source!r})"
 
 
-def read_pin_file(path: Path, source: str, setting: str = "--hsm-pin-file") -> Pin:
+def read_pin_file(path: Path, source: str, setting: str = "--hsm-pin-file",
+                  what: str = "HSM PIN") -> Pin:
+    """A secret from a file of its own (mode 0600, or at least not world-readable): the
+    token's PIN, or another secret named by ``what``."""
     try:
         mode = path.stat().st_mode
         text = path.read_text()
     except FileNotFoundError:
-        raise ConfigError(f"the HSM PIN file {path} does not exist",
+        raise ConfigError(f"the {what} file {path} does not exist",
                           f"create it (mode 0600) or point {setting} at the right file"
                           ) from None
     except PermissionError:
-        raise ConfigError(f"the HSM PIN file {path} is not readable by this user",
+        raise ConfigError(f"the {what} file {path} is not readable by this user",
                           "run as the escrow's user, or fix the file's owner") from None
     except UnicodeDecodeError:  # its message would quote a byte of the PIN
-        raise ConfigError(f"the HSM PIN file {path} is not UTF-8 text",
-                          "write the PIN as text, followed by a newline") from None
+        raise ConfigError(f"the {what} file {path} is not UTF-8 text",
+                          f"write the {what} as text, followed by a newline") from None
     except OSError as exc:
-        raise ConfigError(f"cannot read the HSM PIN file {path}: {exc.strerror}",
+        raise ConfigError(f"cannot read the {what} file {path}: {exc.strerror}",
                           f"point {setting} at a regular file") from None
     if mode & (stat.S_IROTH | stat.S_IWOTH):
-        raise ConfigError(f"the HSM PIN file {path} is readable or writable by every user",
+        raise ConfigError(f"the {what} file {path} is readable or writable by every user",
                           f"run `chmod 600 {path}`")
     pin = text.rstrip("\r\n")
     if not pin:
-        raise ConfigError(f"the HSM PIN file {path} is empty", "write the token's user PIN in it")
+        raise ConfigError(f"the {what} file {path} is empty", f"write the {what} in it")
     return Pin(pin, source)
 
 
-def credential_pin(env: Mapping[str, str], name: str, setting: str) -> Pin | None:
-    """The PIN passed as the systemd credential ``name`` (LoadCredential=), if there is one."""
+def credential_pin(env: Mapping[str, str], name: str, setting: str,
+                   what: str = "HSM PIN") -> Pin | None:
+    """The secret passed as the systemd credential ``name`` (LoadCredential=), if there is
+    one."""
     directory = env.get("CREDENTIALS_DIRECTORY")
     if directory and (Path(directory) / name).exists():
-        return read_pin_file(Path(directory) / name, f"systemd credential {name}", setting)
+        return read_pin_file(Path(directory) / name, f"systemd credential {name}", setting,
+                             what)
     return None

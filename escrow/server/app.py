@@ -67,7 +67,8 @@ from escrow.server.refusal_log import RefusalLog
 from escrow.server.unidentified import UnidentifiedRefusals
 from escrow.server.waiters import Waiters
 from escrow.service import Escrow
-from escrow.store.sqlite import SqliteStore
+from escrow.store.opening import open_store
+from escrow.store.sql import SqlStore
 from escrow.vault import Vault
 
 log = logging.getLogger("escrow.server")
@@ -124,14 +125,19 @@ class EscrowServer:
         self.escrow: Escrow | None = None
         self._hsm = HsmLink(opener(settings.hsm, pin), settings.hsm.token, self.metrics.hsm)
         self._reserve = Reserve(settings.data_dir, settings.server.disk_reserve_bytes)
-        self._store: SqliteStore | None = None
+        self._store: SqlStore | None = None
         self._limiter = SourceLimiter(settings.server.source_rate, settings.server.source_burst)
 
     # -- lifecycle --------------------------------------------------------------------------
 
     def _open(self) -> None:
-        self._store = SqliteStore.open(self.settings.db_path,
-                                       lambda: timestamp(datetime.now(UTC)))
+        store = open_store(self.settings, lambda: timestamp(datetime.now(UTC)))
+        try:
+            store.claim_serving()
+        except BaseException:
+            store.close()
+            raise
+        self._store = store
         self._reserve.make()
         try:
             self._service()

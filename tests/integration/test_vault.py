@@ -1,4 +1,5 @@
-"""Deposits, history and pruning over a real SQLite file and a real SoftHSM token."""
+"""Deposits, history and pruning over a real store (SQLite, PostgreSQL) and a real SoftHSM
+token."""
 
 from __future__ import annotations
 
@@ -13,11 +14,12 @@ from escrow.audit import AuditEvent
 from escrow.core import shares
 from escrow.core.errors import Conflict, NotFound, PolicyError, ShareAuthFailed, StoreError
 from escrow.core.unlockkey import UnlockKey
+from escrow.store.sql import SqlStore
 from escrow.store.sqlite import SCHEMA_VERSION, SqliteStore
 from escrow.vault import Vault
 from escrow.wrapping import Token
 from lab.custodians import public_key_pem
-from tests.conftest import Clock
+from tests.conftest import Backend, Clock
 
 CLUSTER = "k" * 25
 
@@ -67,19 +69,16 @@ def test_versions_are_listed_newest_first(vault: Vault, cluster: str, clock: Clo
 
 
 def test_a_share_row_copied_onto_another_row_fails_to_open(vault: Vault, cluster: str,
-                                                          tmp_path: Path) -> None:
+                                                          backend: Backend) -> None:
     vault.deposit(cluster, UnlockKey(os.urandom(32)))
-    db = sqlite3.connect(tmp_path / "escrow.db")
-    db.execute("UPDATE shares SET wrapped = (SELECT wrapped FROM shares WHERE slot = 0) "
-               "WHERE slot = 2")
-    db.commit()
-    db.close()
+    backend.tamper("UPDATE shares SET wrapped = (SELECT wrapped FROM shares WHERE slot = 0) "
+                   "WHERE slot = 2")
     alice = vault.store.get_shares(cluster, 1)[2]
     with pytest.raises(ShareAuthFailed):
         vault.unwrap_share(alice)
 
 
-def test_a_deposit_that_fails_half_way_stores_nothing(store: SqliteStore, token: Token,
+def test_a_deposit_that_fails_half_way_stores_nothing(store: SqlStore, token: Token,
                                                       clock: Clock, root_ca_pem: bytes) -> None:
     class FailingOnThirdShare:
         calls = 0
@@ -150,11 +149,12 @@ def test_deposit_to_an_unknown_cluster_is_refused(vault: Vault) -> None:
         vault.deposit("z" * 25, UnlockKey(os.urandom(32)))
 
 
-def test_database_uses_wal_full_sync_and_a_schema_version(store: SqliteStore,
-                                                          tmp_path: Path) -> None:
+def test_sqlite_uses_wal_full_sync_and_a_schema_version(tmp_path: Path) -> None:
+    store = SqliteStore.open(tmp_path / "escrow.db", lambda: "t", create=True)
     assert store._db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert store._db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
     assert store._db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    store.close()
 
 
 def test_a_database_from_a_newer_escrow_is_refused(tmp_path: Path, clock: Clock) -> None:
@@ -167,15 +167,16 @@ def test_a_database_from_a_newer_escrow_is_refused(tmp_path: Path, clock: Clock)
         SqliteStore.open(path, lambda: "t")
 
 
-def test_reopening_applies_no_migration_twice(tmp_path: Path, vault: Vault, cluster: str) -> None:
-    path = tmp_path / "escrow.db"
-    reopened = SqliteStore.open(path, lambda: "t")
+def test_reopening_applies_no_migration_twice(backend: Backend, vault: Vault,
+                                             cluster: str) -> None:
+    reopened = backend.open()
     assert [c.cluster_id for c in reopened.list_clusters()] == [cluster]
     reopened.close()
 
 
-def test_the_audit_table_refuses_updates_and_deletes(store: SqliteStore) -> None:
+def test_the_audit_table_refuses_updates_and_deletes(store: SqlStore) -> None:
     store.append_audit(AuditEvent("x", "test"))
     for statement in ("UPDATE audit SET actor = 'me'", "DELETE FROM audit"):
-        with pytest.raises(sqlite3.IntegrityError, match="append-only"):
+        # SQLite's own error; PostgreSQL's as the store words it
+        with pytest.raises((sqlite3.IntegrityError, StoreError), match="append-only"):
             store._db.execute(statement)
