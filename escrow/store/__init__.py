@@ -1,8 +1,9 @@
 """Persistence behind one narrow interface.
 
 Every mutation appends its audit record in the same transaction, so the log and the data can
-never disagree. SQLite (``escrow.store.sqlite``) is the only backend; another one (PostgreSQL,
-for several escrow replicas) would implement the same :class:`Store` protocol.
+never disagree. Two backends implement the :class:`Store` protocol with the same queries
+(``escrow.store.sql``): SQLite (``escrow.store.sqlite``, the embedded default) and PostgreSQL
+(``escrow.store.postgres``); ``escrow.store.opening`` picks one from ``store.url``.
 """
 
 from __future__ import annotations
