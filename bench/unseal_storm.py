@@ -4,14 +4,16 @@
 Run from the repository root:  .venv/bin/python -m bench.unseal_storm --agents 10,100,1000
 
 Each count gets an escrow of its own, started afresh in a temporary directory (data dir,
-SoftHSM token) that is removed at the end. Prints a Markdown table; --out FILE also writes it
-there.
+SoftHSM token) that is removed at the end; with `--stores sqlite,postgresql` each count runs
+once per store, side by side, the PostgreSQL one on a server of its own in that directory
+(lab/postgres.py, on a unix socket). Prints a Markdown table; --out FILE also writes it there.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import tempfile
 import time
@@ -26,15 +28,18 @@ from bench.machine import Machine, invocation, preamble, this_machine
 from bench.proc import allow_open_files, cpu_seconds, listen_overflows, memory_mib
 from bench.stats import percentile
 from escrow.core.unlockkey import UnlockKey
+from lab import postgres as lab_postgres
 from lab.server import BOOT_ID, EscrowProcess, Node, make_escrow
 
 TITLE = "Unseal storm: unseal latency against concurrent agents"
+STORES = ("sqlite", "postgresql")
 # Open files besides the agents' sockets: Python, SoftHSM, SQLite, the enrolling connections.
 SPARE_FILES = 1000
 
 
 @dataclass(frozen=True)
 class Storm:
+    store: str  # "sqlite" or "postgresql"
     agents: int
     latencies: tuple[float, ...]  # seconds, of the agents that rebuilt the right key
     errors: dict[str, int]  # what went wrong for the others, by kind
@@ -110,12 +115,27 @@ async def storm(escrow: EscrowProcess, nodes: list[Node], key: UnlockKey
         return latencies, errors, time.perf_counter() - began
 
 
-def measure(agents: int) -> Storm:
-    """Enroll `agents` simulated managers with a fresh escrow, then unseal them all at once."""
+def store_names(text: str) -> list[str]:
+    """`sqlite,postgresql` as an argparse type."""
+    names = [part.strip() for part in text.split(",") if part.strip()]
+    if not names or set(names) - set(STORES):
+        raise argparse.ArgumentTypeError(f"stores are {' and '.join(STORES)}: {text}")
+    return names
+
+
+def measure(agents: int, store: str = "sqlite") -> Storm:
+    """Enroll `agents` simulated managers with a fresh escrow on `store`, then unseal them all
+    at once."""
     # Every agent holds a socket in this process and one in the server, which inherits the limit.
     allow_open_files(agents + SPARE_FILES)
-    with tempfile.TemporaryDirectory(prefix="escrow-storm-") as workdir:
-        escrow = make_escrow(Path(workdir), ESCROW_REQUESTS_RATE_LIMIT=str(agents * 10))
+    with contextlib.ExitStack() as stack:
+        workdir = stack.enter_context(tempfile.TemporaryDirectory(prefix="escrow-storm-"))
+        init: list[str] = []
+        if store == "postgresql":
+            server = stack.enter_context(lab_postgres.running())
+            init = ["--store-url", server.url(stack.enter_context(server.database())),
+                    "--store-password-file", str(server.password_file)]
+        escrow = make_escrow(Path(workdir), *init, ESCROW_REQUESTS_RATE_LIMIT=str(agents * 10))
         escrow.start()
         try:
             assert escrow.process is not None
@@ -135,8 +155,8 @@ def measure(agents: int) -> Storm:
             rss = memory_mib(pid, "VmHWM")
         finally:
             escrow.stop()
-    return Storm(agents, tuple(latencies), dict(errors), seconds, enroll_seconds, server_cpu,
-                 generator_cpu, rss, overflows)
+    return Storm(store, agents, tuple(latencies), dict(errors), seconds, enroll_seconds,
+                 server_cpu, generator_cpu, rss, overflows)
 
 
 def _latency(storm: Storm, fraction: float) -> str:
@@ -145,17 +165,17 @@ def _latency(storm: Storm, fraction: float) -> str:
 
 def table(storms: list[Storm]) -> str:
     lines = [
-        "| agents | unsealed | errors | total s | unseals/s | p50 s | p99 s | max s "
+        "| store | agents | unsealed | errors | total s | unseals/s | p50 s | p99 s | max s "
         "| server CPU s | load generator CPU s | server peak RSS | accept queue overflows "
         "| enrolling s |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
-        *(f"| {s.agents:,} | {len(s.latencies):,} | {sum(s.errors.values())} | "
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        *(f"| {s.store} | {s.agents:,} | {len(s.latencies):,} | {sum(s.errors.values())} | "
           f"{s.seconds:.2f} | {len(s.latencies) / s.seconds:.0f} | {_latency(s, 0.5)} | "
           f"{_latency(s, 0.99)} | {_latency(s, 1.0)} | {s.server_cpu_seconds:.1f} | "
           f"{s.generator_cpu_seconds:.1f} | {s.server_peak_rss_mib:.0f} MiB | "
           f"{s.listen_overflows:,} | {s.enroll_seconds:.1f} |" for s in storms),
     ]
-    lines += [f"\nErrors at {storm.agents:,} agents: " + "; ".join(
+    lines += [f"\nErrors at {storm.agents:,} agents on {storm.store}: " + "; ".join(
         f"{count} of {kind}" for kind, count in sorted(storm.errors.items()))
         for storm in storms if storm.errors]
     return "\n".join(lines)
@@ -164,8 +184,10 @@ def table(storms: list[Storm]) -> str:
 def document(storms: list[Storm], machine: Machine, command: str) -> str:
     return "\n".join([
         preamble(TITLE, machine, command),
-        "One `escrow serve` (SoftHSM token, SQLite, auto policy t=2, one key version), started "
-        "afresh for each row, with the agents enrolled beforehand. Then every agent, at the same "
+        "One `escrow serve` (SoftHSM token, the store the first column names, auto policy t=2, "
+        "one key version), started afresh for each row, with the agents enrolled beforehand; "
+        "a PostgreSQL store is a server of its own on the same machine, reached over a unix "
+        "socket, whose CPU the server column does not count. Then every agent, at the same "
         "signal, opens its own TLS connection over loopback, fetches a nonce, sends its signed "
         "unseal request, opens the two released shares (HPKE) and rebuilds the key (SLIP-39). "
         "Latency is that whole round trip, per agent. The simulated agents all run in one "
@@ -186,10 +208,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--agents", type=agent_counts, default=[1000],
                         help="comma-separated counts of concurrent agents, one storm each")
+    parser.add_argument("--stores", type=store_names, default=["sqlite"],
+                        help="comma-separated: sqlite, postgresql (each count on each store)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
-    text = document([measure(count) for count in args.agents], this_machine(),
-                    invocation("bench.unseal_storm"))
+    text = document([measure(count, store) for count in args.agents for store in args.stores],
+                    this_machine(), invocation("bench.unseal_storm"))
     print(text)
     if args.out:
         args.out.write_text(text)
