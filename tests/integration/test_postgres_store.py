@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import shutil
 import threading
+import time
 from pathlib import Path
 
 import pytest
 
+from agent.errors import AgentError
 from escrow import audit
 from escrow.audit import AuditEvent
 from escrow.core.errors import StoreError
@@ -152,3 +154,48 @@ def test_a_store_url_that_carries_a_password_is_refused_at_init(tmp_path: Path) 
     assert "store.url carries a password" in result.stderr
     assert "s3cret-in-url" not in result.stderr + result.stdout
     assert not (tmp_path / "data").exists()
+
+
+@ON_POSTGRESQL
+def test_postgresql_restarted_under_a_serving_escrow_costs_at_most_a_503(
+        backend: Backend, postgres: Server, tmp_path: Path) -> None:
+    escrow = make_escrow(tmp_path, "--store-url", backend.url, "--store-password-file",
+                         str(postgres.password_file))
+    escrow.start()
+    try:
+        cluster, node, key = api.enrolled(escrow, slots="auto,auto")
+        nodes = [node]
+        for _ in range(5):
+            extra = cluster.node()
+            api.run(api.enroll(escrow, extra))
+            nodes.append(extra)
+        answers: list[str] = []
+        stop = threading.Event()
+
+        def unseal_until_stopped() -> None:
+            while not stop.is_set():
+                for each in nodes:
+                    try:
+                        rebuilt = api.run(api.unseal(escrow, each))
+                        answers.append("ok" if rebuilt == [(1, key)] else f"wrong {rebuilt}")
+                    except AgentError as exc:
+                        answers.append(exc.message)
+
+        worker = threading.Thread(target=unseal_until_stopped)
+        worker.start()
+        try:
+            while len(answers) < 6:
+                time.sleep(0.05)
+            postgres.restart()
+            seen = len(answers)
+            while len(answers) < seen + 12:
+                time.sleep(0.05)
+        finally:
+            stop.set()
+            worker.join()
+    finally:
+        escrow.stop()
+    failures = [a for a in answers if a != "ok"]
+    assert all("(503)" in failure for failure in failures), failures
+    assert answers[-6:] == ["ok"] * 6
+    assert escrow.cli("audit", "verify").returncode == 0
