@@ -35,6 +35,7 @@ from bench.machine import Machine, invocation, preamble, this_machine
 from bench.proc import allow_open_files, cpu_seconds, memory_mib
 from bench.stats import percentile
 from bench.unseal_storm import SPARE_FILES, enroll_all
+from escrow import config
 from escrow.core.states import LockState
 from escrow.core.unlockkey import UnlockKey
 from lab.server import BOOT_ID, EscrowProcess, Node, make_escrow
@@ -56,7 +57,7 @@ class Phase:
 
 
 def _kind(error: Exception) -> str:
-    return f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"[:160]
+    return f"{type(error).__name__}: {(str(error).splitlines() or [''])[0]}"[:160]
 
 
 async def beating(escrow: EscrowProcess, nodes: list[Node], interval: float, pinned: str,
@@ -105,7 +106,7 @@ def phase(name: str, escrow: EscrowProcess, beaters: list[Node], probe: Node, ke
           interval: float, pinned: str, seconds: float) -> Phase:
     assert escrow.process is not None
     pid = escrow.process.pid
-    database = escrow.data_dir / "escrow.db"
+    database = escrow.data_dir / config.DB_NAME
     size = database.stat().st_size + _wal(database)
     audit = _audit_count(escrow)
     beats: list[float] = []

@@ -41,12 +41,11 @@ def _check_options(hsm_module: str | None, hsm_token: str | None, hsm_pin_file: 
         raise click.UsageError("--hsm-module needs --hsm-token (the token's label)")
     if store_password_file is not None and not store_url:
         raise click.UsageError("--store-password-file goes with --store-url")
-    if store_url:
-        opening.refuse_password_in(store_url)
 
 
 def _refuse_a_used_store(url: str, password_file: Path | None) -> None:
-    """Before anything is made: a store that holds an escrow's records is that escrow's."""
+    """Before anything is made: a store that holds an escrow's records is that escrow's (and
+    a URL carrying a password is refused by opening it)."""
     store = opening.open_url(url, password_file, lambda: "")
     try:
         used = bool(store.latest_audit(1))

@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from urllib.parse import urlsplit
 
 from escrow.config import Settings
 from escrow.core.errors import ConfigError
@@ -52,14 +51,15 @@ def password(password_file: Path | None, env: Mapping[str, str]) -> str | None:
 
 def refuse_password_in(url: str) -> None:
     """A password inside store.url would sit in escrow.toml or the environment in clear."""
-    if "://" in url:
-        try:
-            carries = urlsplit(url).password is not None or "password=" in urlsplit(url).query
-        except ValueError:
-            raise ConfigError("store.url is not a valid URL",
-                              "write it as postgresql://user@host:5432/dbname") from None
-    else:
-        carries = any(part.strip().startswith("password") for part in url.split())
+    # libpq's own reading of the URL or conninfo, as PostgresStore will connect with it.
+    from psycopg import ProgrammingError  # noqa: PLC0415
+    from psycopg.conninfo import conninfo_to_dict  # noqa: PLC0415
+
+    try:
+        carries = "password" in conninfo_to_dict(url)
+    except ProgrammingError:
+        raise ConfigError("store.url is not a libpq URL or conninfo",
+                          "write it as postgresql://user@host:5432/dbname") from None
     if carries:
         raise ConfigError("store.url carries a password; it would be kept in clear",
                           "remove it from the URL and put it in store.password_file (0600) or "

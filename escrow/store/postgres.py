@@ -209,12 +209,13 @@ def _refused(exc: psycopg.Error) -> StoreError:
 
 
 class PostgresStore(SqlStore):
-    def __init__(self, pool: ConnectionPool[psycopg.Connection[Any]], now: Clock) -> None:
+    def __init__(self, pool: ConnectionPool[psycopg.Connection[Any]], now: Clock, url: str,
+                 connect_args: dict[str, Any]) -> None:
         self._pool = pool
+        self._url = url  # and connect_args: how claim_serving connects beside the pool
+        self._connect_args = connect_args
         self._pinned: psycopg.Connection[Any] | None = None  # inside audit_snapshot
         self._serving: psycopg.Connection[Any] | None = None  # holds SERVE_LOCK
-        self._url = ""
-        self._connect_args: dict[str, Any] = {}
         super().__init__(_Reads(self), now)
 
     @classmethod
@@ -238,8 +239,7 @@ class PostgresStore(SqlStore):
                              "check store.url, the password (store.password_file or the "
                              "credential store-password) and that the server accepts this "
                              "host") from None
-        store = cls(pool, now)
-        store._url, store._connect_args = url, extra
+        store = cls(pool, now, url, extra)
         try:
             store._migrate()
         except BaseException:
