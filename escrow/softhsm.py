@@ -48,3 +48,21 @@ def create_token(directory: Path, label: str, pin: str) -> Path:
         raise HsmError(f"creating the SoftHSM token failed: {result.stderr.strip()}",
                        f"check that {directory} is writable")
     return Path(result.stdout.strip())
+
+
+def copy_token(source: Path, directory: Path) -> Path:
+    """Copy the token files under ``source`` (another escrow's ``DATA_DIR/softhsm``) into
+    ``directory``, for a replica that must reach the same wrapping key; return the copy's
+    SOFTHSM2_CONF path."""
+    tokens = source / "tokens"
+    if not tokens.is_dir():
+        raise HsmError(f"{source} holds no SoftHSM token (no {tokens})",
+                       "give the softhsm directory of the first replica's data directory "
+                       "(copied here with its owner's permissions kept, e.g. by rsync -a)")
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    shutil.copytree(tokens, directory / "tokens")
+    (directory / "tokens").chmod(0o700)
+    conf = directory / "softhsm2.conf"
+    template = _script_dir() / "softhsm2.conf.in"
+    conf.write_text(template.read_text().replace("@TOKENDIR@", str(directory / "tokens")))
+    return conf

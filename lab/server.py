@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shutil
 import signal
 import ssl
 import subprocess
@@ -92,8 +93,12 @@ class EscrowProcess:
         assert result.returncode == 0, result.stderr
         return key
 
-    def as_custodian(self, name: str, *args: str) -> subprocess.CompletedProcess[str]:
-        return run_escrow(*args, "--url", self.url, "--ca", str(self.ca), "--key",
+    def as_custodian(self, name: str, *args: str, via: EscrowProcess | None = None
+                     ) -> subprocess.CompletedProcess[str]:
+        """A custodian command of ``name`` (made by :meth:`custodian`), sent to this escrow
+        or to its replica ``via``."""
+        to = via or self
+        return run_escrow(*args, "--url", to.url, "--ca", str(to.ca), "--key",
                           str(self.base / name), "--passphrase-file", str(self.base / "pass"))
 
     def cluster(self, threshold: int, slots: str, *extra: str) -> Cluster:
@@ -188,3 +193,20 @@ def make_escrow(base: Path, *init: str, **env: str) -> EscrowProcess:
     assert result.returncode == 0, result.stderr
     (base / "pass").write_text(PASSPHRASE + "\n")
     return escrow
+
+
+def make_replica(first: EscrowProcess, base: Path, store_url: str, password_file: Path,
+                 **env: str) -> EscrowProcess:
+    """Another replica of ``first`` (an escrow on the PostgreSQL store ``store_url``), made as
+    README's "Run several replicas" says: `escrow init --join` with a copy of its token."""
+    copied = base / "token-copy"
+    shutil.copytree(first.data_dir / "softhsm", copied / "softhsm")
+    shutil.copy2(first.data_dir / "hsm-pin", copied / "hsm-pin")
+    env.setdefault("ESCROW_REQUESTS_SOURCE_RATE", "0")
+    replica = EscrowProcess(base, free_port(), env)
+    result = run_escrow("init", "--data-dir", str(replica.data_dir), "--store-url", store_url,
+                        "--store-password-file", str(password_file), "--join",
+                        "--token-from", str(copied / "softhsm"))
+    assert result.returncode == 0, result.stderr
+    shutil.rmtree(copied)
+    return replica

@@ -34,7 +34,7 @@ from escrow.vault import Vault
 from escrow.wrapping import Token
 from lab import postgres as lab_postgres
 from lab.certs import make_root_ca
-from lab.server import EscrowProcess, make_escrow
+from lab.server import EscrowProcess, make_escrow, make_replica
 
 SESSION_TOKEN = "tests"
 SESSION_PIN = "test-pin-5521"
@@ -172,6 +172,28 @@ def data_dir(tmp_path: Path, hsm_settings: HsmSettings, token: Token) -> Path:
     config.write(directory, hsm_settings, config.DEFAULT_RETENTION_DAYS)
     SqliteStore.open(directory / config.DB_NAME, lambda: "init", create=True).close()
     return directory
+
+
+@pytest.fixture
+def replicas(postgres: lab_postgres.Server, tmp_path: Path) -> Iterator[list[EscrowProcess]]:
+    """Two running replicas of one escrow on a PostgreSQL database of this test's own, each
+    with its own data directory and a copy of the first one's token; custodians alice and bob
+    (their keys beside the first replica)."""
+    with postgres.database() as name:
+        url, password = postgres.url(name), str(postgres.password_file)
+        first = make_escrow(tmp_path / "a", "--store-url", url, "--store-password-file", password)
+        for custodian in ("alice", "bob"):
+            first.custodian(custodian)
+        second = make_replica(first, tmp_path / "b", url, postgres.password_file)
+        running: list[EscrowProcess] = []
+        try:
+            for replica in (first, second):
+                replica.start()
+                running.append(replica)
+            yield running
+        finally:
+            for replica in running:
+                replica.stop()
 
 
 @pytest.fixture

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import secrets
+from datetime import UTC, datetime
 from pathlib import Path
 
 import click
@@ -12,9 +13,11 @@ from escrow import config, softhsm
 from escrow.audit import AuditEvent
 from escrow.cli.context import actor, data_dir_option, open_store
 from escrow.core import tls
-from escrow.core.errors import ConfigError
+from escrow.core.errors import ConfigError, EscrowError
 from escrow.core.hsm import HsmSettings
-from escrow.store import opening
+from escrow.store import Store, opening
+from escrow.stored_secrets import WRAPPED_META, wrapped_secret
+from escrow.vault import Vault
 from escrow.wrapping import Token, resolve_pin
 
 EMBEDDED_TOKEN = "escrow"  # noqa: S105 - a token label, not a password
@@ -33,29 +36,88 @@ def _embedded_hsm(data_dir: Path, key_label: str) -> HsmSettings:
                        pin_file=pin_path, softhsm_conf=conf)
 
 
+def _copied_hsm(data_dir: Path, source: Path, key_label: str,
+                pin_file: Path | None) -> HsmSettings:
+    """The first replica's SoftHSM token, copied into this data directory with its PIN."""
+    pin_from = pin_file.absolute() if pin_file else source.parent / EMBEDDED_PIN_FILE
+    try:
+        pin = pin_from.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read the token's PIN from {pin_from}: {exc.strerror}",
+                          "copy the first replica's hsm-pin beside its softhsm directory, or "
+                          "give --hsm-pin-file") from None
+    pin_path = data_dir / EMBEDDED_PIN_FILE
+    fd = os.open(pin_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(pin)
+    conf = softhsm.copy_token(source, data_dir / "softhsm")
+    return HsmSettings(module=softhsm.default_module(), token=EMBEDDED_TOKEN,
+                       key_label=key_label, pin_file=pin_path, softhsm_conf=conf)
+
+
+def _hsm(data_dir: Path, module: str | None, token: str | None, pin_file: Path | None,
+         key_label: str, token_from: Path | None) -> HsmSettings:
+    if token_from is not None:
+        return _copied_hsm(data_dir, token_from.absolute(), key_label, pin_file)
+    if module is None:
+        return _embedded_hsm(data_dir, key_label)
+    return HsmSettings(module, str(token), key_label,
+                       pin_file.absolute() if pin_file else None, None)
+
+
+def _write_config(data_dir: Path, hsm: HsmSettings, retention_days: float,
+                  store_url: str | None, store_password_file: Path | None) -> None:
+    config.write(data_dir, hsm, retention_days)
+    if store_url:
+        config.update(data_dir, "store", "url", store_url)
+    if store_password_file is not None:
+        config.update(data_dir, "store", "password_file", str(store_password_file.absolute()))
+
+
 def _check_options(hsm_module: str | None, hsm_token: str | None, hsm_pin_file: Path | None,
-                   store_url: str | None, store_password_file: Path | None) -> None:
+                   store_url: str | None, store_password_file: Path | None, join: bool,
+                   token_from: Path | None) -> None:
     if hsm_module is None and (hsm_token or hsm_pin_file):
         raise click.UsageError("--hsm-token and --hsm-pin-file go with --hsm-module")
     if hsm_module is not None and not hsm_token:
         raise click.UsageError("--hsm-module needs --hsm-token (the token's label)")
     if store_password_file is not None and not store_url:
         raise click.UsageError("--store-password-file goes with --store-url")
+    if join and not store_url:
+        raise click.UsageError("--join needs --store-url: the database the other replicas use")
+    if token_from is not None and (not join or hsm_module is not None):
+        raise click.UsageError("--token-from goes with --join, without --hsm-module")
+    if join and hsm_module is None and token_from is None:
+        raise click.UsageError("a replica must reach the same wrapping key: give --hsm-module "
+                               "(a network HSM every replica logs into) or --token-from "
+                               "(a copy of the first replica's DATA_DIR/softhsm)")
 
 
-def _refuse_a_used_store(url: str, password_file: Path | None) -> None:
-    """Before anything is made: a store that holds an escrow's records is that escrow's (and
-    a URL carrying a password is refused by opening it)."""
+def _check_store(url: str, password_file: Path | None, join: bool) -> None:
+    """Before anything is made: a store that holds an escrow's records is that escrow's, and
+    only a replica joins it (a URL carrying a password is refused by opening it)."""
     store = opening.open_url(url, password_file, lambda: "")
     try:
         used = bool(store.latest_audit(1))
     finally:
         store.close()
-    if used:
+    if used and not join:
         raise ConfigError("the PostgreSQL store at --store-url already holds an escrow's data",
-                          "several replicas on one database are not supported yet: give this "
-                          "escrow a database of its own, or restore the other escrow's data "
-                          "directory to serve that one")
+                          "to add a replica of that escrow, run this again with --join; "
+                          "otherwise give this escrow a database of its own")
+    if join and not used:
+        raise ConfigError("the PostgreSQL store at --store-url holds no escrow to join",
+                          "initialise the first replica without --join")
+
+
+def _check_same_key(store: Store, token: Token) -> None:
+    """The joining replica's token opens what the store holds wrapped: the same key."""
+    try:
+        Vault(store, token, lambda: datetime.now(UTC), actor()).check_all_unwrap(WRAPPED_META)
+    except EscrowError as exc:
+        raise ConfigError(f"this token's wrapping key does not open the store's data: "
+                          f"{exc.message}", "a replica needs the first replica's token (or "
+                          "the same network HSM token) and --hsm-key-label") from None
 
 
 @click.command()
@@ -77,16 +139,27 @@ def _refuse_a_used_store(url: str, password_file: Path | None) -> None:
 @click.option("--store-password-file", type=click.Path(path_type=Path),
               help="File holding the database password, 0600 (store.password_file; or a "
                    "systemd credential named store-password).")
+@click.option("--join", is_flag=True,
+              help="Add a replica of the escrow whose PostgreSQL store --store-url names: no "
+                   "new wrapping key, deposit key or nonce key, the store's data untouched.")
+@click.option("--token-from", type=click.Path(path_type=Path, file_okay=False),
+              help="With --join and the embedded SoftHSM: a copy of the first replica's "
+                   "DATA_DIR/softhsm directory (with its hsm-pin beside it, or give "
+                   "--hsm-pin-file).")
 @click.option("--exist-ok", is_flag=True,
               help="Succeed without changing anything if DIR is already initialised.")
 def init(data_dir: Path, hsm_module: str | None, hsm_token: str | None,
          hsm_pin_file: Path | None, hsm_key_label: str, retention_days: float,
-         store_url: str | None, store_password_file: Path | None, exist_ok: bool) -> None:
+         store_url: str | None, store_password_file: Path | None, join: bool,
+         token_from: Path | None, exist_ok: bool) -> None:
     """Create the data directory, database and HSM wrapping key.
 
     Without --hsm-module a SoftHSM token is created inside the data directory, with its PIN
     in DATA_DIR/hsm-pin: fine for trying the escrow out, no protection against theft of the
     directory. Production uses a real HSM.
+
+    With --join, the data directory of another replica of an escrow on PostgreSQL: its own
+    config and TLS certificate, the same store and wrapping key.
     """
     data_dir = data_dir.absolute()
     if (data_dir / config.CONFIG_NAME).exists():
@@ -98,39 +171,43 @@ def init(data_dir: Path, hsm_module: str | None, hsm_token: str | None,
             return
         raise ConfigError(f"{data_dir} is already initialised",
                           "use it as it is, or choose another --data-dir")
-    _check_options(hsm_module, hsm_token, hsm_pin_file, store_url, store_password_file)
+    _check_options(hsm_module, hsm_token, hsm_pin_file, store_url, store_password_file, join,
+                   token_from)
     if store_url:
-        _refuse_a_used_store(store_url, store_password_file)
+        _check_store(store_url, store_password_file, join)
     data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     data_dir.chmod(0o700)
 
-    if hsm_module is None:
-        hsm = _embedded_hsm(data_dir, hsm_key_label)
-    else:
-        pin_path = hsm_pin_file.absolute() if hsm_pin_file else None
-        hsm = HsmSettings(hsm_module, str(hsm_token), hsm_key_label, pin_path, None)
-
+    hsm = _hsm(data_dir, hsm_module, hsm_token, hsm_pin_file, hsm_key_label, token_from)
     with Token(hsm, resolve_pin(None, hsm.pin_file, os.environ)) as token:
-        created = token.create_wrapping_key()
-    config.write(data_dir, hsm, retention_days)
-    if store_url:
-        config.update(data_dir, "store", "url", store_url)
-    if store_password_file is not None:
-        config.update(data_dir, "store", "password_file", str(store_password_file.absolute()))
-    settings = config.load(data_dir)
-    store = open_store(settings, create=True)
-    try:
-        store.append_audit(AuditEvent("escrow.init", actor(), "", {
-            "hsm_module": hsm.module, "token": hsm.token, "key_label": hsm.key_label,
-            "wrapping_key": "created" if created else "existing"}))
-    finally:
-        store.close()
+        created = False if join else token.create_wrapping_key()
+        _write_config(data_dir, hsm, retention_days, store_url, store_password_file)
+        store = open_store(config.load(data_dir), create=True)
+        try:
+            if join:
+                _check_same_key(store, token)
+            store.append_audit(AuditEvent("escrow.init", actor(), "", {
+                "hsm_module": hsm.module, "token": hsm.token, "key_label": hsm.key_label,
+                "wrapping_key": "joined" if join else "created" if created else "existing"}))
+            if not join:
+                # Made now, so that a replica joining later proves its token against them.
+                for name in WRAPPED_META:
+                    wrapped_secret(store, token, name)
+        except BaseException:
+            # A replica that cannot serve leaves no data directory that looks as if it could.
+            (data_dir / config.CONFIG_NAME).unlink(missing_ok=True)
+            raise
+        finally:
+            store.close()
     ca = tls.make_quickstart_tls(data_dir / "tls", tls.default_names())
-    click.echo(f"initialised {data_dir}")
+    click.echo(f"{'joined' if join else 'initialised'} {data_dir}")
     click.echo(f"  TLS: self-signed CA {ca} (give it to agents and custodians), server "
                f"certificate for {', '.join(tls.default_names())}")
     click.echo(f"  token {hsm.token!r} in {hsm.module}, wrapping key {hsm.key_label!r} "
                f"({'created' if created else 'already present'})")
+    if join:
+        click.echo("  replica: agents and custodians trust every replica's CA; append "
+                   f"{ca} to the ca.pem they have, and add this host to their escrow URLs")
     if hsm_module is None:
         click.echo("  embedded SoftHSM token: for trying the escrow out; use a real HSM in "
                    "production")

@@ -1,9 +1,10 @@
 """Wire messages of the /v1 API and the ONE canonical encoding every signature covers.
 
 Messages are pydantic models that forbid unknown fields and coerce nothing, so a body is either
-exactly what the schema says or a 400; the same models produce the OpenAPI document. What a
-signature covers is never "the JSON": it is :func:`escrow.core.encoding.encode` of named fields
-under a domain tag, built only by the ``*_payload`` functions below.
+exactly what the schema says or a 400 (answers, :class:`Answer`, ignore fields they do not
+know); the same models produce the OpenAPI document. What a signature covers is never "the
+JSON": it is :func:`escrow.core.encoding.encode` of named fields under a domain tag, built only
+by the ``*_payload`` functions below.
 
 Two field names keep the API's first spelling for compatibility with deployed agents:
 ``sealed_key`` (a deposit's unlock key, HPKE-encrypted to the escrow's deposit key) and
@@ -62,18 +63,30 @@ class Message(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
 
+class Answer(Message):
+    """What the escrow sends back: a field a newer escrow adds is ignored, so agents and
+    custodian CLIs of the release before keep working while replicas are upgraded."""
+
+    model_config = ConfigDict(extra="ignore", strict=True, frozen=True)
+
+
 # -- agent <-> escrow ---------------------------------------------------------------------
 
-class NonceResponse(Message):
+class NonceResponse(Answer):
     nonce: B64
     expires_at: str
 
 
-class HealthResponse(Message):
+class HealthResponse(Answer):
     status: Literal["ok"]
+    store: Literal["sqlite", "postgresql"] | None = Field(
+        default=None, description="the kind of database this replica keeps its data in "
+                                  "(absent from older escrows)")
+    writable: bool | None = Field(default=None, description="the database accepts writes "
+                                  "(a replica on a read-only standby answers 503 instead)")
 
 
-class InfoResponse(Message):
+class InfoResponse(Answer):
     api: str
     deposit_public_key: B64 = Field(description="X25519 key that deposits are encrypted to")
     server_time: str
@@ -90,12 +103,12 @@ class EnrollRequest(Message):
     agent_signature: B64 = Field(description="ECDSA/SHA-256 by the agent key, DER")
 
 
-class EscrowedKey(Message):
+class EscrowedKey(Answer):
     version: int
     fingerprint: str
 
 
-class EnrollResponse(Message):
+class EnrollResponse(Answer):
     cluster_id: str
     node_id: str
     enrolled_at: str
@@ -110,7 +123,7 @@ class DepositRequest(Message):
     signature: B64
 
 
-class DepositResponse(Message):
+class DepositResponse(Answer):
     version: int
     created: bool
     fingerprint: str
@@ -128,7 +141,7 @@ class UnsealRequest(Message):
     signature: B64
 
 
-class ReleasedShare(Message):
+class ReleasedShare(Answer):
     version: Int63
     fingerprint: str
     slot: Int63
@@ -149,7 +162,7 @@ for _literal, _enum in ((RequestState, states.RequestState), (ResultOutcome, sta
         raise RuntimeError(f"the protocol and escrow.core.states disagree on {_enum.__name__}")
 
 
-class RequestStatus(Message):
+class RequestStatus(Answer):
     request_id: str
     cluster_id: str
     node_id: str
@@ -170,7 +183,7 @@ class ResultReport(Message):
     signature: B64
 
 
-class ResultResponse(Message):
+class ResultResponse(Answer):
     recorded: bool
 
 
@@ -192,13 +205,13 @@ class HeartbeatRequest(Message):
     signature: B64
 
 
-class HeartbeatResponse(Message):
+class HeartbeatResponse(Answer):
     recorded: bool
 
 
 # -- custodians ---------------------------------------------------------------------------
 
-class PendingRequest(Message):
+class PendingRequest(Answer):
     request_id: str
     cluster_id: str
     node_id: str
@@ -225,7 +238,7 @@ class DenyRequest(Message):
     signature: B64
 
 
-class DecisionResponse(Message):
+class DecisionResponse(Answer):
     request_id: str
     state: RequestState
     approvals: list[str]
@@ -247,7 +260,7 @@ def _encodable(value: object) -> object:
 Text = Annotated[str, BeforeValidator(_encodable)]
 
 
-class ErrorResponse(Message):
+class ErrorResponse(Answer):
     error: Text
     message: Text
     hint: Text = ""

@@ -130,14 +130,8 @@ class EscrowServer:
 
     # -- lifecycle --------------------------------------------------------------------------
 
-    def _open(self) -> None:
-        store = open_store(self.settings, lambda: timestamp(datetime.now(UTC)))
-        try:
-            store.claim_serving()
-        except BaseException:
-            store.close()
-            raise
-        self._store = store
+    def _open(self) -> SqlStore:
+        self._store = open_store(self.settings, lambda: timestamp(datetime.now(UTC)))
         self._reserve.make()
         try:
             self._service()
@@ -145,6 +139,7 @@ class EscrowServer:
             raise
         except HsmError:
             pass  # logged by the link; the API answers 503 until the token is back
+        return self._store
 
     def _service(self) -> Escrow:
         """The service, made once the token answers (it unwraps the deposit key)."""
@@ -167,7 +162,13 @@ class EscrowServer:
 
     async def start(self, app: web.Application) -> None:
         self._alerts.start()
-        await self.run(self._open)
+        store = await self.run(self._open)
+        loop = asyncio.get_running_loop()
+
+        def decided(request_id: str | None) -> None:
+            loop.call_soon_threadsafe(self._waiters.wake, request_id)
+        # Decisions taken through another replica wake this one's long polls too.
+        store.listen(decided)
         self._unidentified.start()
 
     async def shutdown(self, app: web.Application) -> None:
@@ -274,10 +275,10 @@ class EscrowServer:
     async def healthz(self, request: web.Request) -> web.Response:
         try:
             escrow = await self._ready()
-            await self.run(escrow.check_health)
+            store = await self.run(escrow.check_health)
         except EscrowError as exc:
             return _error(503, "unhealthy", exc.message, exc.hint)
-        return _json(HealthResponse(status="ok"))
+        return _json(HealthResponse(status="ok", store=store, writable=True))
 
     async def metrics_endpoint(self, request: web.Request) -> web.Response:
         escrow = await self._ready()

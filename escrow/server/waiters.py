@@ -1,6 +1,6 @@
 """The long polls of ``GET /v1/unseal/{id}?wait=S``: a poll of a pending request waits up to
 ``S`` seconds for a custodian's decision on it, so an agent hears of an approval at once without
-polling fast."""
+polling fast, whichever replica the custodian's decision went through (``Store.listen``)."""
 
 from __future__ import annotations
 
@@ -38,10 +38,16 @@ class Waiters:
                 self._decided.pop(request_id, None)
         return status
 
-    def wake(self, request_id: str) -> None:
-        """A custodian decided on ``request_id``: its polls look again now."""
-        event = self._decided.pop(request_id, None)
-        if event is not None:
+    def wake(self, request_id: str | None) -> None:
+        """A custodian decided on ``request_id``: its polls look again now. ``None``: some
+        decision may have been missed (the store's listener reconnected), so every poll
+        looks again."""
+        if request_id is None:
+            events, self._decided = list(self._decided.values()), {}
+        else:
+            event = self._decided.pop(request_id, None)
+            events = [] if event is None else [event]
+        for event in events:
             event.set()
 
     def close(self) -> None:

@@ -17,8 +17,6 @@ responsibility:
 
 from __future__ import annotations
 
-import hmac
-import secrets
 from collections.abc import Callable
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
@@ -45,6 +43,7 @@ from escrow.service.enrollment import Enrollment
 from escrow.service.heartbeats import Heartbeats
 from escrow.service.refusals import Refusals, Unidentified
 from escrow.service.unseal import Unseals
+from escrow.store import StoreKind
 from escrow.stored_secrets import DEPOSIT_KEY, NONCE_KEY, wrapped_secret
 from escrow.vault import DepositResult, Vault
 
@@ -63,16 +62,11 @@ class Escrow:
         context = Context(vault, settings, Hooks(on_release, room, on_alert, for_release),
                           self.refusals)
         self.store = store
-        deposit_key = X25519PrivateKey.from_private_bytes(wrapped_secret(
-            store, vault.wrapper, DEPOSIT_KEY,
-            lambda: X25519PrivateKey.generate().private_bytes_raw()))
-        # The used nonces live in this process's memory, so a nonce must not outlive it: the
-        # stored secret is mixed with one of this process's start, and a restart voids every
-        # nonce issued before (agents just fetch new ones). Replicas sharing nonces will need
-        # the used set in the store first.
-        stored = wrapped_secret(store, vault.wrapper, NONCE_KEY, lambda: secrets.token_bytes(32))
-        self.nonces = NonceMinter(hmac.new(stored, secrets.token_bytes(32), "sha256").digest(),
-                                  vault.clock)
+        deposit_key = X25519PrivateKey.from_private_bytes(
+            wrapped_secret(store, vault.wrapper, DEPOSIT_KEY))
+        # One secret for every replica, and the used ones in the store: a nonce issued by one
+        # replica is good, once, at any other.
+        self.nonces = NonceMinter(wrapped_secret(store, vault.wrapper, NONCE_KEY), vault.clock)
         self.auth = Authenticator(store, self.nonces, vault.clock)
         self.enrollment = Enrollment(context, deposit_key)
         self.heartbeats = Heartbeats(context)
@@ -84,10 +78,12 @@ class Escrow:
     def deposit_public_key(self) -> bytes:
         return self.enrollment.deposit_public_key
 
-    def check_health(self) -> None:
-        """Raise unless the database answers and the token unwraps a share-sized test value."""
-        self.store.get_meta(DEPOSIT_KEY)
+    def check_health(self) -> StoreKind:
+        """Which database this replica keeps its data in; raise unless it answers and takes
+        writes, and the token unwraps a share-sized test value."""
+        kind = self.store.check_writable()
         self._wrapper.unwrap(self._wrapper.wrap(b"health", b"health"), b"health")
+        return kind
 
     # -- nodes ------------------------------------------------------------------------------
 

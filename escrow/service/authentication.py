@@ -33,14 +33,11 @@ from escrow.core.protocol import (
     UnsealRequest,
 )
 from escrow.core.states import Decision, NodeStatus
-from escrow.nonces import NONCE_SIZE, NonceMinter, SeenOnce
+from escrow.nonces import NONCE_SIZE, NonceMinter, millis
 from escrow.service import fields
 from escrow.store import NodeRecord, RequestRecord, Store
 
 CUSTODIAN_SKEW = timedelta(minutes=5)
-# Used nonces and custodian requests remembered at once: far above what rate-limited
-# identified callers can use within a nonce's lifetime, and a few MiB at most.
-SEEN_CAPACITY = 100_000
 
 
 @dataclass(frozen=True)
@@ -85,8 +82,6 @@ class Authenticator:
         self.store = store
         self.nonces = nonces
         self.clock = clock
-        self._used_nonces = SeenOnce(SEEN_CAPACITY)
-        self._custodian_requests = SeenOnce(SEEN_CAPACITY)
 
     # -- nodes: identification --------------------------------------------------------------
 
@@ -109,7 +104,7 @@ class Authenticator:
         if not protocol.verify(agent_key, body.agent_signature, payload):
             raise IdentityError("bad_signature", "the agent key's signature is invalid",
                                 "the agent must sign with the key it registers", 401)
-        self._use_once(self._used_nonces, nonce, expires)
+        self._use_once(nonce, expires)
         return VerifiedEnrollment(cert, agent_key)
 
     def verify_deposit(self, body: DepositRequest) -> VerifiedDeposit:
@@ -118,7 +113,7 @@ class Authenticator:
         encrypted = fields.b64(body.sealed_key, "sealed_key")
         self._signed_by(node, body.signature, protocol.deposit_payload(
             body.cluster_id, body.node_id, nonce, encrypted), "deposit")
-        self._use_once(self._used_nonces, nonce, expires)
+        self._use_once(nonce, expires)
         return VerifiedDeposit(node, nonce, encrypted)
 
     def verify_unseal(self, body: UnsealRequest) -> VerifiedUnseal:
@@ -129,7 +124,7 @@ class Authenticator:
         self._signed_by(node, body.signature, protocol.unseal_payload(
             body.cluster_id, body.node_id, cert.public_bytes(serialization.Encoding.DER),
             ephemeral, body.hostname, body.boot_id, body.kek_version, nonce), "request")
-        self._use_once(self._used_nonces, nonce, expires)
+        self._use_once(nonce, expires)
         return VerifiedUnseal(node, cert, ephemeral)
 
     def verify_heartbeat(self, body: HeartbeatRequest) -> VerifiedHeartbeat:
@@ -137,7 +132,7 @@ class Authenticator:
         nonce, expires = self._fresh(body.nonce)
         self._signed_by(node, body.signature, protocol.heartbeat_payload(body, nonce),
                         "heartbeat")
-        self._use_once(self._used_nonces, nonce, expires)
+        self._use_once(nonce, expires)
         return VerifiedHeartbeat(node)
 
     def verify_report(self, request_id: str, body: ResultReport) -> VerifiedReport:
@@ -217,7 +212,7 @@ class Authenticator:
         # other ECDSA twin of the same signature is the same request.
         seen = hashlib.sha256(encode("swarm-unseal/v1/custodian-seen", key_id, payload)).digest()
         try:
-            self._use_once(self._custodian_requests, seen, now + 2 * CUSTODIAN_SKEW)
+            self._use_once(seen, now + 2 * CUSTODIAN_SKEW)
         except IdentityError:
             raise IdentityError("replayed", "this signed request was already used",
                                 "sign a new request (the CLI does so for every call)",
@@ -243,14 +238,10 @@ class Authenticator:
             raise _stale()
         return nonce, expires
 
-    def _use_once(self, guard: SeenOnce, key: bytes, expires: datetime) -> None:
-        now = self.clock()
-        if guard.first_time(key, expires, now):
-            return
-        if guard.full(now):
-            raise RequestError("busy", "the escrow is tracking too many signed requests at once",
-                               "retry in a minute", 503, retry_after=60)
-        raise _stale()
+    def _use_once(self, key: bytes, expires: datetime) -> None:
+        # A nonce is 32 bytes and a custodian request's mark a SHA-256: they cannot collide.
+        if not self.store.use_once(key, millis(expires), millis(self.clock())):
+            raise _stale()
 
     def _node(self, cluster_id: str, node_id: str) -> NodeRecord:
         self.store.get_cluster(cluster_id)

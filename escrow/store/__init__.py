@@ -11,11 +11,13 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Literal, Protocol
 
 from escrow.audit import AuditEvent, AuditRecord, Checkpoint
 from escrow.core.states import Decision, LockState, NodeStatus, Outcome, RequestState
 from escrow.policy import Policy
+
+StoreKind = Literal["sqlite", "postgresql"]
 
 
 @dataclass(frozen=True)
@@ -117,6 +119,10 @@ MakeShares = Callable[[int], Sequence[ShareRecord]]
 class Store(Protocol):
     def close(self) -> None: ...
 
+    def check_writable(self) -> StoreKind:
+        """The kind of database; raise StoreError unless it answers and accepts writes."""
+        ...
+
     def add_custodian(self, record: CustodianRecord, event: AuditEvent) -> None: ...
     def remove_custodian(self, name: str, event: AuditEvent) -> None: ...
     def get_custodian(self, name: str) -> CustodianRecord: ...
@@ -148,7 +154,10 @@ class Store(Protocol):
                meta: Mapping[str, Callable[[bytes], bytes]], event: AuditEvent) -> int: ...
 
     def get_meta(self, name: str) -> bytes | None: ...
-    def put_meta(self, name: str, value: bytes, event: AuditEvent) -> None: ...
+    def add_meta(self, name: str, value: bytes, event: AuditEvent) -> bytes:
+        """Store ``value`` under ``name`` unless a value is there already; return the one
+        stored (audited only if it is ``value``)."""
+        ...
 
     def enroll_node(self, record: NodeRecord, event: AuditEvent) -> None:
         """Insert or replace the node's agent key; a revoked node stays revoked."""
@@ -209,6 +218,18 @@ class Store(Protocol):
     def list_results(self, request_id: str) -> dict[int, Outcome]: ...
     def last_unlocked_versions(self, cluster_id: str) -> dict[str, int]:
         """Each node's version of its most recent successful unlock."""
+        ...
+
+    def use_once(self, key: bytes, expires_ms: int, now_ms: int) -> bool:
+        """Record ``key`` until ``expires_ms`` (Unix time, ms); False if it is recorded
+        already. Every process sharing the store sees the same set, so a nonce or a signed
+        custodian request is used once across replicas, and across restarts."""
+        ...
+
+    def listen(self, on_decided: Callable[[str | None], None]) -> None:
+        """Call ``on_decided(request_id)`` (from another thread) once a custodian's decision
+        on the request commits, in any process sharing the store; ``None`` when some may
+        have been missed."""
         ...
 
     def count_audit_since(self, event: str, actor: str, since: str) -> int: ...

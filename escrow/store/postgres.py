@@ -5,7 +5,9 @@ One writer at a time, as with SQLite's ``BEGIN IMMEDIATE``: every write transact
 a transaction-scoped advisory lock. So the audit log stays one chain however many replicas
 append to it, and a deposit numbers its version and inserts its shares under one lock. Reads
 run on their own, each statement in its own snapshot, except inside ``audit_snapshot``, which
-holds one REPEATABLE READ transaction for all of its reads.
+holds one REPEATABLE READ transaction for all of its reads. Marking a nonce used takes no lock:
+its one INSERT decides. A custodian's decision is announced (NOTIFY) as it commits, and
+``listen`` hears every replica's.
 
 A connection that broke (the server restarted, a failover) is replaced by the pool on next use;
 the request that met the break gets a StoreError (503), never a half-made change.
@@ -14,7 +16,8 @@ the request that met the break gets a StoreError (503), never a half-made change
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -24,16 +27,18 @@ from psycopg import errors as pg_errors
 from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool, PoolTimeout
 
+from escrow.audit import AuditEvent, AuditRecord
 from escrow.core.errors import DiskFull, StoreError
-from escrow.store.sql import AUDIT_BATCH, Clock, Cursor, NamedRow, SqlStore
+from escrow.store import StoreKind
+from escrow.store.sql import AUDIT_BATCH, Clock, Cursor, Db, NamedRow, SqlStore
 
 # pg_advisory_xact_lock key every write transaction takes: b"escr" as an integer.
 WRITE_LOCK = 0x65736372
-# pg_try_advisory_lock key the serving escrow holds for its life: b"serv". Nonces, long-poll
-# wake-ups and rate limits still live in the serving process, so a second `escrow serve` on
-# the same database would answer with a memory of its own.
-SERVE_LOCK = 0x73657276
+# The channel a decision is announced on (NOTIFY), so that every replica's long polls of the
+# request look again at once, whichever replica the custodian reached.
+DECIDED = "escrow_decided"
 CONNECT_TIMEOUT = 10.0
+LISTEN_TICK = 1.0  # seconds between looks at whether the store is closing
 
 _APPEND_ONLY = """
 CREATE FUNCTION {name}() RETURNS trigger LANGUAGE plpgsql AS $$
@@ -131,6 +136,10 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         " FOREIGN KEY (cluster_id, node_id) REFERENCES nodes(cluster_id, node_id))",
         "CREATE INDEX heartbeats_by_time ON heartbeats (cluster_id, node_id, last_at)",
     ),
+    (
+        "CREATE TABLE used_once (key BYTEA PRIMARY KEY, expires_at BIGINT NOT NULL)",
+        "CREATE INDEX used_once_by_expiry ON used_once (expires_at)",
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -212,10 +221,11 @@ class PostgresStore(SqlStore):
     def __init__(self, pool: ConnectionPool[psycopg.Connection[Any]], now: Clock, url: str,
                  connect_args: dict[str, Any]) -> None:
         self._pool = pool
-        self._url = url  # and connect_args: how claim_serving connects beside the pool
+        self._url = url  # and connect_args: how the listener connects beside the pool
         self._connect_args = connect_args
         self._pinned: psycopg.Connection[Any] | None = None  # inside audit_snapshot
-        self._serving: psycopg.Connection[Any] | None = None  # holds SERVE_LOCK
+        self._closed = threading.Event()
+        self._listener: threading.Thread | None = None
         super().__init__(_Reads(self), now)
 
     @classmethod
@@ -266,25 +276,52 @@ class PostgresStore(SqlStore):
                 db.execute("UPDATE schema_version SET version = ?", (SCHEMA_VERSION,))
 
     def close(self) -> None:
-        if self._serving is not None:
-            self._serving.close()
+        self._closed.set()
+        if self._listener is not None:
+            self._listener.join()
         self._pool.close()
 
-    def claim_serving(self) -> None:
-        """Hold SERVE_LOCK on a connection of its own for as long as this store is open; the
-        server ends the lock by ending that session, even by dying."""
-        try:
-            connection = psycopg.connect(self._url, **self._connect_args)
-            claimed = connection.execute("SELECT pg_try_advisory_lock(%s)",
-                                         (SERVE_LOCK,)).fetchone()
-        except psycopg.Error as exc:
-            raise _unavailable(exc) from None
-        if not claimed or not claimed[0]:
-            connection.close()
-            raise StoreError("another `escrow serve` already serves from this PostgreSQL store",
-                             "several replicas on one database are not supported yet: stop the "
-                             "other one, or give this escrow a database of its own")
-        self._serving = connection
+    def check_writable(self) -> StoreKind:
+        """A standby (in recovery) or a read-only default takes no writes: this replica is
+        then unhealthy, and clients go to another."""
+        row = self._db.execute("SELECT pg_is_in_recovery(),"
+                               " current_setting('default_transaction_read_only')").fetchone()
+        if row[0] or row[1] == "on":
+            raise StoreError(f"the PostgreSQL store ({_describe(self._url)}) is read-only: a "
+                             "standby, or default_transaction_read_only is on",
+                             "point store.url at the primary (several hosts with "
+                             "target_session_attrs=read-write find it by themselves)")
+        return "postgresql"
+
+    def listen(self, on_decided: Callable[[str | None], None]) -> None:
+        """LISTEN on a connection of its own, in a thread of its own, until closed."""
+        self._listener = threading.Thread(target=self._listen, args=(on_decided,),
+                                          name="escrow-store-listen", daemon=True)
+        self._listener.start()
+
+    def _listen(self, on_decided: Callable[[str | None], None]) -> None:
+        while not self._closed.is_set():
+            try:
+                with psycopg.connect(self._url, **self._connect_args) as connection:
+                    connection.execute(f"LISTEN {DECIDED}")
+                    # Whatever was announced while this was not listening is lost: the
+                    # polls of every request look again.
+                    on_decided(None)
+                    while not self._closed.is_set():
+                        for notice in connection.notifies(timeout=LISTEN_TICK):
+                            on_decided(notice.payload)
+            except psycopg.Error:
+                # The server restarted or failed over: polls still end by their own wait
+                # until this is back.
+                self._closed.wait(LISTEN_TICK)
+
+    def _announce(self, db: Db, request_id: str) -> None:
+        db.execute("SELECT pg_notify(?, ?)", (DECIDED, request_id))
+
+    @contextmanager
+    def _unaudited(self) -> Iterator[_Transaction]:
+        with self._connection() as connection, connection.transaction():
+            yield _Transaction(connection)
 
     @contextmanager
     def _connection(self) -> Iterator[psycopg.Connection[Any]]:
@@ -325,6 +362,20 @@ class PostgresStore(SqlStore):
                 raise _refused(exc) from None
             raise
         self._journal_committed()
+
+    def load(self, fill: Callable[[psycopg.Connection[Any]], AuditEvent]) -> AuditRecord:
+        """Fill this store with a whole escrow in one write transaction (escrow.store.copy):
+        ``fill`` writes on the transaction's connection (COPY, say), may read back through
+        this store's own methods, which see its uncommitted rows meanwhile, and returns the
+        event that records what it did. That event is chained after everything ``fill`` wrote,
+        and all of it commits, or none of it."""
+        with self._write() as db:
+            self._pinned = db._connection
+            try:
+                event = fill(db._connection)
+            finally:
+                self._pinned = None
+            return self._append(db, event)
 
     @contextmanager
     def audit_snapshot(self) -> Iterator[None]:

@@ -27,6 +27,7 @@ from escrow.store import (
     NodeRecord,
     RequestRecord,
     ShareRecord,
+    StoreKind,
 )
 
 
@@ -69,6 +70,7 @@ HEARTBEAT_BOOTS = 4  # boots of a node whose last beats are kept
 _SELECT_APPROVALS = ("SELECT request_id, custodian, decision, signature, reason, created_at"
                      " FROM approvals")
 AUDIT_BATCH = 500  # records fetched at a time while streaming the audit log
+PRUNE_EVERY = 256
 
 
 def _policy(threshold: int, slots_json: str) -> Policy:
@@ -84,8 +86,12 @@ class SqlStore:
         self._now = now
         # Audit records of the open transaction, copied to the journal once it commits.
         self._uncommitted: list[AuditRecord] = []
+        self._uses = 0  # of use_once: expired entries are dropped every PRUNE_EVERY
 
     def close(self) -> None:
+        raise NotImplementedError
+
+    def check_writable(self) -> StoreKind:
         raise NotImplementedError
 
     def audit_snapshot(self) -> AbstractContextManager[None]:
@@ -96,9 +102,18 @@ class SqlStore:
         """Give the space of deleted rows back (after an archive)."""
         raise NotImplementedError
 
-    def claim_serving(self) -> None:
-        """Be the one `escrow serve` of this store, until closed, or raise StoreError. SQLite
-        needs nothing here: the data directory's lock (escrow.lock) already says so."""
+    def listen(self, on_decided: Callable[[str | None], None]) -> None:
+        """Call ``on_decided(request_id)`` after a decision on the request commits, from any
+        process sharing this store; ``None`` when decisions may have been missed. SQLite needs
+        nothing here: one process serves it (escrow.lock), and it wakes its own polls."""
+
+    def _announce(self, db: Db, request_id: str) -> None:
+        """Inside the deciding transaction: tell the other processes once it commits."""
+
+    def _unaudited(self) -> AbstractContextManager[Db]:
+        """A short transaction that appends nothing to the audit log, so it need not wait for
+        the write lock (the single-use guard)."""
+        return self._write()
 
     def _write(self) -> AbstractContextManager[Db]:
         """One write transaction, alone: no other writer runs until it ends."""
@@ -303,11 +318,14 @@ class SqlStore:
         row = self._db.execute("SELECT value FROM meta WHERE name = ?", (name,)).fetchone()
         return bytes(row[0]) if row else None
 
-    def put_meta(self, name: str, value: bytes, event: AuditEvent) -> None:
+    def add_meta(self, name: str, value: bytes, event: AuditEvent) -> bytes:
         with self._write() as db:
-            db.execute("INSERT INTO meta VALUES (?, ?) ON CONFLICT (name) DO UPDATE SET"
-                       " value = excluded.value", (name, value))
+            row = db.execute("SELECT value FROM meta WHERE name = ?", (name,)).fetchone()
+            if row is not None:  # another replica made it first: everyone uses that one
+                return bytes(row[0])
+            db.execute("INSERT INTO meta VALUES (?, ?)", (name, value))
             self._append(db, event)
+            return value
 
     def enroll_node(self, record: NodeRecord, event: AuditEvent) -> None:
         with self._write() as db:
@@ -443,6 +461,7 @@ class SqlStore:
                            " request_id = ?", (f"denied by {record.custodian}: {record.reason}",
                                                record.request_id))
             self._append(db, event)
+            self._announce(db, record.request_id)
 
     def list_approvals(self, request_id: str) -> list[ApprovalRecord]:
         rows = self._named(_SELECT_APPROVALS + " WHERE request_id = ? ORDER BY created_at",
@@ -503,6 +522,14 @@ class SqlStore:
             " WHERE q.cluster_id = ? AND r.outcome = 'unlocked' ORDER BY r.reported_at",
             (cluster_id,))
         return {str(node): int(version) for node, version in rows}
+
+    def use_once(self, key: bytes, expires_ms: int, now_ms: int) -> bool:
+        with self._unaudited() as db:
+            self._uses += 1
+            if self._uses % PRUNE_EVERY == 1:
+                db.execute("DELETE FROM used_once WHERE expires_at <= ?", (now_ms,))
+            return db.execute("INSERT INTO used_once (key, expires_at) VALUES (?, ?)"
+                              " ON CONFLICT DO NOTHING", (key, expires_ms)).rowcount == 1
 
     def count_audit_since(self, event: str, actor: str, since: str) -> int:
         row = self._db.execute("SELECT COUNT(*) FROM audit WHERE event = ? AND actor = ? AND"

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from escrow.core.errors import DiskFull, StoreError
+from escrow.store import StoreKind
 from escrow.store.sql import AUDIT_BATCH, Clock, NamedRow, SqlStore
 
 # Forward migrations: entry i moves the schema from version i to i + 1. Never edit a released
@@ -111,14 +112,21 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "CREATE INDEX heartbeats_by_time ON heartbeats (cluster_id, node_id, last_at)",
         "ALTER TABLE requests ADD COLUMN held_until TEXT NOT NULL DEFAULT ''",
     ),
+    (
+        # Single use of nonces and signed custodian requests (escrow.nonces), kept until
+        # they expire.
+        "CREATE TABLE used_once (key BLOB PRIMARY KEY, expires_at INTEGER NOT NULL)",
+        "CREATE INDEX used_once_by_expiry ON used_once (expires_at)",
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
 class SqliteStore(SqlStore):
-    def __init__(self, db: sqlite3.Connection, now: Clock) -> None:
+    def __init__(self, db: sqlite3.Connection, now: Clock, path: Path) -> None:
         super().__init__(db, now)
         self._sqlite = db
+        self._path = path
 
     @classmethod
     def open(cls, path: Path, now: Clock, *, create: bool = False) -> SqliteStore:
@@ -141,7 +149,7 @@ class SqliteStore(SqlStore):
                                  "put the data directory on a local file system")
             db.execute("PRAGMA synchronous = FULL")
             db.execute("PRAGMA foreign_keys = ON")
-            store = cls(db, now)
+            store = cls(db, now, path)
             store._migrate(path)
         except sqlite3.DatabaseError as exc:
             db.close()
@@ -167,6 +175,17 @@ class SqliteStore(SqlStore):
 
     def close(self) -> None:
         self._sqlite.close()
+
+    def check_writable(self) -> StoreKind:
+        try:
+            self._sqlite.execute("SELECT 1 FROM meta LIMIT 1").fetchone()
+        except sqlite3.Error as exc:
+            raise StoreError(f"the database {self._path} does not answer: {exc}",
+                             "restore it from a backup") from None
+        if not os.access(self._path, os.W_OK) or not os.access(self._path.parent, os.W_OK):
+            raise StoreError(f"the database {self._path} is read-only",
+                             "give the escrow's user write access to its data directory")
+        return "sqlite"
 
     def _named(self, sql: str, params: Sequence[object] = ()) -> list[NamedRow]:
         cursor = self._sqlite.cursor()

@@ -1,4 +1,4 @@
-"""Nonces, single-use guards, per-source buckets, refusal summaries and signature spellings:
+"""Nonces, per-source buckets, refusal summaries and signature spellings:
 the pure pieces that keep unauthenticated traffic from costing the escrow disk, memory or time."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import (
 )
 
 from escrow.core import protocol
-from escrow.nonces import NONCE_TTL, NonceMinter, SeenOnce
+from escrow.nonces import NONCE_TTL, REPLICA_SKEW, NonceMinter
 from escrow.ratelimit import SourceLimiter, source_key
 from escrow.server.refusal_log import RefusalLog
 
@@ -58,24 +58,15 @@ def test_a_nonce_is_stale_after_its_lifetime_and_one_from_the_far_future_is_refu
     assert minter.expiry(nonce) is None
 
 
-def test_a_used_nonce_cannot_be_used_again_until_it_expires_anyway() -> None:
-    guard = SeenOnce(capacity=10)
-    assert guard.first_time(b"n1", NOW + NONCE_TTL, NOW)
-    assert not guard.first_time(b"n1", NOW + NONCE_TTL, NOW + timedelta(seconds=1))
-    assert guard.first_time(b"n2", NOW + NONCE_TTL, NOW)
-    later = NOW + NONCE_TTL + timedelta(seconds=1)
-    assert guard.first_time(b"n3", later + NONCE_TTL, later)
-    assert len(guard) == 1  # n1 and n2 left in expiry order
-
-
-def test_a_full_guard_refuses_rather_than_forgetting_a_live_entry() -> None:
-    guard = SeenOnce(capacity=2)
-    assert guard.first_time(b"a", NOW + NONCE_TTL, NOW)
-    assert guard.first_time(b"b", NOW + NONCE_TTL, NOW)
-    assert not guard.first_time(b"c", NOW + NONCE_TTL, NOW)
-    assert guard.full(NOW)
-    assert not guard.first_time(b"a", NOW + NONCE_TTL, NOW)  # still remembered
-    assert not guard.full(NOW + NONCE_TTL)
+def test_a_nonce_from_a_replica_a_few_seconds_ahead_is_fresh_but_not_one_from_further() -> None:
+    ahead = Clock()
+    ahead.now = NOW + REPLICA_SKEW - timedelta(seconds=1)
+    close_enough, _ = NonceMinter(SECRET, ahead).issue()
+    ahead.now = NOW + REPLICA_SKEW + timedelta(seconds=1)
+    too_far, _ = NonceMinter(SECRET, ahead).issue()
+    here = NonceMinter(SECRET, Clock())
+    assert here.expiry(close_enough) is not None
+    assert here.expiry(too_far) is None
 
 
 def test_one_source_runs_out_of_tokens_and_is_told_when_to_come_back() -> None:
