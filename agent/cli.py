@@ -50,8 +50,9 @@ def config_options(command: Callable[..., Any]) -> Callable[..., Any]:
                        ("approval_wait_seconds", float), ("retry_max_seconds", float),
                        ("refused_retry_seconds", float), ("heartbeat_seconds", float),
                        ("escrow_deposit_key_sha256", str)):
+        several = " (several: comma-separated)" if name == "escrow_url" else ""
         options.append(click.option("--" + name.replace("_", "-"), name, type=kind,
-                                    help=f"Overrides {name} of the config file."))
+                                    help=f"Overrides {name} of the config file{several}."))
     for option in reversed(options):
         command = option(command)
     return command
@@ -115,8 +116,7 @@ def status_command(config: Path | None, as_json: bool, **flags: Any) -> None:
             ("cluster", report.cluster_id or "?"),
             ("lock state", report.lock_state),
             ("enrolled", f"yes, at {report.enrolled_at}" if report.enrolled else "no"),
-            ("escrow", f"{report.escrow_url} "
-                       f"({'reachable' if report.escrow_reachable else 'UNREACHABLE'})"),
+            ("escrow", _escrow_row(report)),
             ("clock offset", "?" if report.clock_offset_seconds is None
              else f"escrow {report.clock_offset_seconds:+.0f} s from this host"),
             ("escrowed keys", ", ".join(f"v{v}" for v in report.escrowed_versions) or "none"),
@@ -131,6 +131,16 @@ def status_command(config: Path | None, as_json: bool, **flags: Any) -> None:
             click.echo(f"problem: {plain(problem)}", err=True)
     if report.problems:
         raise SystemExit(1)
+
+
+def _escrow_row(report: status.Status) -> str:
+    if len(report.escrow_urls) <= 1:
+        return (f"{report.escrow_url} "
+                f"({'reachable' if report.escrow_reachable else 'UNREACHABLE'})")
+    others = ", ".join(url for url in report.escrow_urls if url != report.escrow_url)
+    if report.escrow_reachable:
+        return f"{report.escrow_url} (reachable, answered; also {others})"
+    return f"UNREACHABLE at {', '.join(report.escrow_urls)}"
 
 
 def main() -> None:

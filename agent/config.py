@@ -1,6 +1,9 @@
 """The agent's settings: /etc/unseal-agent/config.toml, each key also a command-line flag.
 
-    escrow_url              https://escrow.example:8443  (required)
+    escrow_url              https://escrow.example:8443  (required); several replicas of the
+                            escrow in order of preference: a list in the file
+                            (["https://escrow-1:8443", "https://escrow-2:8443"]), or one
+                            string with the URLs separated by commas (so on the command line)
     escrow_ca               the escrow's CA certificate   (required)
     docker_host             unix:///var/run/docker.sock
     docker_root             /var/lib/docker               (for swarm/certificates/)
@@ -26,6 +29,10 @@ Whoever can change the config file or the CA file can send the agent to an escro
 choosing, so both must be owned by root (or the agent's own user) and writable by no one else,
 and so must the directories they are in; a symlink is followed and its target checked. The
 config holds no secret (a PIN file's path at most, never a PIN), so it may be world-readable.
+
+Of several escrow URLs, the agent asks the one that answered last (the first, at start), and
+the next ones only when it cannot take a request (escrow.core.failover says when): replicas
+share one database and one deposit key, so one escrow_deposit_key_sha256 pins them all.
 """
 
 from __future__ import annotations
@@ -39,14 +46,14 @@ from pathlib import Path
 from typing import Any
 
 from agent.errors import AgentError
-from escrow.core import tomlfile
+from escrow.core import failover, tomlfile
 
 DEFAULT_CONFIG = Path("/etc/unseal-agent/config.toml")
 
 
 @dataclass(frozen=True)
 class AgentConfig:
-    escrow_url: str
+    escrow_url: tuple[str, ...]  # in order of preference
     escrow_ca: Path
     docker_host: str = "unix:///var/run/docker.sock"
     docker_root: Path = Path("/var/lib/docker")
@@ -109,10 +116,27 @@ def _check(source: str, key: str, value: Any) -> Any:
                              f"digits), not {_shown(value)}",
                              'read it on the escrow host (README, "The node agent")')
         return value.lower()
+    if key == "escrow_url":
+        return _urls(source, value)
     if not isinstance(value, str) or not value:
         raise AgentError(f"{source}: {key} must be a non-empty string",
                          f'for example {key} = "..."')
     return value
+
+
+def _urls(source: str, value: Any) -> tuple[str, ...]:
+    example = ('for example escrow_url = "https://escrow.example:8443", or for replicas '
+               'escrow_url = ["https://escrow-1.example:8443", "https://escrow-2.example:8443"]')
+    listed = isinstance(value, list) and all(isinstance(item, str) for item in value)
+    if not (isinstance(value, str) or listed):
+        raise AgentError(f"{source}: escrow_url must be a URL or a list of URLs, not "
+                         f"{_shown(value)}", example)
+    try:
+        return failover.parse_urls(value)
+    except ValueError as exc:
+        raise AgentError(f"{source}: escrow_url {exc}",
+                         "the agent talks to the escrow over TLS only, at https://HOST[:PORT]; "
+                         + example) from None
 
 
 def exposure(mode: int, owner: int, trusted: set[int]) -> str:
@@ -183,9 +207,6 @@ def load(path: Path | None, overrides: Mapping[str, Any]) -> AgentConfig:
     if values.get("agent_key_pkcs11_module") and not values.get("agent_key_pkcs11_token"):
         raise AgentError("agent_key_pkcs11_module is set but agent_key_pkcs11_token is not",
                          "name the token that holds (or will hold) the agent key")
-    if not str(values["escrow_url"]).startswith("https://"):
-        raise AgentError(f"escrow_url {values['escrow_url']!r} is not an https:// URL",
-                         "the agent talks to the escrow over TLS only")
     for key in ("escrow_ca", "docker_root", "state_dir"):
         if key in values:
             values[key] = Path(values[key])

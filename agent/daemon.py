@@ -55,7 +55,7 @@ class Agent:
         status = runtime.notifier.status
         runtime.notifier.ready("watching docker")
         self.parts.log.info("watching docker at %s; escrow %s", config.docker_host,
-                            config.escrow_url)
+                            ", ".join(config.escrow_url))
         runtime.in_background(self.heartbeat.run())
         while True:
             runtime.beat()

@@ -26,9 +26,8 @@ async def pin_deposit_key(client: EscrowClient, state: AgentState, configured: s
         return False
     if state.deposit_key_sha256:
         return False
-    info = await client.info()
-    state.deposit_key_sha256 = deposit_key.pin_for(
-        client.url, deposit_key.offered_key(client.url, info.deposit_public_key))
+    offer = await client.offer()
+    state.deposit_key_sha256 = deposit_key.pin_for(offer.url, offer.key)
     return True
 
 

@@ -7,7 +7,9 @@ agent pins the deposit key: at enrollment it records the key the escrow it was p
 offers (trust on first use), or takes the fingerprint from `escrow_deposit_key_sha256`, and
 every deposit checks the offered key against that pin before anything is encrypted.
 
-A fingerprint is the SHA-256 of the raw 32-byte public key, in lower-case hex.
+A fingerprint is the SHA-256 of the raw 32-byte public key, in lower-case hex. Replicas of one
+escrow share its deposit key, so one pin covers every URL of escrow_url; what a message here
+names is the URL that offered the key.
 """
 
 from __future__ import annotations

@@ -45,9 +45,8 @@ async def enroll(config: AgentConfig) -> Enrolled:
     except AgentError:
         previous = AgentState()  # enrolling writes a fresh one
     async with EscrowClient(config.escrow_url, config.escrow_ca) as client:
-        offered = deposit_key.offered_key(config.escrow_url,
-                                          (await client.info()).deposit_public_key)
-        pin = deposit_key.pin_for(config.escrow_url, offered,
+        offer = await client.offer()
+        pin = deposit_key.pin_for(offer.url, offer.key,
                                   configured=config.escrow_deposit_key_sha256,
                                   pinned=previous.deposit_key_sha256)
         response = await client.enroll(identity.cluster_id, identity.node_id, identity.cert_pem,

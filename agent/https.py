@@ -30,6 +30,12 @@ class ClosedBeforeAnswer(HttpError):
     """The origin closed the connection before it answered."""
 
 
+class NotSent(HttpError):
+    """No byte of the request left: no connection could be made (refused, unreachable, the
+    TLS handshake or the certificate failed) or the time ran out first. The failure is this
+    exception's ``__cause__``; the request may go to another origin, whatever its method."""
+
+
 @dataclass(frozen=True)
 class Response:
     status: int
@@ -72,18 +78,29 @@ class Origin:
 
     async def request(self, method: str, target: str, body: bytes | None,
                       timeout: float) -> Response:
-        """One request, answered in full within ``timeout`` seconds. Raises HttpError,
-        TimeoutError, or OSError (ssl.SSLCertVerificationError among them)."""
-        async with self._slots, asyncio.timeout(timeout):
-            connection = self._take()
-            if connection is not None:
-                try:
-                    return await self._exchange(connection, method, target, body)
-                except (ClosedBeforeAnswer, ConnectionError):
-                    # The origin closed a kept connection as this request went out (its own
-                    # keep-alive ran out): once more on a fresh one.
-                    pass
-            return await self._exchange(await self._open(), method, target, body)
+        """One request, answered in full within ``timeout`` seconds. Raises NotSent (from
+        the OSError or TimeoutError that kept the request in), or, once the request may have
+        gone out, HttpError, TimeoutError, or OSError."""
+        sent = False
+        try:
+            async with self._slots, asyncio.timeout(timeout):
+                connection = self._take()
+                if connection is not None:
+                    try:
+                        sent = True
+                        return await self._exchange(connection, method, target, body)
+                    except (ClosedBeforeAnswer, ConnectionError):
+                        # The origin closed a kept connection as this request went out (its
+                        # own keep-alive ran out), so it was never processed: once more on a
+                        # fresh one.
+                        sent = False
+                connection = await self._open()
+                sent = True
+                return await self._exchange(connection, method, target, body)
+        except OSError as exc:  # TimeoutError and ssl.SSLError among them
+            if sent:
+                raise
+            raise NotSent(f"{type(exc).__name__}: {exc}") from exc
 
     async def close(self) -> None:
         idle, self._idle = self._idle, []

@@ -29,7 +29,8 @@ class Status:
     lock_state: str = "unknown"  # locked, active, inactive, ... or "docker unreachable"
     enrolled: bool = False
     enrolled_at: str = ""
-    escrow_url: str = ""
+    escrow_url: str = ""  # the URL that answered; the first one while none did
+    escrow_urls: list[str] = field(default_factory=list)  # every one, in order of preference
     escrow_reachable: bool = False
     clock_offset_seconds: float | None = None  # the escrow's clock minus this host's
     escrowed_versions: list[int] = field(default_factory=list)
@@ -42,7 +43,7 @@ def _problem(exc: AgentError | EscrowError) -> str:
 
 
 async def gather(config: AgentConfig) -> Status:
-    status = Status(escrow_url=config.escrow_url)
+    status = Status(escrow_url=config.escrow_url[0], escrow_urls=list(config.escrow_url))
     try:
         identity = read_identity(config.docker_root)
         status.node_id, status.cluster_id = identity.node_id, identity.cluster_id
@@ -74,7 +75,8 @@ async def gather(config: AgentConfig) -> Status:
             await client.health()
             asked = datetime.now(UTC)
             info = await client.info()
-        status.escrow_reachable = True
+            answered = client.url  # calls start where the last one was answered
+        status.escrow_url, status.escrow_reachable = answered, True
         # Rounded to the second the escrow's timestamps carry; half the round trip is noise.
         status.clock_offset_seconds = round(
             (parse_timestamp(info.server_time) - asked).total_seconds())
@@ -85,8 +87,7 @@ async def gather(config: AgentConfig) -> Status:
                 "(synchronise both with NTP: certificates allow an hour, custodian signatures "
                 "5 minutes)")
         # The key deposits would go to: a different one is the sign of an impersonator.
-        deposit_key.pin_for(config.escrow_url,
-                            deposit_key.offered_key(config.escrow_url, info.deposit_public_key),
+        deposit_key.pin_for(answered, deposit_key.offered_key(answered, info.deposit_public_key),
                             configured=config.escrow_deposit_key_sha256, pinned=pinned)
     except EscrowError as exc:
         status.problems.append(_problem(exc))

@@ -1,6 +1,12 @@
 """Backups of a data directory: one tar file with a consistent SQLite snapshot, the config and
 the TLS certificates, and a manifest of their SHA-256 hashes.
 
+An escrow on PostgreSQL (store.url) is backed up in two parts: its database by PostgreSQL's
+own tools (pg_dump, whose dump keeps the schema's append-only triggers; README says how), and
+its data directory's config and certificates here, without a database. Its manifest names the
+store, and the audit log's length and head when the backup was made, read from the database
+and verified.
+
 No private key is ever in a backup: a TLS key (`tls/server.key`, any `*.key` file or PEM
 private key under `tls/`) would let whoever holds a stolen backup pass for the escrow for as
 long as the certificate is valid (825 days for the quickstart). A restored escrow gets a new
@@ -30,13 +36,16 @@ from pathlib import Path, PurePosixPath
 
 from escrow import audit
 from escrow.audit import AuditEvent
-from escrow.config import CONFIG_NAME, DB_NAME
+from escrow.config import CONFIG_NAME, DB_NAME, Settings
 from escrow.core.errors import ConfigError, InputError, StoreError
 from escrow.core.timestamps import timestamp
+from escrow.store import StoreKind, opening
+from escrow.store.sql import SqlStore
 from escrow.store.sqlite import SqliteStore
 
 FORMAT = 1
 MANIFEST = "MANIFEST.json"
+STORES: tuple[StoreKind, ...] = ("sqlite", "postgresql")
 TLS_DIR = "tls"
 # Any PEM private key (PKCS#8, EC, RSA, encrypted), and the usual names of key files.
 _PEM_PRIVATE_KEY = re.compile(rb"-----BEGIN [A-Z0-9 ]*PRIVATE KEY-----")
@@ -54,11 +63,15 @@ class Manifest:
     audit_records: int
     audit_head: str
     files: dict[str, str]  # name in the backup -> SHA-256
+    # "postgresql": the database is not in the backup (pg_dump's); older backups say nothing,
+    # and are SQLite's.
+    store: StoreKind = "sqlite"
 
     def to_json(self) -> bytes:
         return json.dumps({"format": FORMAT, "created_at": self.created_at,
                            "audit_records": self.audit_records, "audit_head": self.audit_head,
-                           "files": self.files}, indent=2, sort_keys=True).encode()
+                           "files": self.files, "store": self.store}, indent=2,
+                          sort_keys=True).encode()
 
 
 def _snapshot(db_path: Path, target: Path) -> None:
@@ -82,16 +95,13 @@ def _snapshot(db_path: Path, target: Path) -> None:
                          ) from None
 
 
-def _chain(store: SqliteStore) -> tuple[int, str]:
+def _chain(store: SqlStore) -> tuple[int, str]:
     """The audit record count and head hash of the database (whose chain starts at its last
     archive checkpoint, if records were archived), read in one streaming pass; refuses a broken
     chain."""
     with store.audit_snapshot():
-        checkpoints = store.audit_checkpoints()
-        chain = audit.ChainVerifier(checkpoints[-1] if checkpoints else None)
-        for record in store.iter_audit():
-            chain.add(record)
-    problems = chain.finish()
+        chain = audit.verify_log(store.audit_checkpoints(), store.iter_audit())
+    problems = chain.problems
     if problems:
         raise StoreError(f"the audit log has {len(problems)} problem(s): {problems[0].message}",
                          "run `escrow audit verify` and investigate before relying on a backup")
@@ -102,25 +112,33 @@ def _open(db_path: Path, now: Callable[[], datetime]) -> SqliteStore:
     return SqliteStore.open(db_path, lambda: timestamp(now()))
 
 
-def create(data_dir: Path, out: Path, now: Callable[[], datetime]) -> Manifest:
-    """Write a backup of ``data_dir`` to ``out`` (created 0600, never overwritten)."""
+def create(settings: Settings, out: Path, now: Callable[[], datetime]) -> Manifest:
+    """Write a backup of the data directory of ``settings`` to ``out`` (created 0600, never
+    overwritten): with a snapshot of its SQLite database, or for a PostgreSQL store without
+    the database, whose audit log it reads for the manifest."""
+    data_dir = settings.data_dir
     members: dict[str, Path] = {CONFIG_NAME: data_dir / CONFIG_NAME}
     tls = data_dir / TLS_DIR
     if tls.is_dir():
         members |= {f"{TLS_DIR}/{p.name}": p for p in sorted(tls.iterdir())
                     if p.is_file() and not holds_private_key(p)}
+    kind: StoreKind = "postgresql" if settings.store.url else "sqlite"
     with tempfile.TemporaryDirectory(prefix="escrow-backup-") as tmp:
-        snapshot = Path(tmp) / DB_NAME
-        _snapshot(data_dir / DB_NAME, snapshot)
-        store = _open(snapshot, now)
+        if kind == "postgresql":
+            store: SqlStore = opening.open_store(settings, lambda: timestamp(now()))
+        else:
+            snapshot = Path(tmp) / DB_NAME
+            _snapshot(data_dir / DB_NAME, snapshot)
+            store = _open(snapshot, now)
+            members[DB_NAME] = snapshot
         try:
             count, head = _chain(store)
         finally:
             store.close()
-        members[DB_NAME] = snapshot
         contents = {name: path.read_bytes() for name, path in members.items()}
         manifest = Manifest(now().isoformat(), count, head,
-                            {n: hashlib.sha256(c).hexdigest() for n, c in contents.items()})
+                            {n: hashlib.sha256(c).hexdigest() for n, c in contents.items()},
+                            kind)
         try:
             fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         except FileExistsError:
@@ -158,8 +176,13 @@ def _read(backup: Path) -> tuple[Manifest, dict[str, bytes]]:
                          "check the file; it may be truncated") from None
     try:
         raw = json.loads(contents.pop(MANIFEST))
+        if not isinstance(raw, dict):
+            raise TypeError("the manifest is a JSON object")
+        kind = raw.get("store", "sqlite")
+        if kind not in STORES:
+            raise ValueError(f"store {kind!r}")
         manifest = Manifest(raw["created_at"], int(raw["audit_records"]), raw["audit_head"],
-                            dict(raw["files"]))
+                            dict(raw["files"]), kind)
         texts = [manifest.created_at, manifest.audit_head, *manifest.files,
                  *manifest.files.values()]
         if not all(isinstance(text, str) for text in texts):
@@ -170,7 +193,8 @@ def _read(backup: Path) -> tuple[Manifest, dict[str, bytes]]:
     except (KeyError, TypeError, ValueError, OverflowError, RecursionError):
         raise InputError(f"{backup} has no valid {MANIFEST}",
                          "restore only backups made by `escrow backup`") from None
-    if set(contents) != set(manifest.files) or DB_NAME not in contents:
+    if set(contents) != set(manifest.files) or (DB_NAME in contents) != (
+            manifest.store == "sqlite"):
         raise InputError(f"{backup} does not hold the files its manifest lists",
                          "the backup is incomplete or was altered: use another one")
     for name, content in contents.items():
@@ -182,7 +206,8 @@ def _read(backup: Path) -> tuple[Manifest, dict[str, bytes]]:
 
 def restore(backup: Path, data_dir: Path, now: Callable[[], datetime], actor: str) -> Manifest:
     """Recreate ``data_dir`` from ``backup``: all or nothing, and only into a directory that is
-    not an escrow data directory already (the token's files may already be there)."""
+    not an escrow data directory already (the token's files may already be there). The
+    database of a PostgreSQL escrow is pg_restore's, not touched here."""
     if (data_dir / CONFIG_NAME).exists() or (data_dir / DB_NAME).exists():
         raise ConfigError(f"{data_dir} already holds an escrow",
                           "restore into a new directory, or move this one away first")
@@ -197,18 +222,8 @@ def restore(backup: Path, data_dir: Path, now: Callable[[], datetime], actor: st
             with os.fdopen(fd, "wb") as handle:
                 handle.write(content)
                 os.fsync(handle.fileno())
-        store = _open(staging / DB_NAME, now)
-        try:
-            count, head = _chain(store)
-            if (count, head) != (manifest.audit_records, manifest.audit_head):
-                raise InputError(f"the audit log in {backup} ends at record {count} "
-                                 f"({head[:16]}), the manifest says {manifest.audit_records} "
-                                 f"({manifest.audit_head[:16]})", "use another backup")
-            store.append_audit(AuditEvent("escrow.restore", actor, "", {
-                "backup": backup.name, "backup_created_at": manifest.created_at,
-                "backup_audit_head": manifest.audit_head}))
-        finally:
-            store.close()
+        if manifest.store == "sqlite":
+            _check_restored(staging / DB_NAME, backup, manifest, now, actor)
         # The config goes last: a directory is an escrow only once everything else is there.
         for name in [*(n for n in contents if n != CONFIG_NAME), CONFIG_NAME]:
             (data_dir / name).parent.mkdir(mode=0o700, exist_ok=True)
@@ -216,3 +231,20 @@ def restore(backup: Path, data_dir: Path, now: Callable[[], datetime], actor: st
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return manifest
+
+
+def _check_restored(db_path: Path, backup: Path, manifest: Manifest,
+                    now: Callable[[], datetime], actor: str) -> None:
+    """The restored database's chain is the manifest's; the restore is its next record."""
+    store = _open(db_path, now)
+    try:
+        count, head = _chain(store)
+        if (count, head) != (manifest.audit_records, manifest.audit_head):
+            raise InputError(f"the audit log in {backup} ends at record {count} "
+                             f"({head[:16]}), the manifest says {manifest.audit_records} "
+                             f"({manifest.audit_head[:16]})", "use another backup")
+        store.append_audit(AuditEvent("escrow.restore", actor, "", {
+            "backup": backup.name, "backup_created_at": manifest.created_at,
+            "backup_audit_head": manifest.audit_head}))
+    finally:
+        store.close()

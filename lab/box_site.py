@@ -6,7 +6,6 @@ network: wheels are built on the host and bound in."""
 from __future__ import annotations
 
 import json
-import re
 import subprocess
 import sys
 import time
@@ -14,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from lab.box import Box
-from lab.commands import REPO
+from lab.commands import REPO, readme_blocks
 
 ESCROW = "/opt/swarm-unseal/bin/escrow"
 AGENT = "/opt/swarm-unseal/bin/unseal-agent"
@@ -24,15 +23,6 @@ AGENT_CONFIG = """\
 escrow_url = "https://127.0.0.1:8443"
 escrow_ca = "/etc/unseal-agent/escrow-ca.pem"
 """
-
-
-def readme_blocks(section: str) -> list[list[str]]:
-    """The `sh` code blocks of one README section, as lists of command lines."""
-    text = (REPO / "README.md").read_text()
-    match = re.search(rf"^## {re.escape(section)}\n(.*?)(?=^## )", text, re.MULTILINE | re.DOTALL)
-    assert match, f"README has no section {section!r}"
-    blocks = re.findall(r"```sh\n(.*?)```", match.group(1), re.DOTALL)
-    return [[line for line in block.splitlines() if line.strip()] for block in blocks]
 
 
 class Site:

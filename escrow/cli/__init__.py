@@ -21,6 +21,7 @@ from escrow.cli import (
     node,
     recover,
     serve,
+    store,
 )
 from escrow.core.errors import EscrowError
 
@@ -42,7 +43,7 @@ def cli() -> None:
 for command in (init.init, custodian.custodian, cluster.cluster, keys.deposit, keys.key,
                 audit.audit, recover.recover, serve.serve, node.node, approvals.requests,
                 approvals.approve, approvals.deny, approvals.share, backup.backup,
-                backup.restore, hsm.hsm):
+                backup.restore, hsm.hsm, store.store):
     cli.add_command(command)
 
 

@@ -37,7 +37,8 @@ _PENDING = TypeAdapter(list[PendingRequest])
 def connection_options(func: F) -> F:
     for option in reversed([
         click.option("--url", envvar="ESCROW_URL", required=True, show_envvar=True,
-                     help="The escrow, e.g. https://escrow.example:8443."),
+                     help="The escrow, e.g. https://escrow.example:8443; its replicas "
+                          "separated by commas, in order of preference."),
         click.option("--ca", envvar="ESCROW_CA", required=True, show_envvar=True,
                      type=click.Path(path_type=Path), help="The escrow's CA (tls/ca.pem)."),
         click.option("--key", envvar="ESCROW_KEY", required=True, show_envvar=True,

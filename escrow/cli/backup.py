@@ -11,7 +11,6 @@ from escrow import backup as backups
 from escrow import config
 from escrow.audit import AuditEvent
 from escrow.cli.context import actor, data_dir_option, now, open_store
-from escrow.core.errors import ConfigError
 
 
 @click.command()
@@ -23,30 +22,31 @@ def backup(data_dir: Path, out: Path) -> None:
 
     The token (the wrapping key) and its PIN are not included: back the token up apart from
     this file, as your HSM's documentation says. Nor is the TLS private key: a stolen backup
-    must not let anyone pass for the escrow; a restore issues a new one. Safe while `escrow
-    serve` runs.
+    must not let anyone pass for the escrow; a restore issues a new one. For an escrow on
+    PostgreSQL (store.url) the database is not included either: back it up with pg_dump
+    (README). Safe while `escrow serve` runs.
     """
     settings = config.load(data_dir)
-    if settings.store.url:
-        raise ConfigError(
-            "`escrow backup` copies the SQLite store; this escrow's store is PostgreSQL "
-            "(store.url)",
-            "back the database up with PostgreSQL's tools (pg_dump, or your replication's "
-            "base backups) and keep this data directory's escrow.toml and tls/ with it")
     store = open_store(settings)
     try:
         store.append_audit(AuditEvent("escrow.backup", actor(), "", {"file": str(out)}))
     finally:
         store.close()
-    manifest = backups.create(settings.data_dir, out, now)
+    manifest = backups.create(settings, out, now)
+    on_postgresql = manifest.store == "postgresql"
     click.echo(f"wrote {out}: {len(manifest.files)} files, audit log of "
-               f"{manifest.audit_records} records ending {manifest.audit_head}")
+               f"{manifest.audit_records} records ending {manifest.audit_head}"
+               f"{' (read from PostgreSQL)' if on_postgresql else ''}")
     tls = settings.data_dir / backups.TLS_DIR
     left_out = sorted(f"{backups.TLS_DIR}/{p.name}" for p in tls.glob("*")
                       if p.is_file() and f"{backups.TLS_DIR}/{p.name}" not in manifest.files)
+    if on_postgresql:
+        left_out.append("the PostgreSQL database (back it up with `pg_dump --format=custom`, "
+                        "as README says)")
     click.echo(f"left out: {', '.join([*left_out, 'the token and its PIN'])} (a restore "
-               "issues a new TLS key; back the token up separately); it still holds the "
-               "enrollments and the audit log: keep it private", err=True)
+               "issues a new TLS key; back the token up separately); "
+               f"{'the dump' if on_postgresql else 'it'} still holds the enrollments and the "
+               "audit log: keep it private", err=True)
 
 
 @click.command()
@@ -63,6 +63,14 @@ def restore(data_dir: Path, source: Path) -> None:
     manifest = backups.restore(source, data_dir.absolute(), now, actor())
     click.echo(f"restored {data_dir} from {source} (made {manifest.created_at}; audit log of "
                f"{manifest.audit_records} records ending {manifest.audit_head})")
+    if manifest.store == "postgresql":
+        settings = config.load(data_dir.absolute())
+        password = (f", with its password back in {settings.store.password_file}"
+                    if settings.store.password_file is not None else "")
+        click.echo(f"the database is not in this backup: restore it with pg_restore (if not "
+                   f"done yet) into the database store.url names{password} (README, \"Backing "
+                   "up and restoring a PostgreSQL escrow\"), then check it with `escrow audit "
+                   "verify`", err=True)
     click.echo("now make the token available as escrow.toml names it, then start the escrow; "
                "/healthz checks that the wrapping key answers", err=True)
     _tls_key_advice(data_dir.absolute(), manifest)

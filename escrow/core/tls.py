@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import secrets
 import socket
 import ssl
 from datetime import UTC, datetime, timedelta
@@ -48,12 +49,18 @@ def make_quickstart_tls(directory: Path, names: list[str]) -> Path:
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     now = datetime.now(UTC)
     ca_key = ec.generate_private_key(ec.SECP256R1())
+    # Every CA's name is its own, and its certificates name its key: clients trusting several
+    # replicas' CAs from one file (README, "Run several replicas") find the right one; OpenSSL
+    # would otherwise try the first CA of the same name and report a bad signature.
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "swarm-unseal escrow CA"),
-                         x509.NameAttribute(NameOID.ORGANIZATION_NAME, socket.gethostname())])
+                         x509.NameAttribute(NameOID.ORGANIZATION_NAME, socket.gethostname()),
+                         x509.NameAttribute(NameOID.SERIAL_NUMBER, secrets.token_hex(8))])
+    ca_key_id = x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key())
     ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name)
           .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
           .not_valid_before(now - BACKDATE)
           .not_valid_after(now + timedelta(days=SERVER_DAYS + 1))
+          .add_extension(ca_key_id, critical=False)
           .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
           .add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False,
                                        False), critical=True)
@@ -66,6 +73,8 @@ def make_quickstart_tls(directory: Path, names: list[str]) -> Path:
             .not_valid_before(now - BACKDATE)
             .not_valid_after(now + timedelta(days=SERVER_DAYS))
             .add_extension(_san(names), critical=False)
+            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(
+                ca_key_id), critical=False)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]),
                            critical=False)

@@ -67,7 +67,7 @@ class Escrow:
         # One secret for every replica, and the used ones in the store: a nonce issued by one
         # replica is good, once, at any other.
         self.nonces = NonceMinter(wrapped_secret(store, vault.wrapper, NONCE_KEY), vault.clock)
-        self.auth = Authenticator(store, self.nonces, vault.clock)
+        self.auth = Authenticator(store, self.nonces, vault.clock, for_release)
         self.enrollment = Enrollment(context, deposit_key)
         self.heartbeats = Heartbeats(context)
         self.unseals = Unseals(context, self.heartbeats)

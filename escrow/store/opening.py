@@ -49,8 +49,12 @@ def password(password_file: Path | None, env: Mapping[str, str]) -> str | None:
     return None
 
 
-def refuse_password_in(url: str) -> None:
-    """A password inside store.url would sit in escrow.toml or the environment in clear."""
+def refuse_password_in(url: str, what: str = "store.url",
+                       instead: str = "store.password_file (0600) or the systemd credential "
+                                      f"{PASSWORD_CREDENTIAL}") -> None:
+    """A password inside store.url would sit in escrow.toml or the environment in clear (and
+    inside a command's URL, in `ps` and the shell's history): ``what`` names where the URL
+    came from, ``instead`` where its password goes."""
     # libpq's own reading of the URL or conninfo, as PostgresStore will connect with it.
     from psycopg import ProgrammingError  # noqa: PLC0415
     from psycopg.conninfo import conninfo_to_dict  # noqa: PLC0415
@@ -58,9 +62,8 @@ def refuse_password_in(url: str) -> None:
     try:
         carries = "password" in conninfo_to_dict(url)
     except ProgrammingError:
-        raise ConfigError("store.url is not a libpq URL or conninfo",
+        raise ConfigError(f"{what} is not a libpq URL or conninfo",
                           "write it as postgresql://user@host:5432/dbname") from None
     if carries:
-        raise ConfigError("store.url carries a password; it would be kept in clear",
-                          "remove it from the URL and put it in store.password_file (0600) or "
-                          f"the systemd credential {PASSWORD_CREDENTIAL}")
+        raise ConfigError(f"{what} carries a password; it would be kept in clear",
+                          f"remove it from the URL and put it in {instead}")

@@ -113,43 +113,43 @@ def test_archiving_moves_old_records_to_a_private_file_and_verify_names_the_chec
     out.parent.mkdir()
     said = ok(run_escrow("audit", "archive", "--keep-days", "7", "--out", str(out),
                          data_dir=data))
-    assert "archived records 1..302 (302)" in said
+    assert "archived records 1..304 (304)" in said
 
     after = rows(data)
-    assert len(after) == len(before) - 302 + 1  # the database shrank, by the archived records
-    assert after[0][0] == 303
+    assert len(after) == len(before) - 304 + 1  # the database shrank, by the archived records
+    assert after[0][0] == 305
     assert after[-1] == (len(before) + 1, "audit.archive")
     assert stat.S_IMODE(out.stat().st_mode) == 0o600
     assert sorted(p.name for p in out.parent.iterdir()) == ["audit-1.jsonl"]  # no temp file
 
     lines = out.read_bytes().splitlines()
     header = json.loads(lines[0])
-    assert (header["first_seq"], header["last_seq"], header["records"]) == (1, 302, 302)
+    assert (header["first_seq"], header["last_seq"], header["records"]) == (1, 304, 304)
     assert header["first_prev_hash"] == audit.GENESIS
     first = json.loads(lines[1])
     assert set(first) == {"seq", "timestamp", "event", "actor", "cluster_id", "details_json",
                           "prev_hash", "hash"}
     assert first["event"] == "escrow.init"
     assert header["last_hash"] == json.loads(lines[-1])["hash"]
-    assert len(lines) == 303
+    assert len(lines) == 305
 
     record = newest(data)
     assert record["event"] == "audit.archive"
     assert record["details"]["archive_sha256"] == hashlib.sha256(out.read_bytes()).hexdigest()
-    assert (record["details"]["first_seq"], record["details"]["last_seq"]) == (1, 302)
+    assert (record["details"]["first_seq"], record["details"]["last_seq"]) == (1, 304)
 
     verified = ok(run_escrow("audit", "verify", data_dir=data))
-    assert (f"records 303..{len(before) + 1} verified, starting from archive checkpoint at "
-            f"seq 302, hash {header['last_hash']}") in verified
+    assert (f"records 305..{len(before) + 1} verified, starting from archive checkpoint at "
+            f"seq 304, hash {header['last_hash']}") in verified
     report = json.loads(ok(run_escrow("audit", "verify", "--json", data_dir=data)))
-    assert (report["ok"], report["start"]["seq"], report["records"]) == (True, 302, len(after))
+    assert (report["ok"], report["start"]["seq"], report["records"]) == (True, 304, len(after))
 
     whole = ok(run_escrow("audit", "verify", "--archive", str(out), data_dir=data))
     assert (f"records 1..{len(before) + 1} verified across 1 archive(s) and the database, "
             "starting from the first record") in whole
     shown = run_escrow("audit", "show", "--limit", "1000", data_dir=data)
     assert "audit.archive" in ok(shown)
-    assert "records 302 and older are archived (the last in audit-1.jsonl)" in shown.stderr
+    assert "records 304 and older are archived (the last in audit-1.jsonl)" in shown.stderr
 
 
 def test_archiving_again_writes_a_second_archive_and_the_chain_continues(
@@ -195,10 +195,11 @@ def test_an_edited_archive_line_and_a_deleted_database_record_are_caught(
     ok(run_escrow("audit", "archive", "--keep-days", "7", "--out", str(out), data_dir=data))
     edited = tmp_path / "edited.jsonl"
     lines = out.read_bytes().splitlines(keepends=True)
-    lines[3] = lines[3].replace(b'"actor":"agent:node-1"', b'"actor":"agent:node-2"')
+    # lines[0] is the header; records 1 to 3 are escrow init's, 4 the first refusal.
+    lines[4] = lines[4].replace(b'"actor":"agent:node-1"', b'"actor":"agent:node-2"')
     edited.write_bytes(b"".join(lines))
     fails(run_escrow("audit", "verify", "--archive", str(edited), data_dir=data), 1,
-          "problem: record 3 (unseal.refused) was edited",
+          "problem: record 4 (unseal.refused) was edited",
           "the records in edited.jsonl do not match the SHA-256 in its header",
           "edited.jsonl is not the file archived as a1.jsonl")
 
@@ -468,7 +469,7 @@ def test_a_long_backlog_is_archived_in_bounded_steps_that_chain(data: Path,
     assert "archived records 151..300 (150)" in ok(second)
     third = run_escrow("audit", "archive", "--keep-days", "7", "--max-records", "150", "--out",
                        str(files[2]), data_dir=data)
-    assert "archived records 301..302 (2)" in ok(third)
+    assert "archived records 301..304 (4)" in ok(third)
     assert "older records remain" not in third.stderr
     args = [part for f in files for part in ("--archive", str(f))]
     ok(run_escrow("audit", "verify", *args, data_dir=data))

@@ -315,11 +315,13 @@ def test_a_nonce_used_before_a_restart_cannot_be_replayed_after_it(tmp_path: Pat
 
         async def with_that_nonce() -> None:
             async with client(escrow) as c:
-                async def the_old_nonce() -> bytes:
+                async def the_old_nonce(_: object) -> bytes:
                     return protocol.b64d(json.loads(text)["nonce"])
-                c.nonce = the_old_nonce  # type: ignore[method-assign]
-                await c.unseal(node.cluster_id, node.node_id, node.cert_pem, node.agent_key,
-                               node.hostname, BOOT_ID)
+                with pytest.MonkeyPatch.context() as patch:
+                    # Where every signed call takes its nonce, at the URL it is made at.
+                    patch.setattr(c, "_nonce_at", the_old_nonce)
+                    await c.unseal(node.cluster_id, node.node_id, node.cert_pem,
+                                   node.agent_key, node.hostname, BOOT_ID)
 
         run(with_that_nonce())  # used once: the used set is in the database, not in memory
         escrow.stop()

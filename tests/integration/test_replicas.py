@@ -5,17 +5,25 @@ of the other, and a replica is only made with the same wrapping key."""
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from agent.client import EscrowClient
+from agent.errors import AgentError, EscrowUnavailable
 from agent.release import candidate_keys
 from escrow import audit
 from escrow.core.unlockkey import UnlockKey
 from escrow.store.postgres import PostgresStore
 from lab import api
-from lab.commands import run_escrow
+from lab.commands import readme_scripts, run_escrow, run_script
+from lab.net import free_port
+from lab.pg_replication import primary_and_standby
 from lab.postgres import Server
-from lab.server import BOOT_ID, EscrowProcess, make_escrow
+from lab.server import BOOT_ID, EscrowProcess, Node, make_escrow, make_replica
 from tests.conftest import fails, ok
 
 
@@ -89,3 +97,204 @@ def test_joining_a_store_that_holds_no_escrow_is_refused(postgres: Server,
                             str(first.data_dir / "softhsm"))
     fails(joined, 1, "holds no escrow to join", "without --join")
     assert not (tmp_path / "b").exists()
+
+
+def test_replicas_find_a_promoted_standby_by_themselves_and_lose_nothing_acknowledged(
+        tmp_path: Path) -> None:
+    with primary_and_standby() as pair:
+        with pair.primary.connect() as admin:
+            admin.execute("CREATE DATABASE escrow")
+        url = pair.url("escrow")
+        first = make_escrow(tmp_path / "a", "--store-url", url, "--store-password-file",
+                            str(pair.primary.password_file))
+        second = make_replica(first, tmp_path / "b", url, pair.primary.password_file)
+        first.start()
+        try:
+            second.start()
+            try:
+                # Acknowledged before the switch: synchronous commit put it on the standby.
+                _, node, key = api.enrolled(first, slots="auto,auto")
+                pair.lose_primary()
+                pair.promote()
+                promoted = time.monotonic()
+                refusals = _until_unsealed(second, node, key)
+                print(f"\nstandby promoted -> unsealed through a replica: "
+                      f"{time.monotonic() - promoted:.2f} s, {len(refusals)} refusals")
+                assert all("(503)" in refusal for refusal in refusals), refusals
+                assert api.run(api.unseal(first, node)) == [(1, key)]
+                assert second.health()[1]["writable"] is True
+                ok(first.cli("audit", "verify"))
+            finally:
+                second.stop()
+        finally:
+            first.stop()
+        assert "Traceback" not in first.log() + second.log()
+
+
+def _until_unsealed(escrow: EscrowProcess, node: Node, key: UnlockKey) -> list[str]:
+    """Unseal as an agent retrying would, until it works (60 s at most); the refusals met."""
+    refusals: list[str] = []
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            rebuilt = api.run(api.unseal(escrow, node))
+        except AgentError as exc:
+            refusals.append(exc.message)
+            time.sleep(0.5)
+            continue
+        assert rebuilt == [(1, key)]
+        return refusals
+    raise AssertionError(f"never unsealed: {refusals[-3:]}")
+
+
+def test_readme_s_commands_make_a_replica_that_serves_the_same_escrow(
+        postgres: Server, tmp_path: Path) -> None:
+    with postgres.database() as name:
+        url = postgres.url(name)
+        first = make_escrow(tmp_path / "a", "--store-url", url, "--store-password-file",
+                            str(postgres.password_file))
+        second = EscrowProcess(tmp_path / "b", free_port(), first.env)
+        bundle = tmp_path / "escrow-ca.pem"
+        common = {"postgresql://escrow@db.example/escrow": url,
+                  "/etc/escrow/store-password": str(postgres.password_file),
+                  "/root/escrow-token": str(tmp_path / "token"),
+                  "escrow-1-ca.pem": str(first.ca), "escrow-2-ca.pem": str(second.ca),
+                  "> escrow-ca.pem": f"> {bundle}"}
+        on_first = readme_scripts("Run several replicas", 3,
+                                  {**common, "/var/lib/escrow": str(first.data_dir)})
+        on_second = readme_scripts("Run several replicas", 3,
+                                   {**common, "/var/lib/escrow": str(second.data_dir)})
+        assert len(on_first) == 3
+        for script in (on_first[0], on_second[1], on_second[2]):
+            ok(run_script(script, tmp_path))
+        assert not (tmp_path / "token").exists()
+        assert not (tmp_path / "token.tgz").exists()
+        first.start()
+        try:
+            second.start()
+            try:
+                _, node, key = api.enrolled(first, slots="auto,auto")
+                assert api.run(api.unseal(second, node)) == [(1, key)]
+                assert bundle.read_text() == first.ca.read_text() + second.ca.read_text()
+            finally:
+                second.stop()
+        finally:
+            first.stop()
+
+
+AGENTS = 200
+
+
+@dataclass
+class _Storm:
+    done: dict[int, list[tuple[int, UnlockKey]]] = field(default_factory=dict)
+    seconds: dict[int, float] = field(default_factory=dict)  # first attempt to unlocked
+    met: dict[int, list[str]] = field(default_factory=dict)  # what each agent was refused
+    started: set[int] = field(default_factory=set)
+    in_flight: set[int] = field(default_factory=set)  # mid-flow at the disruption
+
+
+async def _storm(nodes: list[Node], replicas: list[EscrowProcess], ca: Path,
+                 disrupt: Callable[[], None]) -> _Storm:
+    """Every node unseals as its agent would (retrying after the agent's first back-off),
+    half of them preferring each replica; ``disrupt`` runs a second in."""
+    storm = _Storm()
+
+    async def agent(index: int, node: Node) -> None:
+        await asyncio.sleep(index * 2.0 / len(nodes))
+        urls = [r.url for r in (replicas if index % 2 == 0 else replicas[::-1])]
+        storm.started.add(index)
+        started = time.monotonic()
+        while True:
+            try:
+                async with EscrowClient(urls, ca) as client:
+                    status, ephemeral = await client.unseal(
+                        node.cluster_id, node.node_id, node.cert_pem, node.agent_key,
+                        node.hostname, BOOT_ID)
+                    while status.state == "pending":
+                        status = await client.poll(status.request_id, wait=5)
+                    keys = list(candidate_keys(status, ephemeral))
+                    await client.report(status.request_id, node.node_id, node.agent_key,
+                                        "unlocked", 1)
+            except EscrowUnavailable as exc:
+                storm.met.setdefault(index, []).append(exc.message)
+                await asyncio.sleep(1.0)  # agent/backoff.py's first delay
+                continue
+            storm.done[index] = keys
+            storm.seconds[index] = time.monotonic() - started
+            return
+
+    async def disruption() -> None:
+        await asyncio.sleep(1.0)
+        storm.in_flight = storm.started - storm.done.keys()
+        await asyncio.to_thread(disrupt)
+
+    try:
+        await asyncio.wait_for(asyncio.gather(
+            disruption(), *(agent(i, node) for i, node in enumerate(nodes))), timeout=120)
+    except TimeoutError:
+        raise AssertionError(f"{len(nodes) - len(storm.done)} agents never unsealed; some "
+                             f"refusals: {list(storm.met.values())[:3]}") from None
+    return storm
+
+
+async def _enroll_all(escrow: EscrowProcess, nodes: list[Node]) -> None:
+    async with api.client(escrow) as client:
+        for node in nodes:
+            await client.enroll(node.cluster_id, node.node_id, node.cert_pem, node.cert.key,
+                                node.agent_key, node.hostname)
+
+
+def test_two_hundred_agents_unseal_through_two_replicas_while_one_is_killed(
+        replicas: list[EscrowProcess], tmp_path: Path) -> None:
+    first, second = replicas
+    cluster, node, key = api.enrolled(first, slots="auto,auto")
+    nodes = [node, *(cluster.node() for _ in range(AGENTS - 1))]
+    api.run(_enroll_all(second, nodes[1:]))
+    bundle = tmp_path / "escrow-ca.pem"
+    bundle.write_text(first.ca.read_text() + second.ca.read_text())
+
+    def kill() -> None:
+        assert first.process is not None
+        os.kill(first.process.pid, signal.SIGKILL)
+
+    storm = api.run(_storm(nodes, replicas, bundle, kill))
+
+    assert storm.done == {index: [(1, key)] for index in range(AGENTS)}
+    refusals = [message for messages in storm.met.values() for message in messages]
+    assert not any("(500)" in message for message in refusals), refusals
+    cut = sorted(storm.seconds[i] for i in storm.in_flight if i % 2 == 0)
+    assert cut  # the kill came in the middle of requests to the killed replica
+    others = sorted(s for i, s in storm.seconds.items() if i % 2 == 1)
+    print(f"\n{AGENTS} agents; replica killed with {len(cut)} of its agents mid-request, "
+          f"{len(storm.met)} agents refused at least once; those unsealed in p50 "
+          f"{cut[len(cut) // 2]:.2f} s, worst {cut[-1]:.2f} s (the other replica's agents: "
+          f"p50 {others[len(others) // 2]:.2f} s, worst {others[-1]:.2f} s)")
+    released = [(d["request_id"], share["version"], share["slot"])
+                for _, d in second.audit("unseal.release") for share in d["shares"]]
+    assert len(released) == len(set(released))  # never twice to one request
+    ok(second.cli("audit", "verify"))
+
+
+def test_two_hundred_agents_complete_through_two_replicas_while_postgresql_restarts(
+        replicas: list[EscrowProcess], postgres: Server, tmp_path: Path) -> None:
+    first, second = replicas
+    cluster, node, key = api.enrolled(first, slots="auto,auto")
+    nodes = [node, *(cluster.node() for _ in range(AGENTS - 1))]
+    api.run(_enroll_all(second, nodes[1:]))
+    bundle = tmp_path / "escrow-ca.pem"
+    bundle.write_text(first.ca.read_text() + second.ca.read_text())
+
+    storm = api.run(_storm(nodes, replicas, bundle, postgres.restart))
+
+    assert storm.done == {index: [(1, key)] for index in range(AGENTS)}
+    assert storm.in_flight
+    refusals = [message for messages in storm.met.values() for message in messages]
+    assert all("(503)" in message for message in refusals), refusals
+    seconds = sorted(storm.seconds.values())
+    print(f"\n{AGENTS} agents, PostgreSQL restarted with {len(storm.in_flight)} mid-request: "
+          f"{len(storm.met)} refused at least once ({len(refusals)} 503s); unsealed in p50 "
+          f"{seconds[len(seconds) // 2]:.2f} s, worst {seconds[-1]:.2f} s")
+    ok(second.cli("audit", "verify"))
+    for replica in replicas:
+        assert replica.health()[0] == 200

@@ -216,14 +216,17 @@ def test_unseal_rejections_have_a_reason_an_audit_record_and_release_nothing(
     async def attempt() -> None:
         async with client(escrow) as c:
             if case == "replayed_nonce":
-                original = c.nonce
-                used = await original()
+                used = await c.nonce()
 
-                async def same_nonce() -> bytes:
+                async def same_nonce(_: object) -> bytes:
                     return used
 
-                c.nonce = same_nonce  # type: ignore[method-assign]
-                await c.unseal(cluster.cluster_id, node_id, cert_pem, agent_key, "h", BOOT)
+                with pytest.MonkeyPatch.context() as patch:
+                    # Where every signed call takes its nonce, at the URL it is made at.
+                    patch.setattr(c, "_nonce_at", same_nonce)
+                    await c.unseal(cluster.cluster_id, node_id, cert_pem, agent_key, "h", BOOT)
+                    await c.unseal(cluster.cluster_id, node_id, cert_pem, agent_key, "h", BOOT)
+                return
             await c.unseal(cluster.cluster_id, node_id, cert_pem, agent_key, "h", BOOT)
 
     counted_before = refusals_counted(escrow, "unseal", expected[1])
@@ -430,9 +433,12 @@ def test_enrollment_rejections_are_specific_and_audited_once_identified(escrow: 
     async def attempt() -> None:
         async with client(escrow) as c:
             if case == "garbage_nonce":
-                async def garbage() -> bytes:
+                async def garbage(_: object) -> bytes:
                     return os.urandom(32)
-                c.nonce = garbage  # type: ignore[method-assign]
+                with pytest.MonkeyPatch.context() as patch:
+                    patch.setattr(c, "_nonce_at", garbage)
+                    await c.enroll(cluster_id, node.node_id, cert_pem, swarm_key, agent_key, "h")
+                return
             if case == "bad_agent_signature":
                 real_sign = protocol.sign
 

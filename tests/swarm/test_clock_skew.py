@@ -53,7 +53,8 @@ def test_clocks_off_beyond_the_tolerances_are_refused_with_a_message_naming_the_
     node.env.update(skewed("-3h"))
     shown = node.command("status")
     assert shown.returncode == 1
-    assert ("the escrow's TLS certificate is not valid yet by this host's clock"
+    assert (f"the TLS certificate of the escrow at {escrow.url} is not valid yet by this "
+            "host's clock"
             in shown.stdout + shown.stderr), shown.stdout + shown.stderr
 
     # A custodian whose clock is ten minutes fast is told so by the escrow.

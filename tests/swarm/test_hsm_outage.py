@@ -53,8 +53,8 @@ def test_a_token_gone_while_serving_gives_503_naming_it_agents_back_off_and_all_
                       for m in re.findall(r"escrow unreachable.*retrying in (\d+) s", line)]
             assert len(delays) >= 2, notify.statuses()
             assert max(delays) <= 4, delays  # the configured cap
-            assert "the escrow cannot serve now (503): TokenUnavailable: the token 'escrow' " \
-                   "stopped answering" in node.log()
+            assert f"the escrow at {escrow.url} cannot serve now (503): TokenUnavailable: " \
+                   "the token 'escrow' stopped answering" in node.log()
         finally:
             away.rename(tokens)
         recovered = node.wait_state("active", timeout=30)

@@ -1,5 +1,5 @@
 """The agent refuses a config file or escrow CA that someone other than root could change
-(agent/config.py), and reads escrow_deposit_key_sha256."""
+(agent/config.py), and reads escrow_deposit_key_sha256 and one escrow URL or several."""
 
 from __future__ import annotations
 
@@ -16,12 +16,12 @@ NOBODY = 65534
 
 
 def files(tmp_path: Path, *, config_mode: int = 0o644, ca_mode: int = 0o644,
-          extra: str = "") -> tuple[Path, Path]:
+          extra: str = "", url: str = '"https://escrow:8443"') -> tuple[Path, Path]:
     ca = tmp_path / "escrow-ca.pem"
     ca.write_text("-----BEGIN CERTIFICATE-----\n")
     ca.chmod(ca_mode)
     config = tmp_path / "config.toml"
-    config.write_text(f'escrow_url = "https://escrow:8443"\nescrow_ca = "{ca}"\n{extra}')
+    config.write_text(f'escrow_url = {url}\nescrow_ca = "{ca}"\n{extra}')
     config.chmod(config_mode)
     return config, ca
 
@@ -135,3 +135,35 @@ def test_a_deposit_key_fingerprint_is_read_in_lower_case(tmp_path: Path) -> None
     assert agent_config.load(config, {}).escrow_deposit_key_sha256 == "ab" * 32
     assert agent_config.load(config, {"escrow_deposit_key_sha256": "cd" * 32}
                              ).escrow_deposit_key_sha256 == "cd" * 32
+
+
+@pytest.mark.parametrize(("url", "flag", "urls"), [
+    ('"https://escrow:8443"', None, ("https://escrow:8443",)),
+    ('["https://e1:8443", "https://e2:8443"]', None, ("https://e1:8443", "https://e2:8443")),
+    ('"https://e1:8443, https://e2:8443"', None, ("https://e1:8443", "https://e2:8443")),
+    ('"https://escrow:8443"', "https://e2:8443,https://e1:8443",
+     ("https://e2:8443", "https://e1:8443")),
+], ids=["one", "a-list", "commas-in-the-file", "commas-in-the-flag"])
+def test_escrow_url_is_one_url_or_several_in_order_of_preference(
+        tmp_path: Path, url: str, flag: str | None, urls: tuple[str, ...]) -> None:
+    config, _ = files(tmp_path, url=url)
+    assert agent_config.load(config, {"escrow_url": flag}).escrow_url == urls
+
+
+@pytest.mark.parametrize(("url", "wrong"), [
+    ('["https://e1:8443", "http://e2:8443"]', "escrow_url 'http://e2:8443' is not an https:// URL"),
+    ('"https://e1:8443,"', "escrow_url has an empty entry (a comma too many?)"),
+    ('["https://e1:8443", "https://e1:8443"]', "escrow_url names 'https://e1:8443' twice"),
+    ("[]", "escrow_url names no URL"),
+    ("[1]", "escrow_url must be a URL or a list of URLs, not [1]"),
+    ('"https://agent:s3cret@e1:8443"', "escrow_url the URL of e1:8443 carries a user name or "
+                                       "password"),
+], ids=["not-https", "empty", "twice", "none", "not-a-string", "a-password"])
+def test_a_wrong_escrow_url_is_refused_naming_the_file_and_what_is_wrong(
+        tmp_path: Path, url: str, wrong: str) -> None:
+    config, _ = files(tmp_path, url=url)
+    error = refusal(config)
+    assert error.message == f"{config}: {wrong}"
+    assert "s3cret" not in error.message + error.hint
+    assert 'escrow_url = ["https://escrow-1.example:8443", "https://escrow-2.example:8443"]' \
+        in error.hint

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+from pydantic import BaseModel
 
 from agent import config as agent_config
 from agent import deposit_key
@@ -24,6 +26,7 @@ from agent.config import AgentConfig
 from agent.docker_state import Docker
 from agent.errors import AgentError
 from agent.heartbeat import AGENT_VERSION, JITTER, Heartbeat, beat_request, lock_state, pause
+from agent.https import Response
 from agent.loaded_key import LoadedKey
 from agent.log import NodeLog
 from agent.parts import Parts
@@ -31,7 +34,12 @@ from agent.runtime import Runtime
 from agent.swarm_identity import CERT_DIR, NodeIdentity
 from escrow.core import protocol
 from escrow.core.notify import Notifier
-from escrow.core.protocol import HeartbeatRequest, HeartbeatResponse, InfoResponse
+from escrow.core.protocol import (
+    HeartbeatRequest,
+    HeartbeatResponse,
+    InfoResponse,
+    NonceResponse,
+)
 from escrow.core.states import LockState
 from lab.certs import make_node_cert, make_root_ca
 
@@ -103,32 +111,36 @@ def test_a_fractional_interval_is_announced_rounded_up_so_no_beat_counts_as_miss
 
 
 class FakeEscrow(EscrowClient):
-    """Offers ``offered`` as its deposit key, hands out NONCE and records what was asked."""
+    """Offers ``offered`` as its deposit key, hands out NONCE and records what was asked: the
+    client's own calls, answered where a request would leave."""
 
-    def __init__(self, offered: bytes = DEPOSIT_KEY) -> None:  # no TLS: nothing is sent
-        self.url = "https://escrow.invalid:8443"
+    def __init__(self, offered: bytes = DEPOSIT_KEY) -> None:
+        super().__init__("https://escrow.invalid:8443", ssl.create_default_context())
         self.offered = offered
         self.sent: list[tuple[str, str, Any]] = []
 
-    async def nonce(self) -> bytes:
-        self.sent.append(("POST", "/v1/nonce", None))
-        return NONCE
-
-    async def _call(self, method: str, path: str, model: Any, body: Any = None,
-                    timeout: float | None = None) -> Any:
-        self.sent.append((method, path, body))
-        if path == "/v1/info":
-            return InfoResponse(api="v1", deposit_public_key=protocol.b64e(self.offered),
-                                server_time="now")
-        return HeartbeatResponse(recorded=True)
+    async def _send(self, index: int, method: str, target: str, data: bytes | None,
+                    timeout: float) -> Response:
+        body = HeartbeatRequest.model_validate_json(data) if target == "/v1/heartbeat" \
+            and data else None
+        self.sent.append((method, target, body))
+        answer: BaseModel = HeartbeatResponse(recorded=True)
+        if target == "/v1/info":
+            answer = InfoResponse(api="v1", deposit_public_key=protocol.b64e(self.offered),
+                                  server_time="now")
+        elif target == "/v1/nonce":
+            answer = NonceResponse(nonce=protocol.b64e(NONCE), expires_at="later")
+        return Response(200, answer.model_dump_json().encode())
 
 
 class SilentEscrow(FakeEscrow):
-    """Takes the connection, and never answers."""
+    """Takes the connection, and never answers (until the request's time is up)."""
 
-    async def _call(self, method: str, path: str, model: Any, body: Any = None,
-                    timeout: float | None = None) -> Any:
-        await asyncio.Event().wait()
+    async def _send(self, index: int, method: str, target: str, data: bytes | None,
+                    timeout: float) -> Response:
+        async with asyncio.timeout(timeout):
+            await asyncio.Event().wait()
+        raise AssertionError("unreachable")
 
 
 def test_heartbeat_seconds_defaults_to_30_and_refuses_values_the_escrow_would(
@@ -155,7 +167,7 @@ def agent_on(tmp_path: Path, client: EscrowClient, *, enrolled: bool = True) -> 
     (certs / "swarm-node.crt").write_bytes(node.pem)
     (certs / "swarm-node.key").write_bytes(b"-----BEGIN PRIVATE KEY-----\nkek-version: 3\n\n"
                                            b"AAAA\n-----END PRIVATE KEY-----\n")
-    config = AgentConfig(escrow_url="https://escrow.invalid:8443",
+    config = AgentConfig(escrow_url=("https://escrow.invalid:8443",),
                          escrow_ca=Path("/nonexistent"), docker_root=tmp_path / "docker",
                          state_dir=tmp_path / "state", heartbeat_seconds=7.5)
     config.state_dir.mkdir()
@@ -208,4 +220,5 @@ def test_a_goodbye_to_an_escrow_that_does_not_answer_is_given_up_after_its_timeo
     with caplog.at_level(logging.WARNING, "test-heartbeat"):
         asyncio.run(asyncio.wait_for(heartbeat.goodbye(), 5))
     assert caplog.messages == ["goodbye heartbeat not delivered: the escrow at "
-                               "https://escrow.invalid:8443 did not answer within 0.2 s"]
+                               "https://escrow.invalid:8443 did not answer within 0.2 s (check "
+                               "the escrow service and the network)"]

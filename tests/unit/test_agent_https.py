@@ -1,74 +1,43 @@
-"""The agent's HTTPS transport (agent/https.py) against a real TLS server on loopback that
-answers as the test scripts it: kept connections, a server that drops them, oversized and
-broken answers, cancellation, and a certificate this agent does not trust."""
+"""The agent's HTTPS transport (agent/https.py) and its client's failover between the escrow's
+URLs (agent/client.py) against real TLS servers on loopback that answer as the test scripts
+them (lab/stand_ins.py): kept connections, a server that drops them, oversized and broken
+answers, cancellation, a certificate this agent does not trust, requests that never left, and
+which failures move a call on to the next URL."""
 
 from __future__ import annotations
 
 import asyncio
 import ssl
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric import ec
 
+from agent import client as agent_client
+from agent import deposit_key
 from agent.client import EscrowClient
-from agent.errors import EscrowUnavailable
-from agent.https import MAX_BODY, HttpError, Origin
+from agent.errors import EscrowRejected, EscrowUnavailable
+from agent.https import MAX_BODY, HttpError, NotSent, Origin
+from escrow.core import protocol
 from escrow.core.protocol import HealthResponse
-from escrow.core.tls import client_context, make_quickstart_tls, server_context
-
-# What the server does with one request on a connection: bytes to send back, whether to
-# close the connection afterwards.
-Script = Callable[[int], tuple[bytes, bool]]
+from escrow.core.tls import client_context, make_quickstart_tls
+from escrow.core.unlockkey import UnlockKey
+from lab import stand_ins
+from lab.net import free_port
+from lab.stand_ins import UNAVAILABLE, Script, Server, always, reply
 
 OK = b'HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 15\r\n\r\n' \
      b'{"status":"ok"}'
 
 
-class Server:
-    def __init__(self, script: Script) -> None:
-        self.script = script
-        self.connections = 0
-        self.requests = 0
-
-    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.connections += 1
-        try:
-            while True:
-                head = await reader.readuntil(b"\r\n\r\n")
-                length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
-                               if line.lower().startswith(b"content-length:")), 0)
-                await reader.readexactly(length)
-                self.requests += 1
-                answer, close = self.script(self.requests)
-                writer.write(answer)
-                await writer.drain()
-                if close:
-                    break
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass
-        finally:
-            writer.close()
-
-
 @asynccontextmanager
 async def serving(tmp_path: Path, script: Script) -> AsyncIterator[tuple[Server, str, Path]]:
+    """A scripted server with a certificate of its own CA: the server, its URL and the CA."""
     ca = make_quickstart_tls(tmp_path / "tls", ["localhost", "127.0.0.1"])
-    server = Server(script)
-    listener = await asyncio.start_server(
-        server.handle, "127.0.0.1", 0,
-        ssl=server_context(tmp_path / "tls" / "server.pem", tmp_path / "tls" / "server.key"))
-    port = listener.sockets[0].getsockname()[1]
-    try:
-        yield server, f"https://127.0.0.1:{port}", ca
-    finally:
-        listener.close()
-        await listener.wait_closed()
-
-
-def always(answer: bytes, close: bool = False) -> Script:
-    return lambda _: (answer, close)
+    async with stand_ins.serving(script, tmp_path / "tls") as (server, url):
+        yield server, url, ca
 
 
 def test_requests_share_one_kept_connection(tmp_path: Path) -> None:
@@ -182,3 +151,183 @@ def test_the_answer_reaches_the_protocol_model(tmp_path: Path) -> None:
 def test_only_https_urls_are_accepted() -> None:
     with pytest.raises(ValueError, match="https"):
         Origin("http://escrow:8443", ssl.create_default_context(), connections=1, keepalive=1)
+
+
+
+DEAD = f"https://127.0.0.1:{free_port()}"  # nothing listens there
+SILENT = b""  # a script's answer: nothing at all, the connection left open
+AGENT_KEY = ec.generate_private_key(ec.SECP256R1())
+DEPOSIT_KEY = bytes(range(32))
+INFO = reply(200, {"api": "v1", "deposit_public_key": protocol.b64e(DEPOSIT_KEY),
+                   "server_time": "2026-11-01T12:00:00Z"})
+NONCE = reply(200, {"nonce": protocol.b64e(b"\1" * 32), "expires_at": "2026-11-01T12:02:00Z"})
+DEPOSITED = reply(201, {"version": 1, "created": True, "fingerprint": "ab"})
+
+
+@pytest.fixture
+def tls(tmp_path: Path) -> tuple[Path, Path]:
+    """One certificate for every scripted replica: (its directory, the CA)."""
+    return tmp_path / "tls", make_quickstart_tls(tmp_path / "tls", ["127.0.0.1"])
+
+
+def answers(*script: bytes) -> Script:
+    """The n-th request gets the n-th answer, and any after the last, SILENT."""
+    return lambda n: (script[n - 1] if n <= len(script) else SILENT, False)
+
+
+async def deposit(client: EscrowClient) -> int:
+    """A deposit, as the agent makes one: /v1/info, a nonce, then the POST it signs."""
+    return (await client.deposit("c" * 25, "n" * 25, AGENT_KEY, UnlockKey(bytes(32)),
+                                 deposit_key.fingerprint(DEPOSIT_KEY))).version
+
+
+def test_a_request_that_found_no_connection_is_marked_not_sent() -> None:
+    async def main() -> None:
+        refused = Origin(DEAD, ssl.create_default_context(), connections=1, keepalive=1)
+        with pytest.raises(NotSent) as caught:
+            await refused.request("POST", "/v1/unseal", b"{}", 5)
+        assert isinstance(caught.value.__cause__, ConnectionRefusedError)
+
+        taken: list[asyncio.StreamWriter] = []
+
+        async def mute(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            taken.append(writer)  # takes the connection, never says a word of TLS
+        listener = await asyncio.start_server(mute, "127.0.0.1", 0)
+        port = listener.sockets[0].getsockname()[1]
+        hung = Origin(f"https://127.0.0.1:{port}", ssl.create_default_context(),
+                      connections=1, keepalive=1)
+        with pytest.raises(NotSent) as caught:
+            await hung.request("POST", "/v1/unseal", b"{}", 0.3)
+        assert isinstance(caught.value.__cause__, TimeoutError)
+        for writer in taken:
+            writer.close()
+        listener.close()
+        await listener.wait_closed()
+    asyncio.run(main())
+
+
+def test_a_get_that_gets_no_answer_at_one_url_is_asked_at_the_next(
+        tls: tuple[Path, Path]) -> None:
+    directory, ca = tls
+
+    async def main() -> None:
+        async with stand_ins.serving(always(SILENT), directory) as (silent, first), \
+                stand_ins.serving(always(OK), directory) as (answering, second), \
+                EscrowClient([first, second], ca, timeout=0.3) as client:
+            await client.health()
+            assert client.url == second
+            assert (silent.requests, answering.requests) == (1, 1)
+    asyncio.run(main())
+
+
+def test_a_post_that_may_have_been_processed_is_not_sent_again_elsewhere(
+        tls: tuple[Path, Path]) -> None:
+    directory, ca = tls
+
+    async def main() -> None:
+        async with stand_ins.serving(answers(INFO, NONCE), directory) as (silent, first), \
+                stand_ins.serving(always(OK), directory) as (other, second), \
+                EscrowClient([first, second], ca, timeout=0.3) as client:
+            with pytest.raises(EscrowUnavailable) as caught:
+                await deposit(client)
+            assert caught.value.message == f"the escrow at {first} did not answer within 0.3 s"
+            assert silent.requests == 3  # info, nonce, and the deposit left unanswered
+            assert other.requests == 0
+    asyncio.run(main())
+
+
+def test_a_503_or_a_refused_connection_moves_a_deposit_on_and_the_next_call_stays_there(
+        tls: tuple[Path, Path]) -> None:
+    directory, ca = tls
+    twice = answers(INFO, NONCE, DEPOSITED, INFO, NONCE, DEPOSITED)
+
+    async def main() -> None:
+        async with stand_ins.serving(always(UNAVAILABLE), directory) as (unavailable, first), \
+                stand_ins.serving(twice, directory) as (escrow, second), \
+                EscrowClient([DEAD, first, second], ca) as client:
+            assert await deposit(client) == 1
+            assert client.url == second
+            assert await deposit(client) == 1
+            # The second deposit went straight to the URL that took the first, and each was
+            # signed over a nonce of the replica it went to.
+            assert (unavailable.requests, escrow.requests) == (1, 6)
+    asyncio.run(main())
+
+
+def test_a_refusal_is_the_escrows_answer_and_is_not_asked_elsewhere(
+        tls: tuple[Path, Path]) -> None:
+    directory, ca = tls
+    refusal = reply(403, {"error": "revoked", "message": "node revoked", "hint": ""})
+
+    async def main() -> None:
+        async with stand_ins.serving(always(refusal), directory) as (refusing, first), \
+                stand_ins.serving(always(OK), directory) as (other, second), \
+                EscrowClient([DEAD, first, second], ca) as client:
+            with pytest.raises(EscrowRejected, match="revoked"):
+                await client.health()
+            assert client.url == first
+            assert (refusing.requests, other.requests) == (1, 0)
+    asyncio.run(main())
+
+
+def test_when_no_url_takes_a_call_the_error_names_each_one_and_why(
+        tls: tuple[Path, Path], tmp_path: Path) -> None:
+    directory, ca = tls
+    make_quickstart_tls(tmp_path / "stranger", ["127.0.0.1"])
+
+    async def main() -> None:
+        async with stand_ins.serving(always(OK), tmp_path / "stranger") as (untrusted, first), \
+                stand_ins.serving(always(UNAVAILABLE), directory) as (_, second), \
+                EscrowClient([DEAD, first, second], ca) as client:
+            with pytest.raises(EscrowUnavailable) as caught:
+                await client.health()
+            assert untrusted.requests == 0
+        message = caught.value.message
+        assert message.startswith("no URL of the escrow could take the request: "
+                                  f"the escrow at {DEAD} is unreachable: ")
+        assert (f"; the escrow at {first} presented a certificate this agent does not "
+                "trust: ") in message
+        assert message.endswith(f"; the escrow at {second} cannot serve now (503): "
+                                "unhealthy: the database is away")
+        assert caught.value.hint == ("check the escrow service and the network; check "
+                                     "escrow_ca in the agent's config; the agent retries by "
+                                     "itself once the escrow recovers")
+    asyncio.run(main())
+
+
+def test_a_call_ends_within_its_time_and_names_the_urls_it_had_no_time_for(
+        tls: tuple[Path, Path]) -> None:
+    directory, ca = tls
+
+    async def main() -> None:
+        async with stand_ins.serving(always(SILENT), directory) as (_, first), \
+                stand_ins.serving(always(OK), directory) as (answering, second), \
+                EscrowClient([first, second], ca, timeout=0.3, call_timeout=0.3) as client:
+            with pytest.raises(EscrowUnavailable) as caught:
+                await client.health()
+            assert answering.requests == 0
+        assert caught.value.message == (
+            f"no URL of the escrow could take the request: the escrow at {first} did not "
+            f"answer within 0.3 s; not tried within the 0.3 s the request may take: {second}")
+    asyncio.run(main())
+
+
+def test_a_long_poll_moved_on_asks_the_next_url_to_wait_only_as_long_as_the_call_has_left(
+        tls: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    directory, ca = tls
+    monkeypatch.setattr(agent_client, "POLL_SLACK", 0.5)
+    pending = reply(200, {"request_id": "r-1", "cluster_id": "c" * 25, "node_id": "n" * 25,
+                          "state": "pending", "created_at": "2026-11-01T12:00:00Z",
+                          "expires_at": "2026-11-01T12:15:00Z", "threshold": 2, "needed": 1,
+                          "approvals": [], "releases": []})
+
+    async def main() -> None:
+        async with stand_ins.serving(always(SILENT), directory) as (silent, first), \
+                stand_ins.serving(always(pending), directory) as (answering, second), \
+                EscrowClient([first, second], ca, call_timeout=3.5) as client:
+            status = await client.poll("r-1", wait=2)
+            assert (status.request_id, status.state) == ("r-1", "pending")
+            assert silent.heads[0].startswith(b"GET /v1/unseal/r-1?wait=2 ")
+            # 2.5 s of 3.5 went to the first URL: the second is asked to wait 0.5 s.
+            assert answering.heads[0].startswith(b"GET /v1/unseal/r-1?wait=0.")
+    asyncio.run(main())

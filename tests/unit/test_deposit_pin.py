@@ -5,18 +5,20 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import ssl
 from pathlib import Path
-from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+from pydantic import BaseModel
 
 from agent import deposit_key
 from agent import state as agent_state
 from agent.client import EscrowClient
 from agent.deposit import ensure_escrowed, pin_deposit_key
 from agent.errors import AgentError, DepositKeyMismatch, EscrowUnavailable
+from agent.https import Response
 from agent.state import AgentState
 from escrow.core import protocol
 from escrow.core.protocol import InfoResponse
@@ -77,25 +79,24 @@ def test_a_malformed_deposit_key_is_the_escrow_being_unusable(offered: str) -> N
 
 class FakeEscrow(EscrowClient):
     """EscrowClient's own deposit, with /v1/info answered in memory offering ``offered``, and
-    every call that would go out after it recorded instead of sent."""
+    every request that would go out after it recorded instead of sent."""
 
-    def __init__(self, offered: bytes) -> None:  # no TLS: nothing is sent
-        self.url = URL
+    def __init__(self, offered: bytes) -> None:
+        super().__init__(URL, ssl.create_default_context())
         self.offered = offered
         self.sent: list[str] = []
 
-    async def info(self) -> InfoResponse:
-        return InfoResponse(api="v1", deposit_public_key=protocol.b64e(self.offered),
-                            server_time="2026-11-01T12:00:00Z")
-
-    async def nonce(self) -> bytes:
-        self.sent.append("POST /v1/nonce")
-        return b"\0" * 32
-
-    async def _call(self, method: str, path: str, model: Any, body: Any = None,
-                    timeout: float | None = None) -> Any:
-        self.sent.append(f"{method} {path}")
-        return protocol.DepositResponse(version=1, created=True, fingerprint="ab")
+    async def _send(self, index: int, method: str, target: str, data: bytes | None,
+                    timeout: float) -> Response:
+        answer: BaseModel = InfoResponse(api="v1", deposit_public_key=protocol.b64e(
+            self.offered), server_time="2026-11-01T12:00:00Z")
+        if target != "/v1/info":
+            self.sent.append(f"{method} {target}")
+            answer = protocol.DepositResponse(version=1, created=True, fingerprint="ab")
+            if target == "/v1/nonce":
+                answer = protocol.NonceResponse(nonce=protocol.b64e(b"\0" * 32),
+                                                expires_at="later")
+        return Response(200, answer.model_dump_json().encode())
 
 
 def enrolled(pin: str = "") -> AgentState:

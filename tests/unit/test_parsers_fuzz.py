@@ -819,7 +819,8 @@ def test_agent_config_loads_or_gives_agent_error_naming_the_setting(
     if isinstance(loaded, AgentError):
         assert not names or any(name in loaded.message for name in names), loaded.message
         return
-    assert loaded.escrow_url.startswith("https://")
+    assert loaded.escrow_url
+    assert all(url.startswith("https://") for url in loaded.escrow_url)
     assert isinstance(loaded.escrow_ca, Path)
     for key in agent_config._SECONDS:
         low, high = agent_config._LIMITS[key]
@@ -1072,6 +1073,24 @@ def test_the_backup_the_fuzzing_starts_from_is_accepted(tmp_path: Path) -> None:
     manifest, contents = backup._read(_write(tmp_path, "escrow.backup", GOOD_BACKUP))
     assert contents == {"escrow.db": DB}
     assert manifest.audit_records == 1
+
+
+def test_a_postgresql_escrow_backup_holds_no_database_and_says_so(tmp_path: Path) -> None:
+    toml = b'[store]\nurl = "postgresql://escrow@db.example/escrow"\n'
+    files = {"escrow.toml": hashlib.sha256(toml).hexdigest()}
+    manifest, contents = backup._read(_write(tmp_path, "pg.backup", _tar({
+        backup.MANIFEST: json.dumps({**MANIFEST, "files": files, "store": "postgresql"}).encode(),
+        "escrow.toml": toml})))
+    assert (manifest.store, contents) == ("postgresql", {"escrow.toml": toml})
+    # A database beside a manifest that says PostgreSQL, or none beside one that says SQLite
+    # (what a backup without "store" is), or a store of another kind: not a backup we made.
+    for store, members in (("postgresql", {"escrow.toml": toml, "escrow.db": DB}),
+                           ("sqlite", {"escrow.toml": toml}), ("mysql", {"escrow.toml": toml})):
+        listed = {name: hashlib.sha256(content).hexdigest() for name, content in members.items()}
+        with pytest.raises(InputError):
+            backup._read(_write(tmp_path, f"{store}.backup", _tar({
+                backup.MANIFEST: json.dumps({**MANIFEST, "files": listed,
+                                             "store": store}).encode(), **members})))
 
 
 @pytest.mark.parametrize("point", [bytes(32), bytes([1]) + bytes(31)])
