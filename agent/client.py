@@ -30,7 +30,7 @@ from pydantic import BaseModel, ValidationError
 
 from agent import deposit_key
 from agent.errors import AgentError, EscrowRejected, EscrowUnavailable
-from agent.https import HttpError, NotSent, Origin, Response
+from agent.https import CONNECT_TIMEOUT, HttpError, NotSent, Origin, Response
 from escrow.core import failover, protocol
 from escrow.core.failover import Failure
 from escrow.core.plaintext import plain
@@ -120,15 +120,18 @@ class EscrowClient:
     URL, or several separated by commas). Each request takes at most ``timeout`` seconds (a
     long poll, as much longer as it waits); one call, all its requests at every URL it tries,
     at most ``call_timeout`` (by default three requests' worth: a deposit is three), so the
-    daemon's calls stay within what agent/runtime.py counts as a hang."""
+    daemon's calls stay within what agent/runtime.py counts as a hang. A connection that is not
+    up within ``connect_timeout`` counts as not sent, so the call moves to the next URL."""
 
     def __init__(self, urls: str | Sequence[str], ca: Path | ssl.SSLContext, *,
                  timeout: float = 30.0, connections: int = 4, keepalive: float = 15.0,
-                 call_timeout: float | None = None) -> None:
+                 call_timeout: float | None = None,
+                 connect_timeout: float = CONNECT_TIMEOUT) -> None:
         self._replicas = failover.Replicas([url.rstrip("/")
                                             for url in failover.parse_urls(urls)])
         context = ca if isinstance(ca, ssl.SSLContext) else client_context(ca)
-        self._origins = [Origin(url, context, connections=connections, keepalive=keepalive)
+        self._origins = [Origin(url, context, connections=connections, keepalive=keepalive,
+                                connect_timeout=min(timeout, connect_timeout))
                          for url in self._replicas.urls]
         self._timeout = timeout
         self._call_timeout = 3 * timeout if call_timeout is None else call_timeout

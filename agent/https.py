@@ -20,6 +20,9 @@ import h11
 # larger is not the escrow.
 MAX_BODY = 1024 * 1024
 READ_CHUNK = 64 * 1024
+# TCP and TLS handshakes, seconds: on loopback or a LAN they take milliseconds, and a SYN lost
+# to a full accept queue is sent again after 1 s and 3 s.
+CONNECT_TIMEOUT = 5.0
 
 
 class HttpError(Exception):
@@ -63,7 +66,7 @@ class Origin:
     answer for the next request."""
 
     def __init__(self, url: str, context: ssl.SSLContext, *, connections: int,
-                 keepalive: float) -> None:
+                 keepalive: float, connect_timeout: float = CONNECT_TIMEOUT) -> None:
         parts = urlsplit(url)
         if parts.scheme != "https" or not parts.hostname:
             raise ValueError(f"not an https:// URL: {url!r}")
@@ -73,6 +76,7 @@ class Origin:
         self.prefix = parts.path.rstrip("/")
         self._context = context
         self._keepalive = keepalive
+        self._connect_timeout = connect_timeout
         self._slots = asyncio.Semaphore(connections)
         self._idle: list[_Connection] = []
 
@@ -120,9 +124,12 @@ class Origin:
         return None
 
     async def _open(self) -> _Connection:
-        reader, writer = await asyncio.open_connection(
-            self.host, self.port, ssl=self._context, server_hostname=self.host,
-            limit=READ_CHUNK)
+        # Its own bound, well under a request's: a replica whose host is gone drops packets
+        # rather than refusing them, and the next replica should not wait a request's time.
+        async with asyncio.timeout(self._connect_timeout):
+            reader, writer = await asyncio.open_connection(
+                self.host, self.port, ssl=self._context, server_hostname=self.host,
+                limit=READ_CHUNK)
         return _Connection(reader, writer, h11.Connection(h11.CLIENT))
 
     async def _exchange(self, connection: _Connection, method: str, target: str,

@@ -4,9 +4,11 @@
 Run from the repository root:  .venv/bin/python -m bench.unseal_storm --agents 10,100,1000
 
 Each count gets an escrow of its own, started afresh in a temporary directory (data dir,
-SoftHSM token) that is removed at the end; with `--stores sqlite,postgresql` each count runs
-once per store, side by side, the PostgreSQL one on a server of its own in that directory
-(lab/postgres.py, on a unix socket). Prints a Markdown table; --out FILE also writes it there.
+SoftHSM token) that is removed at the end; with `--stores sqlite,postgresql,postgresql-2` each
+count runs once per store, side by side, the PostgreSQL ones on a server of their own in that
+directory (lab/postgres.py, on a unix socket), `postgresql-2` with two replicas of the escrow
+(README, "Run several replicas"), half of the agents preferring each. Prints a Markdown table;
+--out FILE also writes it there.
 """
 
 from __future__ import annotations
@@ -29,17 +31,17 @@ from bench.proc import allow_open_files, cpu_seconds, listen_overflows, memory_m
 from bench.stats import percentile
 from escrow.core.unlockkey import UnlockKey
 from lab import postgres as lab_postgres
-from lab.server import BOOT_ID, EscrowProcess, Node, make_escrow
+from lab.server import BOOT_ID, EscrowProcess, Node, make_escrow, make_replica
 
 TITLE = "Unseal storm: unseal latency against concurrent agents"
-STORES = ("sqlite", "postgresql")
+STORES = ("sqlite", "postgresql", "postgresql-2")
 # Open files besides the agents' sockets: Python, SoftHSM, SQLite, the enrolling connections.
 SPARE_FILES = 1000
 
 
 @dataclass(frozen=True)
 class Storm:
-    store: str  # "sqlite" or "postgresql"
+    store: str  # one of STORES
     agents: int
     latencies: tuple[float, ...]  # seconds, of the agents that rebuilt the right key
     errors: dict[str, int]  # what went wrong for the others, by kind
@@ -47,7 +49,7 @@ class Storm:
     enroll_seconds: float
     server_cpu_seconds: float  # during the storm only
     generator_cpu_seconds: float
-    server_peak_rss_mib: float
+    server_peak_rss_mib: float  # of all replicas together
     listen_overflows: int  # connections the kernel dropped during the storm, accept queue full
 
 
@@ -83,17 +85,22 @@ def _kind(error: Exception) -> str:
     return f"{type(error).__name__}: {error}"[:160]
 
 
-async def storm(escrow: EscrowProcess, nodes: list[Node], key: UnlockKey
+async def storm(replicas: list[EscrowProcess], ca: Path, nodes: list[Node], key: UnlockKey
                 ) -> tuple[list[float], Counter[str], float]:
     latencies: list[float] = []
     errors: Counter[str] = Counter()
-    # One connection per agent, as N agents on N machines would have; the long timeout keeps
-    # slow answers in the latency figures instead of turning them into errors.
-    async with EscrowClient(escrow.url, escrow.ca, connections=len(nodes),
-                            timeout=600) as client:
+    # One connection per agent, as N agents on N machines would have; the long timeouts keep
+    # slow answers in the latency figures instead of turning them into errors. With several
+    # replicas, agent i prefers replica i mod n.
+    urls = [r.url for r in replicas]
+    async with contextlib.AsyncExitStack() as stack:
+        clients = [await stack.enter_async_context(EscrowClient(
+            urls[i:] + urls[:i], ca, connections=len(nodes), timeout=600, connect_timeout=600))
+            for i in range(len(urls))]
         start = asyncio.Event()
 
-        async def one(node: Node) -> None:
+        async def one(index: int, node: Node) -> None:
+            client = clients[index % len(clients)]
             await start.wait()
             began = time.perf_counter()
             try:
@@ -107,7 +114,7 @@ async def storm(escrow: EscrowProcess, nodes: list[Node], key: UnlockKey
             except Exception as error:  # counted and reported; the storm goes on
                 errors[_kind(error)] += 1
 
-        tasks = [asyncio.create_task(one(n)) for n in nodes]
+        tasks = [asyncio.create_task(one(i, n)) for i, n in enumerate(nodes)]
         await asyncio.sleep(0.1)
         began = time.perf_counter()
         start.set()
@@ -129,32 +136,41 @@ def measure(agents: int, store: str = "sqlite") -> Storm:
     # Every agent holds a socket in this process and one in the server, which inherits the limit.
     allow_open_files(agents + SPARE_FILES)
     with contextlib.ExitStack() as stack:
-        workdir = stack.enter_context(tempfile.TemporaryDirectory(prefix="escrow-storm-"))
+        workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="escrow-storm-")))
         init: list[str] = []
-        if store == "postgresql":
+        env = {"ESCROW_REQUESTS_RATE_LIMIT": str(agents * 10)}
+        if store.startswith("postgresql"):
             server = stack.enter_context(lab_postgres.running())
-            init = ["--store-url", server.url(stack.enter_context(server.database())),
-                    "--store-password-file", str(server.password_file)]
-        escrow = make_escrow(Path(workdir), *init, ESCROW_REQUESTS_RATE_LIMIT=str(agents * 10))
-        escrow.start()
+            url = server.url(stack.enter_context(server.database()))
+            init = ["--store-url", url, "--store-password-file", str(server.password_file)]
+        escrow = make_escrow(workdir / "a", *init, **env)
+        replicas = [escrow]
+        if store == "postgresql-2":
+            replicas.append(make_replica(escrow, workdir / "b", url, server.password_file,
+                                         **env))
+        ca = workdir / "escrow-ca.pem"
         try:
-            assert escrow.process is not None
-            pid = escrow.process.pid
+            for replica in replicas:
+                replica.start()
+            ca.write_text("".join(r.ca.read_text() for r in replicas))
+            pids = [r.process.pid for r in replicas if r.process is not None]
             cluster = escrow.cluster(2, "auto,auto", "--allow-no-paper-recovery")
             nodes = [cluster.node() for _ in range(agents)]
             key = UnlockKey(os.urandom(32))
             began = time.perf_counter()
             asyncio.run(enroll_all(escrow, nodes, key))
             enroll_seconds = time.perf_counter() - began
-            server_cpu, generator_cpu = cpu_seconds(pid), time.process_time()
+            server_cpu = sum(cpu_seconds(pid) for pid in pids)
+            generator_cpu = time.process_time()
             overflows = listen_overflows()
-            latencies, errors, seconds = asyncio.run(storm(escrow, nodes, key))
-            server_cpu, generator_cpu = (cpu_seconds(pid) - server_cpu,
-                                         time.process_time() - generator_cpu)
+            latencies, errors, seconds = asyncio.run(storm(replicas, ca, nodes, key))
+            server_cpu = sum(cpu_seconds(pid) for pid in pids) - server_cpu
+            generator_cpu = time.process_time() - generator_cpu
             overflows = listen_overflows() - overflows
-            rss = memory_mib(pid, "VmHWM")
+            rss = sum(memory_mib(pid, "VmHWM") for pid in pids)
         finally:
-            escrow.stop()
+            for replica in replicas:
+                replica.stop()
     return Storm(store, agents, tuple(latencies), dict(errors), seconds, enroll_seconds,
                  server_cpu, generator_cpu, rss, overflows)
 
@@ -187,7 +203,9 @@ def document(storms: list[Storm], machine: Machine, command: str) -> str:
         "One `escrow serve` (SoftHSM token, the store the first column names, auto policy t=2, "
         "one key version), started afresh for each row, with the agents enrolled beforehand; "
         "a PostgreSQL store is a server of its own on the same machine, reached over a unix "
-        "socket, whose CPU the server column does not count. Then every agent, at the same "
+        "socket, whose CPU the server column does not count; `postgresql-2` is two replicas of "
+        "the escrow on that server, half of the agents preferring each (server CPU and peak "
+        "RSS are the two replicas' together). Then every agent, at the same "
         "signal, opens its own TLS connection over loopback, fetches a nonce, sends its signed "
         "unseal request, opens the two released shares (HPKE) and rebuilds the key (SLIP-39). "
         "Latency is that whole round trip, per agent. The simulated agents all run in one "
@@ -209,7 +227,8 @@ def main() -> None:
     parser.add_argument("--agents", type=agent_counts, default=[1000],
                         help="comma-separated counts of concurrent agents, one storm each")
     parser.add_argument("--stores", type=store_names, default=["sqlite"],
-                        help="comma-separated: sqlite, postgresql (each count on each store)")
+                        help="comma-separated: sqlite, postgresql, postgresql-2 (two replicas); "
+                             "each count on each store")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     text = document([measure(count, store) for count in args.agents for store in args.stores],

@@ -8,17 +8,14 @@ import asyncio
 import os
 import signal
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
-from agent.client import EscrowClient
-from agent.errors import AgentError, EscrowUnavailable
+from agent.errors import AgentError
 from agent.release import candidate_keys
 from escrow import audit
 from escrow.core.unlockkey import UnlockKey
 from escrow.store.postgres import PostgresStore
-from lab import api
+from lab import api, replica_storm
 from lab.commands import readme_scripts, run_escrow, run_script
 from lab.net import free_port
 from lab.pg_replication import primary_and_standby
@@ -185,82 +182,18 @@ def test_readme_s_commands_make_a_replica_that_serves_the_same_escrow(
 AGENTS = 200
 
 
-@dataclass
-class _Storm:
-    done: dict[int, list[tuple[int, UnlockKey]]] = field(default_factory=dict)
-    seconds: dict[int, float] = field(default_factory=dict)  # first attempt to unlocked
-    met: dict[int, list[str]] = field(default_factory=dict)  # what each agent was refused
-    started: set[int] = field(default_factory=set)
-    in_flight: set[int] = field(default_factory=set)  # mid-flow at the disruption
-
-
-async def _storm(nodes: list[Node], replicas: list[EscrowProcess], ca: Path,
-                 disrupt: Callable[[], None]) -> _Storm:
-    """Every node unseals as its agent would (retrying after the agent's first back-off),
-    half of them preferring each replica; ``disrupt`` runs a second in."""
-    storm = _Storm()
-
-    async def agent(index: int, node: Node) -> None:
-        await asyncio.sleep(index * 2.0 / len(nodes))
-        urls = [r.url for r in (replicas if index % 2 == 0 else replicas[::-1])]
-        storm.started.add(index)
-        started = time.monotonic()
-        while True:
-            try:
-                async with EscrowClient(urls, ca) as client:
-                    status, ephemeral = await client.unseal(
-                        node.cluster_id, node.node_id, node.cert_pem, node.agent_key,
-                        node.hostname, BOOT_ID)
-                    while status.state == "pending":
-                        status = await client.poll(status.request_id, wait=5)
-                    keys = list(candidate_keys(status, ephemeral))
-                    await client.report(status.request_id, node.node_id, node.agent_key,
-                                        "unlocked", 1)
-            except EscrowUnavailable as exc:
-                storm.met.setdefault(index, []).append(exc.message)
-                await asyncio.sleep(1.0)  # agent/backoff.py's first delay
-                continue
-            storm.done[index] = keys
-            storm.seconds[index] = time.monotonic() - started
-            return
-
-    async def disruption() -> None:
-        await asyncio.sleep(1.0)
-        storm.in_flight = storm.started - storm.done.keys()
-        await asyncio.to_thread(disrupt)
-
-    try:
-        await asyncio.wait_for(asyncio.gather(
-            disruption(), *(agent(i, node) for i, node in enumerate(nodes))), timeout=120)
-    except TimeoutError:
-        raise AssertionError(f"{len(nodes) - len(storm.done)} agents never unsealed; some "
-                             f"refusals: {list(storm.met.values())[:3]}") from None
-    return storm
-
-
-async def _enroll_all(escrow: EscrowProcess, nodes: list[Node]) -> None:
-    async with api.client(escrow) as client:
-        for node in nodes:
-            await client.enroll(node.cluster_id, node.node_id, node.cert_pem, node.cert.key,
-                                node.agent_key, node.hostname)
-
-
 def test_two_hundred_agents_unseal_through_two_replicas_while_one_is_killed(
         replicas: list[EscrowProcess], tmp_path: Path) -> None:
     first, second = replicas
-    cluster, node, key = api.enrolled(first, slots="auto,auto")
-    nodes = [node, *(cluster.node() for _ in range(AGENTS - 1))]
-    api.run(_enroll_all(second, nodes[1:]))
-    bundle = tmp_path / "escrow-ca.pem"
-    bundle.write_text(first.ca.read_text() + second.ca.read_text())
+    fleet = replica_storm.fleet(replicas, AGENTS, tmp_path)
 
     def kill() -> None:
         assert first.process is not None
         os.kill(first.process.pid, signal.SIGKILL)
 
-    storm = api.run(_storm(nodes, replicas, bundle, kill))
+    storm = api.run(replica_storm.run(fleet.nodes, replicas, fleet.ca, kill))
 
-    assert storm.done == {index: [(1, key)] for index in range(AGENTS)}
+    assert storm.done == {index: [(1, fleet.key)] for index in range(AGENTS)}
     refusals = [message for messages in storm.met.values() for message in messages]
     assert not any("(500)" in message for message in refusals), refusals
     cut = sorted(storm.seconds[i] for i in storm.in_flight if i % 2 == 0)
@@ -278,16 +211,12 @@ def test_two_hundred_agents_unseal_through_two_replicas_while_one_is_killed(
 
 def test_two_hundred_agents_complete_through_two_replicas_while_postgresql_restarts(
         replicas: list[EscrowProcess], postgres: Server, tmp_path: Path) -> None:
-    first, second = replicas
-    cluster, node, key = api.enrolled(first, slots="auto,auto")
-    nodes = [node, *(cluster.node() for _ in range(AGENTS - 1))]
-    api.run(_enroll_all(second, nodes[1:]))
-    bundle = tmp_path / "escrow-ca.pem"
-    bundle.write_text(first.ca.read_text() + second.ca.read_text())
+    second = replicas[1]
+    fleet = replica_storm.fleet(replicas, AGENTS, tmp_path)
 
-    storm = api.run(_storm(nodes, replicas, bundle, postgres.restart))
+    storm = api.run(replica_storm.run(fleet.nodes, replicas, fleet.ca, postgres.restart))
 
-    assert storm.done == {index: [(1, key)] for index in range(AGENTS)}
+    assert storm.done == {index: [(1, fleet.key)] for index in range(AGENTS)}
     assert storm.in_flight
     refusals = [message for messages in storm.met.values() for message in messages]
     assert all("(503)" in message for message in refusals), refusals

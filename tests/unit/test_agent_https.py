@@ -220,6 +220,39 @@ def test_a_get_that_gets_no_answer_at_one_url_is_asked_at_the_next(
     asyncio.run(main())
 
 
+def test_a_replica_that_never_finishes_the_handshake_is_left_within_the_connect_time(
+        tls: tuple[Path, Path]) -> None:
+    """A host that is gone drops packets instead of refusing them: a connection not up within
+    connect_timeout counts as not sent (so any request moves on), long before the request's
+    own time."""
+    directory, ca = tls
+
+    async def main() -> None:
+        hung: list[asyncio.StreamWriter] = []
+
+        async def accept_and_say_nothing(reader: asyncio.StreamReader,
+                                         writer: asyncio.StreamWriter) -> None:
+            hung.append(writer)
+
+        listener = await asyncio.start_server(accept_and_say_nothing, "127.0.0.1", 0)
+        port = listener.sockets[0].getsockname()[1]
+        try:
+            async with stand_ins.serving(always(OK), directory) as (answering, second), \
+                    EscrowClient([f"https://localhost:{port}", second], ca, timeout=30,
+                                 connect_timeout=0.3) as client:
+                began = asyncio.get_running_loop().time()
+                await client.health()
+                assert asyncio.get_running_loop().time() - began < 5
+                assert client.url == second
+                assert answering.requests == 1
+        finally:
+            for writer in hung:
+                writer.close()
+            listener.close()
+            await listener.wait_closed()
+    asyncio.run(main())
+
+
 def test_a_post_that_may_have_been_processed_is_not_sent_again_elsewhere(
         tls: tuple[Path, Path]) -> None:
     directory, ca = tls
