@@ -54,9 +54,9 @@ _WAIT = {"name": "wait", "in": "query", "required": False,
 @cache
 def openapi_document() -> dict[str, Any]:
     models: list[type[BaseModel]] = [
-        p.NonceResponse, p.InfoResponse, p.EnrollRequest, p.EnrollResponse, p.DepositRequest,
-        p.DepositResponse, p.UnsealRequest, p.RequestStatus, p.ReleasedShare, p.ResultReport,
-        p.ResultResponse, p.HeartbeatRequest, p.HeartbeatResponse, p.PendingRequest,
+        p.NonceResponse, p.HealthResponse, p.InfoResponse, p.EnrollRequest, p.EnrollResponse,
+        p.DepositRequest, p.DepositResponse, p.UnsealRequest, p.RequestStatus, p.ReleasedShare,
+        p.ResultReport, p.ResultResponse, p.HeartbeatRequest, p.HeartbeatResponse, p.PendingRequest,
         p.ApproveRequest, p.DenyRequest,
         p.DecisionResponse, p.ShareExportRequest, p.ErrorResponse]
     _, schemas = models_json_schema([(m, "validation") for m in models],
@@ -67,7 +67,8 @@ def openapi_document() -> dict[str, Any]:
                  "description": "Unlock-key escrow for Docker Swarm managers. Signatures cover "
                                 "the encodings in escrow/core/protocol.py, never the JSON."},
         "paths": {
-            "/healthz": {"get": _op("HSM and database reachable", None)},
+            "/healthz": {"get": _op("HSM reachable and the database writable (503 if not)",
+                                    p.HealthResponse)},
             "/v1/info": {"get": _op("Server facts and the deposit key", p.InfoResponse)},
             "/v1/nonce": {"post": _op("A fresh single-use nonce", p.NonceResponse)},
             "/v1/enroll": {"post": _op("Enroll a manager's agent", p.EnrollResponse,
