@@ -22,7 +22,7 @@ from escrow.core.plaintext import PlainLogArgs
 from escrow.core.tls import server_context
 from escrow.lock import DataDirLock
 from escrow.server.app import EscrowServer
-from escrow.server.connections import ConnectionGate, Limits, fit_open_files
+from escrow.server.connections import ConnectionGate, Limits, fit_open_files, shrink_tls_buffers
 from escrow.wrapping import resolve_pin
 
 
@@ -60,7 +60,11 @@ def serve(data_dir: Path, listen: str | None, hsm_pin_file: Path | None) -> None
 # Seconds aiohttp goes on reading a body it was answered before the end of (413, 429, the body
 # deadline's 408), so that the client reads the answer instead of a reset; then it closes.
 LINGER_SECONDS = 2.0
-BACKLOG = 128  # aiohttp's TCPSite default, as before
+# Connections the kernel completes before the escrow accepts them. A power cut brings every
+# manager back at once: with aiohttp's default of 128, a storm of 1,000 agents overflowed it
+# hundreds of times, each overflow a SYN retransmitted a second later. The kernel caps it at
+# net.core.somaxconn (4,096 on current kernels).
+BACKLOG = 4096
 
 
 async def _serve(server: EscrowServer, host: str, port: int, context: ssl.SSLContext,
@@ -79,6 +83,7 @@ async def _serve(server: EscrowServer, host: str, port: int, context: ssl.SSLCon
     gate = ConnectionGate(http, context, fit_open_files(Limits.of(settings)),
                           server.metrics.dropped, server.metrics.registry)
     listener: asyncio.Server | None = None
+    shrink_tls_buffers()
     try:
         listener = await loop.create_server(gate, host, port, backlog=BACKLOG)
         click.echo(f"escrow serving https://{listen} from {server.settings.data_dir}", err=True)

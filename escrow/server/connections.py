@@ -31,6 +31,7 @@ many are open.
 from __future__ import annotations
 
 import asyncio
+import asyncio.sslproto
 import logging
 import resource
 import ssl
@@ -111,6 +112,18 @@ def fit_open_files(limits: Limits) -> Limits:
                     soft, fitted.max_connections, fitted.max_connections_per_source,
                     limits.max_connections)
     return fitted
+
+
+# What asyncio reads decrypted data into, per TLS connection (sslproto.SSLProtocol.max_size,
+# 256 KiB by default, allocated whole at every accept): most of the server's memory per
+# connected agent. A TLS record carries at most 16 KiB, so reads of 32 KiB lose nothing.
+TLS_READ_BUFFER = 32 * 1024
+
+
+def shrink_tls_buffers() -> None:
+    """Give this process's TLS connections TLS_READ_BUFFER read buffers (the serving escrow
+    calls it once, before it listens)."""
+    asyncio.sslproto.SSLProtocol.max_size = TLS_READ_BUFFER
 
 
 class ConnectionGate:
