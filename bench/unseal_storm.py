@@ -138,7 +138,12 @@ def measure(agents: int, store: str = "sqlite") -> Storm:
     with contextlib.ExitStack() as stack:
         workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="escrow-storm-")))
         init: list[str] = []
-        env = {"ESCROW_REQUESTS_RATE_LIMIT": str(agents * 10)}
+        # All the agents come from one address here, where a fleet comes from one each: the
+        # connection caps are raised to let them all in at once.
+        room = str(max(8192, agents + SPARE_FILES))
+        env = {"ESCROW_REQUESTS_RATE_LIMIT": str(agents * 10),
+               "ESCROW_SERVER_MAX_CONNECTIONS": room,
+               "ESCROW_SERVER_MAX_CONNECTIONS_PER_SOURCE": room}
         if store.startswith("postgresql"):
             server = stack.enter_context(lab_postgres.running())
             url = server.url(stack.enter_context(server.database()))

@@ -72,6 +72,12 @@ class NotifySocket:
         raise AssertionError(f"no matching notify message in {timeout} s; got "
                              f"{self.lines()[-20:]}")
 
+    def waiting_for_approval(self) -> str:
+        """The id of the request the agent says it waits for one more approval of."""
+        _, line = self.wait_for(
+            lambda line: line.startswith("STATUS=locked, waiting for 1 more approval"))
+        return line.split("(request ")[1].split(",")[0]
+
     def close(self) -> None:
         self._stop.set()
         self._thread.join()

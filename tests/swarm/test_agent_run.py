@@ -57,9 +57,7 @@ def test_agent_waits_for_a_custodian_approval_and_says_so_in_its_status(
     notify = node.start()
     try:
         dockerd.restart()
-        _, line = notify.wait_for(
-            lambda line: line.startswith("STATUS=locked, waiting for 1 more approval"))
-        request_id = line.split("(request ")[1].split(",")[0]
+        request_id = notify.waiting_for_approval()
         assert dockerd.state() == "locked"
         approved = escrow.as_custodian("bob", "approve", request_id, "--yes")
         assert approved.returncode == 0, approved.stderr
@@ -203,11 +201,9 @@ def test_a_running_agent_beats_while_locked_and_unlocked_and_says_goodbye_when_s
     try:
         unlocked = wait_liveness(escrow, node_id, "unlocked", timeout=10)
         dockerd.restart()
-        _, line = notify.wait_for(
-            lambda line: line.startswith("STATUS=locked, waiting for 1 more approval"))
+        request_id = notify.waiting_for_approval()
         # The beats go on while the unseal flow long-polls for an approval.
         locked = wait_liveness(escrow, node_id, "locked", timeout=12)
-        request_id = line.split("(request ")[1].split(",")[0]
         approved = escrow.as_custodian("bob", "approve", request_id, "--yes")
         assert approved.returncode == 0, approved.stderr
         node.wait_state("active")

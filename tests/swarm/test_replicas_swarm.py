@@ -24,9 +24,7 @@ def test_an_approval_through_one_replica_unlocks_a_manager_polling_the_other_wit
     notify = node.start()
     try:
         dockerd.restart()
-        _, line = notify.wait_for(
-            lambda line: line.startswith("STATUS=locked, waiting for 1 more approval"))
-        request_id = line.split("(request ")[1].split(",")[0]
+        request_id = notify.waiting_for_approval()
         time.sleep(1.0)  # the agent's long poll is waiting at the second replica
         approved = first.as_custodian("bob", "approve", request_id, "--yes")
         assert approved.returncode == 0, approved.stderr
