@@ -43,7 +43,9 @@ def test_an_agent_whose_clock_is_minutes_off_still_unseals_and_reports_the_offse
         dockerd.restart()
         node.wait_state("active", timeout=60)
     finally:
-        assert node.stop() == 0
+        stopped = node.stop()
+        # None: it did not stop within 60 s of SIGTERM (seen once in CI); its log says where.
+        assert stopped == 0, node.log()[-4000:]
     assert "unlocked the manager with key version 1" in node.log()
 
 
