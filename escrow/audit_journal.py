@@ -21,4 +21,6 @@ def send(record: AuditRecord) -> None:
         SYSLOG_IDENTIFIER=IDENTIFIER, AUDIT_SEQ=str(record.seq), AUDIT_EVENT=record.event,
         AUDIT_ACTOR=record.actor, AUDIT_CLUSTER_ID=record.cluster_id,
         AUDIT_DETAILS=record.details_json, AUDIT_PREV_HASH=record.prev_hash,
-        AUDIT_HASH=record.hash)
+        AUDIT_HASH=record.hash,
+        # Named here, or python-systemd walks the stack for them at every record.
+        CODE_FILE=__file__, CODE_FUNC="send")

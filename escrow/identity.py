@@ -5,6 +5,7 @@ Checks take bytes and return parsed values or raise; they never read files or so
 
 from __future__ import annotations
 
+import functools
 import re
 from datetime import datetime
 
@@ -79,9 +80,16 @@ def parse_node_cert(cert_pem: bytes) -> x509.Certificate:
     return cert
 
 
+@functools.lru_cache(maxsize=4096)
+def _pinned_root(pem: bytes) -> x509.Certificate:
+    """A cluster's pinned root CA, parsed once: every request of the cluster is checked
+    against it. A PEM changes only when an admin re-registers the cluster."""
+    return parse_root_ca(pem)
+
+
 def check_issuer(cert: x509.Certificate, root_ca_pem: bytes, cluster_id: str) -> None:
     """Raise unless ``cert`` was signed by the root CA pinned for the cluster."""
-    root = parse_root_ca(root_ca_pem)
+    root = _pinned_root(root_ca_pem)
     try:
         cert.verify_directly_issued_by(root)
     except (ValueError, TypeError, InvalidSignature, UnsupportedAlgorithm):

@@ -29,12 +29,17 @@ def p256_public(pem: str, what: str) -> ec.EllipticCurvePublicKey:
         raise RequestError("bad_key", exc.message) from None
 
 
+# Clamped X25519 scalars are multiples of the cofactor, so any one of them maps every low-order
+# point, and only those, to zero: one key made at start tells them all apart.
+_PROBE = X25519PrivateKey.generate()
+
+
 def ephemeral(value: str) -> bytes:
     """A requester's X25519 key, refused if shares could not be encrypted to it (a low-order
     point makes every HPKE encryption fail)."""
     raw = b64(value, "ephemeral_public_key", 32)
     try:
-        X25519PrivateKey.generate().exchange(X25519PublicKey.from_public_bytes(raw))
+        _PROBE.exchange(X25519PublicKey.from_public_bytes(raw))
     except ValueError:
         raise RequestError("bad_key", "ephemeral_public_key is not a usable X25519 public key",
                            "send the public half of a freshly generated X25519 key") from None

@@ -168,8 +168,12 @@ class Store(Protocol):
     def set_node_status(self, cluster_id: str, node_id: str, status: NodeStatus,
                         event: AuditEvent) -> None: ...
 
-    def create_request(self, record: RequestRecord, event: AuditEvent) -> list[str]:
-        """Insert a request, superseding the node's other pending ones (returned)."""
+    def create_request(self, record: RequestRecord, event: AuditEvent,
+                       released: Sequence[tuple[int, int, str]] = (),
+                       release_event: AuditEvent | None = None) -> list[str]:
+        """Insert a request, superseding the node's other pending ones (returned), with the
+        shares released to it at once, if any, as record_releases notes them, in the same
+        transaction."""
         ...
 
     def count_requests_since(self, cluster_id: str, node_id: str, since: str, *,

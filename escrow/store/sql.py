@@ -361,7 +361,9 @@ class SqlStore:
                            (f"node {status}", cluster_id, node_id))
             self._append(db, event)
 
-    def create_request(self, record: RequestRecord, event: AuditEvent) -> list[str]:
+    def create_request(self, record: RequestRecord, event: AuditEvent,
+                       released: Sequence[tuple[int, int, str]] = (),
+                       release_event: AuditEvent | None = None) -> list[str]:
         with self._write() as db:
             superseded = [row[0] for row in db.execute(
                 "SELECT request_id FROM requests WHERE cluster_id = ? AND node_id = ?"
@@ -379,6 +381,8 @@ class SqlStore:
                         record.reason, record.held_until))
             self._append(db, replace(event, details={**event.details,
                                                      "superseded": superseded}))
+            if released and release_event is not None:
+                self._record_releases(db, record.request_id, released, release_event)
             return superseded
 
     def count_requests_since(self, cluster_id: str, node_id: str, since: str, *,
@@ -479,18 +483,22 @@ class SqlStore:
     def record_releases(self, request_id: str, released: Sequence[tuple[int, int, str]],
                         event: AuditEvent) -> int:
         with self._write() as db:
-            fresh = [(version, slot, holder) for version, slot, holder in released
-                     if not db.execute("SELECT 1 FROM releases WHERE request_id = ? AND"
-                                       " version = ? AND slot = ?",
-                                       (request_id, version, slot)).fetchone()]
-            if not fresh:
-                return 0
-            db.executemany("INSERT INTO releases VALUES (?, ?, ?, ?, ?)",
-                           [(request_id, v, s, h, self._now()) for v, s, h in fresh])
-            self._append(db, replace(event, details={
-                **event.details, "shares": [{"version": v, "slot": s, "holder": h}
-                                            for v, s, h in fresh]}))
-            return len(fresh)
+            return self._record_releases(db, request_id, released, event)
+
+    def _record_releases(self, db: Db, request_id: str,
+                         released: Sequence[tuple[int, int, str]], event: AuditEvent) -> int:
+        fresh = [(version, slot, holder) for version, slot, holder in released
+                 if not db.execute("SELECT 1 FROM releases WHERE request_id = ? AND"
+                                   " version = ? AND slot = ?",
+                                   (request_id, version, slot)).fetchone()]
+        if not fresh:
+            return 0
+        db.executemany("INSERT INTO releases VALUES (?, ?, ?, ?, ?)",
+                       [(request_id, v, s, h, self._now()) for v, s, h in fresh])
+        self._append(db, replace(event, details={
+            **event.details, "shares": [{"version": v, "slot": s, "holder": h}
+                                        for v, s, h in fresh]}))
+        return len(fresh)
 
     def record_result(self, request_id: str, version: int, outcome: Outcome,
                       event: AuditEvent) -> Outcome | None:
