@@ -96,23 +96,48 @@ async def run(config: AgentConfig, log: logging.Logger) -> None:
     async with EscrowClient(config.escrow_url, config.escrow_ca, keepalive=60.0) as client:
         agent = Agent(config, docker, client, notifier, log)
         main = asyncio.current_task()
+        stop = asyncio.Event()
+
+        def on_signal() -> None:
+            # The first signal stops the work; a second cuts the goodbye short (and a dead
+            # escrow, GOODBYE_TIMEOUT).
+            if stop.is_set() and main is not None:
+                main.cancel()
+            stop.set()
+
         loop = asyncio.get_running_loop()
-        if main is not None:  # always, inside asyncio.run's task
-            for signum in (signal.SIGTERM, signal.SIGINT):
-                loop.add_signal_handler(signum, main.cancel)
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, on_signal)
         interval = watchdog_interval()
         runtime = agent.parts.runtime
         watchdog = asyncio.create_task(runtime.watchdog(interval)) if interval else None
+        work = asyncio.create_task(agent.run())
+        stopped = asyncio.create_task(stop.wait())
         try:
-            await agent.run()
-        except asyncio.CancelledError:
+            await asyncio.wait({work, stopped}, return_when=asyncio.FIRST_COMPLETED)
+            if work.done():  # it ends only by raising
+                work.result()
             log.info("stopping")
+            await cancel_until_done(work)
+        except asyncio.CancelledError:  # a second signal while the work was stopping
+            pass
         finally:
+            stopped.cancel()
             notifier.stopping()
             for task in [watchdog, *runtime.background]:
                 if task is not None:
                     task.cancel()
-            # A second signal cuts the goodbye short (and a dead escrow, GOODBYE_TIMEOUT).
             with contextlib.suppress(asyncio.CancelledError):
                 await asyncio.gather(*runtime.background, return_exceptions=True)
                 await agent.heartbeat.goodbye()
+
+
+async def cancel_until_done(task: asyncio.Task[None]) -> None:
+    """Cancel ``task`` until it ends. One cancellation can be lost: Python 3.11's
+    asyncio.wait_for, for one, returns a result that came at the same moment instead of
+    raising it, and the agent would then run on after SIGTERM."""
+    while not task.done():
+        task.cancel()
+        await asyncio.wait({task}, timeout=1.0)
+    with contextlib.suppress(asyncio.CancelledError):
+        task.result()

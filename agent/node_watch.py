@@ -48,8 +48,10 @@ class NodeWatch:
             # Its pid as read when the stream opened: by now the pid file may name its successor.
             self._went_away(self._streaming)
             try:
-                await self.parts.runtime.idle(asyncio.wait_for(
-                    self.files.until_it_may_answer(self._lost), SUCCESSOR_WAIT))
+                # asyncio.timeout, not wait_for: in Python 3.11 wait_for can lose SIGTERM's
+                # cancellation (agent/daemon.py).
+                async with asyncio.timeout(SUCCESSOR_WAIT):
+                    await self.parts.runtime.idle(self.files.until_it_may_answer(self._lost))
             except TimeoutError:
                 return None
         elif self._gone:

@@ -12,9 +12,9 @@ import click
 from escrow import config, softhsm
 from escrow.audit import AuditEvent
 from escrow.cli.context import actor, data_dir_option, open_store
-from escrow.core import tls
+from escrow.core import files, tls
 from escrow.core.errors import ConfigError, EscrowError
-from escrow.core.hsm import HsmSettings
+from escrow.core.hsm import HsmSettings, read_pin_file
 from escrow.store import Store, opening
 from escrow.stored_secrets import WRAPPED_META, wrapped_secret
 from escrow.vault import Vault
@@ -24,13 +24,18 @@ EMBEDDED_TOKEN = "escrow"  # noqa: S105 - a token label, not a password
 EMBEDDED_PIN_FILE = "hsm-pin"
 
 
+def _write_pin(data_dir: Path, pin: str) -> Path:
+    """The token's PIN in a new file of the data directory, readable by its owner alone."""
+    path = data_dir / EMBEDDED_PIN_FILE
+    with files.atomic_file(path, new=True) as handle:
+        handle.write(pin.encode() + b"\n")
+    return path
+
+
 def _embedded_hsm(data_dir: Path, key_label: str) -> HsmSettings:
     module = softhsm.default_module()
     pin = secrets.token_urlsafe(24)
-    pin_path = data_dir / EMBEDDED_PIN_FILE
-    fd = os.open(pin_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as handle:
-        handle.write(pin + "\n")
+    pin_path = _write_pin(data_dir, pin)
     conf = softhsm.create_token(data_dir / "softhsm", EMBEDDED_TOKEN, pin)
     return HsmSettings(module=module, token=EMBEDDED_TOKEN, key_label=key_label,
                        pin_file=pin_path, softhsm_conf=conf)
@@ -40,16 +45,12 @@ def _copied_hsm(data_dir: Path, source: Path, key_label: str,
                 pin_file: Path | None) -> HsmSettings:
     """The first replica's SoftHSM token, copied into this data directory with its PIN."""
     pin_from = pin_file.absolute() if pin_file else source.parent / EMBEDDED_PIN_FILE
-    try:
-        pin = pin_from.read_bytes()
-    except OSError as exc:
-        raise ConfigError(f"cannot read the token's PIN from {pin_from}: {exc.strerror}",
+    if pin_file is None and not pin_from.exists():
+        raise ConfigError(f"the token's PIN is not beside the copied token, at {pin_from}",
                           "copy the first replica's hsm-pin beside its softhsm directory, or "
-                          "give --hsm-pin-file") from None
-    pin_path = data_dir / EMBEDDED_PIN_FILE
-    fd = os.open(pin_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(pin)
+                          "give --hsm-pin-file")
+    # The copy's permissions are checked as the serving escrow checks its own.
+    pin_path = _write_pin(data_dir, read_pin_file(pin_from, str(pin_from)).value)
     conf = softhsm.copy_token(source, data_dir / "softhsm")
     return HsmSettings(module=softhsm.default_module(), token=EMBEDDED_TOKEN,
                        key_label=key_label, pin_file=pin_path, softhsm_conf=conf)
@@ -77,8 +78,11 @@ def _write_config(data_dir: Path, hsm: HsmSettings, retention_days: float,
 def _check_options(hsm_module: str | None, hsm_token: str | None, hsm_pin_file: Path | None,
                    store_url: str | None, store_password_file: Path | None, join: bool,
                    token_from: Path | None) -> None:
-    if hsm_module is None and (hsm_token or hsm_pin_file):
-        raise click.UsageError("--hsm-token and --hsm-pin-file go with --hsm-module")
+    if hsm_module is None and hsm_token:
+        raise click.UsageError("--hsm-token goes with --hsm-module")
+    if hsm_module is None and token_from is None and hsm_pin_file:
+        raise click.UsageError("--hsm-pin-file goes with --hsm-module, or with --token-from "
+                               "(the copied token's PIN)")
     if hsm_module is not None and not hsm_token:
         raise click.UsageError("--hsm-module needs --hsm-token (the token's label)")
     if store_password_file is not None and not store_url:
@@ -125,7 +129,8 @@ def _check_same_key(store: Store, token: Token) -> None:
 @click.option("--hsm-module", help="PKCS#11 module of a real HSM (default: embedded SoftHSM).")
 @click.option("--hsm-token", help="Label of the token to use (with --hsm-module).")
 @click.option("--hsm-pin-file", type=click.Path(path_type=Path),
-              help="File holding the token's user PIN (or ESCROW_HSM_PIN, or a systemd "
+              help="File holding the token's user PIN, 0600 (with --hsm-module, or the "
+                   "PIN of the token --token-from copies; or ESCROW_HSM_PIN, or a systemd "
                    "credential named hsm-pin).")
 @click.option("--hsm-key-label", default="escrow-wrap", show_default=True,
               help="Label of the AES wrapping key inside the token.")

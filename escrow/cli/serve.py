@@ -63,8 +63,9 @@ LINGER_SECONDS = 2.0
 # Connections the kernel completes before the escrow accepts them. A power cut brings every
 # manager back at once: with aiohttp's default of 128, a storm of 1,000 agents overflowed it
 # hundreds of times, each overflow a SYN retransmitted a second later. The kernel caps it at
-# net.core.somaxconn (4,096 on current kernels).
-BACKLOG = 4096
+# net.core.somaxconn (4,096 by default), so asking for the most it takes lets a site that
+# raises that sysctl have a longer queue (README, "Capacity").
+BACKLOG = 65535
 
 
 async def _serve(server: EscrowServer, host: str, port: int, context: ssl.SSLContext,

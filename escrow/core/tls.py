@@ -110,6 +110,9 @@ def _harden(context: ssl.SSLContext) -> ssl.SSLContext:
 def server_context(cert: Path, key: Path) -> ssl.SSLContext:
     """TLS 1.2 (AEAD suites only, see TLS12_CIPHERS) or 1.3."""
     context = _harden(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER))
+    # No TLS 1.3 session tickets: no client resumes a session (aiohttp does not), and OpenSSL
+    # otherwise encrypts and sends two after every handshake.
+    context.num_tickets = 0
     try:
         context.load_cert_chain(cert, key)
     except (OSError, ssl.SSLError) as exc:

@@ -66,7 +66,9 @@ def test_init_refuses_an_initialised_directory(home: Path) -> None:
 def test_usage_errors_exit_2(home: Path, tmp_path: Path) -> None:
     fails(run_escrow("cluster", "add", data_dir=home), 2, "Missing argument")
     fails(run_escrow("init", "--data-dir", str(tmp_path / "x"), "--hsm-token", "t"), 2,
-          "--hsm-token and --hsm-pin-file go with --hsm-module")
+          "--hsm-token goes with --hsm-module")
+    fails(run_escrow("init", "--data-dir", str(tmp_path / "x"), "--hsm-pin-file", "p"), 2,
+          "--hsm-pin-file goes with --hsm-module, or with --token-from")
     fails(run_escrow("key", "list", data_dir=home), 2, "--cluster")
 
 

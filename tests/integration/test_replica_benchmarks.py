@@ -15,7 +15,12 @@ def test_the_unseal_storm_runs_on_two_replicas_with_no_error() -> None:
 
 def test_the_replica_loss_benchmark_measures_a_pair_of_storms() -> None:
     pairs = replica_loss.measure(agents=60, runs=1)
-    assert len(pairs) == 1
-    assert len(pairs[0].lost) == pairs[0].cut
+    (pair,) = pairs
+    # Every agent unlocked in both storms (or measure would have raised), none was refused,
+    # and each one cut mid-request has its loss. At 60 agents few or none are mid-request
+    # when the kill comes: the 200-agent drill (test_replicas.py) is the one that counts them.
+    assert pair.refused == 0
+    assert len(pair.lost) == pair.cut
+    assert all(lost < replica_loss.GOAL_SECONDS * 5 for lost in pair.lost)
     assert "Worst time lost over all runs" in replica_loss.document(
         pairs, 60, this_machine(), "test")

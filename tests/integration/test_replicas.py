@@ -84,6 +84,25 @@ def test_a_replica_whose_token_holds_another_key_cannot_join(
         assert events.count("escrow.init") == 1
 
 
+def test_a_join_refuses_a_copied_pin_that_every_user_can_read(
+        postgres: Server, tmp_path: Path) -> None:
+    with postgres.database() as name:
+        url, password = postgres.url(name), str(postgres.password_file)
+        first = make_escrow(tmp_path / "a", "--store-url", url, "--store-password-file",
+                            password)
+        copy = tmp_path / "copy"
+        copy.mkdir()
+        pin = copy / "hsm-pin"
+        pin.write_bytes((first.data_dir / "hsm-pin").read_bytes())
+        pin.chmod(0o644)
+        joined = run_escrow("init", "--data-dir", str(tmp_path / "b"), "--store-url", url,
+                            "--store-password-file", password, "--join", "--token-from",
+                            str(first.data_dir / "softhsm"), "--hsm-pin-file", str(pin))
+        fails(joined, 1, "readable or writable by every user", f"chmod 600 {pin}")
+        assert pin.read_text().strip() not in joined.stdout + joined.stderr
+        assert not (tmp_path / "b" / "escrow.toml").exists()
+
+
 def test_joining_a_store_that_holds_no_escrow_is_refused(postgres: Server,
                                                         tmp_path: Path) -> None:
     first = make_escrow(tmp_path / "a")

@@ -60,10 +60,10 @@ def test_two_replicas_making_the_same_secret_at_once_both_use_the_first(
         replica.close()
 
 
+# One process serves an SQLite store, and wakes its own polls.
+@pytest.mark.parametrize("backend", ["postgresql"], indirect=True)
 def test_a_decision_announced_through_one_replica_wakes_the_listener_of_another(
         store: SqlStore, backend: Backend) -> None:
-    if backend.name != "postgresql":
-        pytest.skip("one process serves an SQLite store, and wakes its own polls")
     heard: queue.Queue[str | None] = queue.Queue()
     replica = backend.open()
     try:
