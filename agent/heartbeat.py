@@ -13,7 +13,6 @@ from systemd's watchdog.
 from __future__ import annotations
 
 import asyncio
-import importlib.metadata
 import math
 import random
 import time
@@ -29,9 +28,10 @@ from agent.swarm_identity import NodeIdentity, read_identity
 from escrow.core import protocol
 from escrow.core.protocol import HeartbeatRequest
 from escrow.core.states import LockState
+from escrow.core.version import VERSION
 
 # The protocol's bound: a local version label (1.2.3+build.metadata) can be longer.
-AGENT_VERSION = importlib.metadata.version("swarm-unseal")[:32]
+AGENT_VERSION = VERSION[:32]
 # systemd waits TimeoutStopSec (30 s) for the agent to stop; a dead escrow must not use it up.
 GOODBYE_TIMEOUT = 3.0
 # Managers that came back together (a power cut) would otherwise beat in step, every one in

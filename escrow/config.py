@@ -22,7 +22,6 @@ Settings (TOML table.key = environment variable):
     server.listen      ESCROW_SERVER_LISTEN     HOST:PORT for `escrow serve` (127.0.0.1:8443)
     server.tls_cert    ESCROW_SERVER_TLS_CERT   server certificate chain (PEM; tls/server.pem)
     server.tls_key     ESCROW_SERVER_TLS_KEY    its private key (PEM; tls/server.key)
-    server.webhook_url ESCROW_SERVER_WEBHOOK_URL  called when a request needs approvals
     server.max_body_bytes ESCROW_SERVER_MAX_BODY_BYTES  larger request bodies get 413 (65536)
     server.disk_reserve_bytes ESCROW_SERVER_DISK_RESERVE_BYTES  space kept for releases when the
                                                 disk fills (16 MiB; 0: none), see diskspace.py
@@ -68,6 +67,16 @@ Settings (TOML table.key = environment variable):
                                                 directory or absolute (or a systemd credential
                                                 named store-password; neither: libpq's own
                                                 ~/.pgpass or PGPASSFILE)
+
+Receivers of notifications, one table each, no environment variable (a list of receivers, and
+their secrets, have no place there); escrow/notifications/settings.py:
+
+    [[webhooks]]       name (in /metrics and the log), url, events (default: all), and the
+                       signing secret: secret_file (0600, relative to the data directory or
+                       absolute) or secret_credential (a systemd credential's name)
+
+server.webhook_url (ESCROW_SERVER_WEBHOOK_URL), an unsigned receiver of some of these events, is
+refused with a hint to [[webhooks]].
 """
 
 from __future__ import annotations
@@ -86,11 +95,15 @@ from escrow.core import tomlfile
 from escrow.core.errors import ConfigError
 from escrow.core.files import write_atomic
 from escrow.core.hsm import HsmSettings
+from escrow.notifications import settings as webhook_settings
+from escrow.notifications.settings import WebhookSettings
 
 CONFIG_NAME = "escrow.toml"
 DB_NAME = "escrow.db"
 DATA_DIR_ENV = "ESCROW_DATA_DIR"
 DEFAULT_RETENTION_DAYS = 30.0
+RETIRED_WEBHOOK = ("server", "webhook_url")
+RETIRED_WEBHOOK_ENV = "ESCROW_SERVER_WEBHOOK_URL"
 
 # (table, key) -> (environment variable, type)
 _SETTINGS: dict[tuple[str, str], tuple[str, type]] = {
@@ -103,7 +116,6 @@ _SETTINGS: dict[tuple[str, str], tuple[str, type]] = {
     ("server", "listen"): ("ESCROW_SERVER_LISTEN", str),
     ("server", "tls_cert"): ("ESCROW_SERVER_TLS_CERT", str),
     ("server", "tls_key"): ("ESCROW_SERVER_TLS_KEY", str),
-    ("server", "webhook_url"): ("ESCROW_SERVER_WEBHOOK_URL", str),
     ("server", "max_body_bytes"): ("ESCROW_SERVER_MAX_BODY_BYTES", float),
     ("server", "disk_reserve_bytes"): ("ESCROW_SERVER_DISK_RESERVE_BYTES", float),
     ("server", "tls_handshake_timeout_seconds"): ("ESCROW_SERVER_TLS_HANDSHAKE_TIMEOUT_SECONDS",
@@ -131,7 +143,6 @@ class ServerSettings:
     listen: str = "127.0.0.1:8443"
     tls_cert: Path = Path("tls/server.pem")
     tls_key: Path = Path("tls/server.key")
-    webhook_url: str = ""
     max_body_bytes: int = 65536
     disk_reserve_bytes: int = 16 * 1024 * 1024
     # Slow and greedy clients (server/connections.py); "Settings" above says what each means.
@@ -164,6 +175,7 @@ class Settings:
     retention_days: float
     server: ServerSettings = ServerSettings()
     store: StoreSettings = StoreSettings()
+    webhooks: tuple[WebhookSettings, ...] = ()
 
     @property
     def db_path(self) -> Path:
@@ -172,10 +184,15 @@ class Settings:
 
 def _check_known(raw: Mapping[str, Any], path: Path) -> None:
     for table, body in raw.items():
+        if table == webhook_settings.TABLE:  # a list of tables, checked as it is read
+            continue
         if not isinstance(body, dict):
             raise ConfigError(f"{path}: {table!r} must be a table such as [{table}]",
                               "see the settings listed in README.md")
         for key in body:
+            if (table, key) == RETIRED_WEBHOOK:
+                raise ConfigError(f"{path}: server.webhook_url is no longer a setting",
+                                  webhook_settings.RETIRED_HINT)
             if (table, key) not in _SETTINGS:
                 known = ", ".join(f"{t}.{k}" for t, k in _SETTINGS)
                 raise ConfigError(f"{path}: unknown setting {table}.{key}",
@@ -238,6 +255,9 @@ def load(data_dir: Path, env: Mapping[str, str] | None = None) -> Settings:
     path = data_dir / CONFIG_NAME
     raw = _read(data_dir)
     _check_known(raw, path)
+    if env.get(RETIRED_WEBHOOK_ENV):
+        raise ConfigError(f"{RETIRED_WEBHOOK_ENV} is no longer a setting",
+                          f"unset it; {webhook_settings.RETIRED_HINT}")
     values: dict[tuple[str, str], Any] = {}
     for (table, key), (env_name, _) in _SETTINGS.items():
         if env.get(env_name):
@@ -264,7 +284,6 @@ def load(data_dir: Path, env: Mapping[str, str] | None = None) -> Settings:
         listen=values.get(("server", "listen"), defaults.listen),
         tls_cert=data_dir / values.get(("server", "tls_cert"), defaults.tls_cert),
         tls_key=data_dir / values.get(("server", "tls_key"), defaults.tls_key),
-        webhook_url=values.get(("server", "webhook_url"), ""),
         max_body_bytes=int(values.get(("server", "max_body_bytes"), defaults.max_body_bytes)),
         disk_reserve_bytes=int(values.get(("server", "disk_reserve_bytes"),
                                           defaults.disk_reserve_bytes)),
@@ -300,7 +319,8 @@ def load(data_dir: Path, env: Mapping[str, str] | None = None) -> Settings:
     store = StoreSettings(values.get(("store", "url"), ""),
                           _resolve(data_dir, values.get(("store", "password_file"))))
     return Settings(data_dir, hsm, values.get(("keys", "retention_days"), DEFAULT_RETENTION_DAYS),
-                    server, store)
+                    server, store,
+                    webhook_settings.parse(raw.get(webhook_settings.TABLE), str(path), data_dir))
 
 
 def write(data_dir: Path, hsm: HsmSettings, retention_days: float) -> Path:

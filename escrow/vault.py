@@ -242,9 +242,9 @@ class Vault:
         active = {n.node_id for n in self.store.list_nodes()
                   if n.cluster_id == cluster_id and n.status == NodeStatus.ACTIVE}
         users: dict[int, list[str]] = {}
-        for node, version in self.store.last_unlocked_versions(cluster_id).items():
+        for node, unlock in self.store.last_unlocks(cluster_id).items():
             if node in active:
-                users.setdefault(version, []).append(node)
+                users.setdefault(unlock.version, []).append(node)
         return users
 
     def prune(self, cluster_id: str, retention: timedelta, *, dry_run: bool = False) -> Pruned:

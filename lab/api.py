@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import os
+import uuid
 from collections.abc import Awaitable
 from typing import TypeVar
 
 from agent.client import EscrowClient
+from agent.heartbeat import beat_request
 from agent.release import candidate_keys
+from agent.swarm_identity import NodeIdentity
+from escrow.core.states import LockState
 from escrow.core.unlockkey import UnlockKey
 from lab.server import BOOT_ID, Cluster, EscrowProcess, Node
 
@@ -52,3 +56,36 @@ def enrolled(escrow: EscrowProcess, threshold: int = 2,
     run(enroll(escrow, node))
     assert run(deposit(escrow, node, key)) == 1
     return cluster, node, key
+
+
+async def beat(c: EscrowClient, node: Node, boot_id: str, *,
+               lock: LockState = LockState.UNLOCKED, goodbye: bool = False,
+               interval: int = 5, kek_version: str = "") -> None:
+    """One heartbeat of ``node`` from ``boot_id``, as its agent sends it."""
+    identity = NodeIdentity(node.node_id, node.cluster_id, "swarm-manager", node.cert_pem,
+                            kek_version)
+    await c.heartbeat(lambda nonce: beat_request(
+        identity, lock, nonce, boot=boot_id, uptime=60, interval=interval, goodbye=goodbye,
+        agent_key=node.agent_key), await c.deposit_key_sha256())
+
+
+def waiting_manager(escrow: EscrowProcess, kek_version: str = "") -> tuple[str, str]:
+    """A cluster (3 of auto, alice, bob: the escrow's custodians) whose manager-2 is locked,
+    beats with ``kek_version`` and asks for its shares, approved by alice and waiting for one
+    more; manager-1 is unlocked. Returns (request id, manager-2's node id)."""
+    cluster, unlocked, _ = enrolled(escrow, threshold=3, slots="auto,alice,bob")
+    locked = cluster.node()
+    locked.hostname = "manager-2"
+    run(enroll(escrow, locked))
+
+    async def act() -> str:
+        async with client(escrow) as c:
+            await beat(c, unlocked, str(uuid.uuid4()))
+            await beat(c, locked, BOOT_ID, lock=LockState.LOCKED, kek_version=kek_version)
+            status, _ = await c.unseal(locked.cluster_id, locked.node_id, locked.cert_pem,
+                                       locked.agent_key, locked.hostname, BOOT_ID)
+            return status.request_id
+    request_id = run(act())
+    approved = escrow.as_custodian("alice", "approve", request_id, "--yes")
+    assert approved.returncode == 0, approved.stderr
+    return request_id, locked.node_id

@@ -282,7 +282,8 @@ def drill_lab(base: Path, nodes: int,
         address = hub_address(lab)
         alerts: list[dict[str, object]] = []
         url = hub.enter(_webhook(alerts))
-        made = make_escrow(base, ESCROW_SERVER_WEBHOOK_URL=url)
+        made = make_escrow(base)
+        made.webhook("drill", url)
         escrow = HubEscrow(made.base, made.port, made.env, netns=lab.hub, address=address,
                            hub=hub)
         # The quickstart certificate names this host; the agents reach the escrow at the hub.

@@ -27,14 +27,14 @@ def run_escrow(*args: str, data_dir: Path | None = None, stdin: str = "",
                           check=False, cwd=REPO)
 
 
-def readme_blocks(section: str, level: int = 2) -> list[list[str]]:
-    """The `sh` code blocks of one README section (a heading of ``level`` #s, up to the next
-    heading of that level or above), as lists of command lines."""
+def readme_blocks(section: str, level: int = 2, language: str = "sh") -> list[list[str]]:
+    """The ``language`` code blocks of one README section (a heading of ``level`` #s, up to
+    the next heading of that level or above), as lists of their non-empty lines."""
     text = (REPO / "README.md").read_text()
     match = re.search(rf"^{'#' * level} {re.escape(section)}\n(.*?)(?=^#{{2,{level}}} )", text,
                       re.MULTILINE | re.DOTALL)
     assert match, f"README has no section {section!r}"
-    blocks = re.findall(r"```sh\n(.*?)```", match.group(1), re.DOTALL)
+    blocks = re.findall(rf"```{re.escape(language)}\n(.*?)```", match.group(1), re.DOTALL)
     return [[line for line in block.splitlines() if line.strip()] for block in blocks]
 
 

@@ -11,12 +11,15 @@ import ssl
 import subprocess
 import sys
 import time
+import tomllib
 import urllib.error
 import urllib.request
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import tomli_w
 from cryptography.hazmat.primitives.asymmetric import ec
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -110,6 +113,23 @@ class EscrowProcess:
         assert result.returncode == 0, result.stderr
         return cluster
 
+    def webhook(self, name: str, url: str, events: Sequence[str] = (),
+                secret: bytes | None = None) -> bytes:
+        """Add receiver ``name`` to escrow.toml as README's "Notifications" says, with its
+        signing secret (a fresh one unless given: replicas share a receiver's) in a file of
+        its own, 0600; return the secret. Takes effect at the next start."""
+        secret = secret or secrets.token_hex(32).encode()
+        path = self.base / f"webhook-{name}.secret"
+        path.touch(0o600)
+        path.write_bytes(secret + b"\n")
+        config = self.data_dir / "escrow.toml"
+        raw = tomllib.loads(config.read_text())
+        raw.setdefault("webhooks", []).append(
+            {"name": name, "url": url, "secret_file": str(path)}
+            | ({"events": list(events)} if events else {}))
+        config.write_text(tomli_w.dumps(raw))
+        return secret
+
     def command(self) -> list[str]:
         """What runs the server: the pid of its first word is the server's."""
         return [sys.executable, "-m", "escrow", "serve", "--data-dir", str(self.data_dir),
@@ -165,6 +185,26 @@ class EscrowProcess:
         assert result.returncode == 0, result.stderr
         return [(r["event"], r["details"]) for r in json.loads(result.stdout)
                 if r["event"].startswith(prefix)]
+
+    def viewer(self, name: str) -> str:
+        """Add viewer ``name`` (`escrow viewer add`); return their token."""
+        path = self.base / f"viewer-{name}.token"
+        result = self.cli("viewer", "add", name, "--token-file", str(path))
+        assert result.returncode == 0, result.stderr
+        return path.read_text().strip()
+
+    def fleet(self, token: str | None) -> tuple[int, dict[str, Any]]:
+        """GET /v1/status with ``token`` as a viewer's (none: no Authorization header)."""
+        context = ssl.create_default_context(cafile=str(self.ca))
+        headers = {"Authorization": f"Bearer {token}"} if token is not None else {}
+        request = urllib.request.Request(self.url + "/v1/status",  # noqa: S310 - https://
+                                         headers=headers)
+        try:
+            with urllib.request.urlopen(request, context=context,  # noqa: S310
+                                        timeout=10) as answer:
+                return answer.status, json.loads(answer.read())
+        except urllib.error.HTTPError as error:
+            return error.code, json.loads(error.read())
 
     def metric(self, name: str, **labels: str) -> float:
         """A sample of /metrics (0 when it has not been counted yet)."""

@@ -21,7 +21,9 @@ from escrow.cli import (
     node,
     recover,
     serve,
+    status,
     store,
+    viewer,
 )
 from escrow.core.errors import EscrowError
 
@@ -43,7 +45,7 @@ def cli() -> None:
 for command in (init.init, custodian.custodian, cluster.cluster, keys.deposit, keys.key,
                 audit.audit, recover.recover, serve.serve, node.node, approvals.requests,
                 approvals.approve, approvals.deny, approvals.share, backup.backup,
-                backup.restore, hsm.hsm, store.store):
+                backup.restore, hsm.hsm, store.store, viewer.viewer, status.status):
     cli.add_command(command)
 
 

@@ -14,6 +14,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from pydantic import TypeAdapter
 
 from escrow import custodian_keys
+from escrow.api_client import CustodianClient
 from escrow.cli.context import checked_text, json_option, print_json, read_file, table
 from escrow.cli.custodian import read_passphrase
 from escrow.core import protocol
@@ -28,7 +29,6 @@ from escrow.core.protocol import (
     ShareExportRequest,
 )
 from escrow.core.states import Decision
-from escrow.custodian_client import CustodianClient
 
 F = TypeVar("F", bound=Callable[..., Any])
 _PENDING = TypeAdapter(list[PendingRequest])

@@ -137,15 +137,24 @@ def _text(value: object) -> Text:
     return Text(plaintext.plain(value))
 
 
-def table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+def grid(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> Table:
     """Every cell, header and the title as plain text (escrow.core.plaintext.plain), never as rich
     markup: hostnames, reasons and audit details are node- or custodian-supplied."""
-    grid = Table(title=_text(title), title_justify="left", header_style="bold")
+    made = Table(title=_text(title), title_justify="left", header_style="bold")
     for column in columns:
-        grid.add_column(_text(column), overflow="fold")
+        made.add_column(_text(column), overflow="fold")
     for row in rows:
-        grid.add_row(*(_text(cell) for cell in row))
-    _console.print(grid)
+        made.add_row(*(_text(cell) for cell in row))
+    return made
+
+
+def table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+    _console.print(grid(title, columns, rows))
+
+
+def console() -> Console:
+    """The console every table is printed on (see above)."""
+    return _console
 
 
 def print_json(value: Any) -> None:

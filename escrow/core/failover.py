@@ -1,5 +1,5 @@
 """Several URLs of one escrow: the order a client asks them in, and whether a failed attempt
-moves on to the next (pure; agent/client.py and escrow/custodian_client.py do the I/O).
+moves on to the next (pure; agent/client.py and escrow/api_client.py do the I/O).
 
 Replicas of the escrow share one database, so any of them answers any step of any request: an
 unseal request made at one is polled and reported at another. A client therefore sticks to the

@@ -48,6 +48,18 @@ class Liveness(StrEnum):
     UNREACHABLE = "unreachable"
 
 
+class NodeState(StrEnum):
+    """What the status page and `escrow status` say of an enrolled manager: its liveness, told
+    apart when a locked one waits for custodians, or its standing when it is not active."""
+
+    UNLOCKED = "unlocked"
+    LOCKED = "locked"
+    WAITING = "waiting"  # locked, with a request short of custodian approvals
+    UNREACHABLE = "unreachable"
+    QUARANTINED = "quarantined"
+    REVOKED = "revoked"
+
+
 class Decision(StrEnum):
     """A custodian's decision on a request."""
 

@@ -9,6 +9,7 @@ import asyncio
 import json
 import logging
 import math
+import os
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -26,6 +27,7 @@ from escrow.core.errors import (
     DiskFull,
     EscrowError,
     HsmError,
+    IdentityError,
     InputError,
     NotFound,
     PolicyError,
@@ -35,6 +37,7 @@ from escrow.core.errors import (
     WrongPin,
     reason_of,
 )
+from escrow.core.fleet import EscrowHealth, FleetStatus
 from escrow.core.hsm import Pin
 from escrow.core.plaintext import PlainLogArgs
 from escrow.core.protocol import (
@@ -56,17 +59,21 @@ from escrow.core.protocol import (
 )
 from escrow.core.states import Decision
 from escrow.core.timestamps import timestamp
+from escrow.core.version import VERSION
 from escrow.diskspace import Reserve
+from escrow.notifications.receivers import open_receivers
 from escrow.ratelimit import SourceLimiter
-from escrow.server.alerts import Alerts
 from escrow.server.connections import SLOW_BODY
 from escrow.server.hsmlink import HsmLink, opener
-from escrow.server.metrics import Metrics
+from escrow.server.metrics import Metrics, Sample
+from escrow.server.notifier import Notifier
 from escrow.server.openapi import openapi_document
 from escrow.server.refusal_log import RefusalLog
+from escrow.server.status_page import StatusPage
 from escrow.server.unidentified import UnidentifiedRefusals
 from escrow.server.waiters import Waiters
-from escrow.service import Escrow
+from escrow.service import Escrow, readings
+from escrow.service.viewing import Viewing
 from escrow.store.opening import open_store
 from escrow.store.sql import SqlStore
 from escrow.vault import Vault
@@ -78,7 +85,7 @@ T = TypeVar("T")
 # Where a full disk gives the reserve's space away: the paths that release shares.
 RELEASE_PATHS = frozenset({"/v1/unseal", "/v1/unseal/{request_id}",
                            "/v1/unseal/{request_id}/result", "/v1/requests/{request_id}/approve"})
-UNLIMITED = frozenset({"/v1/openapi.json", "/v1/info"})
+UNLIMITED = frozenset({"/v1/openapi.json", "/v1/info", "/status/static/{name}"})
 # The action a refused body counts under, as the service names it.
 ACTIONS = {"/v1/enroll": "enroll", "/v1/deposit": "deposit", "/v1/unseal": "unseal",
            "/v1/heartbeat": "heartbeat",
@@ -120,18 +127,25 @@ class EscrowServer:
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vault")
         self._waiters = Waiters()
         self._closing = False
-        self._alerts = Alerts(settings.server.webhook_url)
+        # Reads the receivers' secrets: a missing one stops `escrow serve` before it listens.
+        self._notifier = Notifier(open_receivers(settings.webhooks, os.environ),
+                                  self.metrics.webhook_deliveries, self.metrics.webhook_failures,
+                                  self.run, self._ready)
         self._unidentified = UnidentifiedRefusals(self.metrics.unidentified, RefusalLog())
         self.escrow: Escrow | None = None
         self._hsm = HsmLink(opener(settings.hsm, pin), settings.hsm.token, self.metrics.hsm)
         self._reserve = Reserve(settings.data_dir, settings.server.disk_reserve_bytes)
         self._store: SqlStore | None = None
         self._limiter = SourceLimiter(settings.server.source_rate, settings.server.source_burst)
+        self._viewing: Viewing | None = None  # needs the store alone: on-call sees a dead HSM
+        self._page = StatusPage(self._viewer_of, self._fleet)
 
     # -- lifecycle --------------------------------------------------------------------------
 
     def _open(self) -> SqlStore:
         self._store = open_store(self.settings, lambda: timestamp(datetime.now(UTC)))
+        self._viewing = Viewing(self._store, self.settings.server.max_versions,
+                                lambda: datetime.now(UTC))
         self._reserve.make()
         try:
             self._service()
@@ -149,7 +163,8 @@ class EscrowServer:
             vault = Vault(self._store, self._hsm, lambda: datetime.now(UTC), "escrow")
             self.escrow = Escrow(vault, self.settings.server, self.metrics.released.inc,
                                  self._reserve.check_room, self._unidentified.note,
-                                 self._alerts.alert, self._reserve.give_to_releases)
+                                 self._notifier.alert, self._reserve.give_to_releases,
+                                 self._notifier.notify)
         return self.escrow
 
     def _close(self) -> None:
@@ -161,7 +176,7 @@ class EscrowServer:
         return await asyncio.get_running_loop().run_in_executor(self.pool, fn)
 
     async def start(self, app: web.Application) -> None:
-        self._alerts.start()
+        self._notifier.start()
         store = await self.run(self._open)
         loop = asyncio.get_running_loop()
 
@@ -177,7 +192,7 @@ class EscrowServer:
         self._waiters.close()
 
     async def cleanup(self, app: web.Application) -> None:
-        self._alerts.stop()
+        await self._notifier.stop()
         self._unidentified.stop()
         await self.run(self._close)
         self.pool.shutdown(wait=True)
@@ -204,13 +219,22 @@ class EscrowServer:
         app.router.add_post("/v1/requests/{request_id}/approve", self.approve)
         app.router.add_post("/v1/requests/{request_id}/deny", self.deny)
         app.router.add_post("/v1/shares/export", self.export)
+        app.router.add_get("/v1/status", self.status)
+        self._page.add_routes(app)
         return app
 
     # -- plumbing ---------------------------------------------------------------------------
 
     @web.middleware
     async def _middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        endpoint = _endpoint(request)
+        endpoint = _endpoint(request)  # never the raw path, which the caller chooses
+        with self.metrics.latency.labels(endpoint).time():
+            response = await self._answer(request, handler, endpoint)
+        self.metrics.requests.labels(endpoint, str(response.status)).inc()
+        return response
+
+    async def _answer(self, request: web.Request, handler: Handler,
+                      endpoint: str) -> web.StreamResponse:
         wait = (self._limiter.take(self._source(request), time.monotonic())
                 if _costs_a_token(endpoint) else 0.0)
         if self._closing and endpoint not in ("/healthz", "/metrics"):
@@ -235,7 +259,6 @@ class EscrowServer:
             except Exception:
                 log.exception("unexpected error in %s", endpoint)
                 response = _error(500, "internal", "internal error; see the escrow's log")
-        self.metrics.requests.labels(endpoint, str(response.status)).inc()
         return response
 
     async def _body(self, request: web.Request, model: type[M]) -> tuple[M, bytes]:
@@ -265,10 +288,58 @@ class EscrowServer:
         return await self.run(lambda: escrow.authenticate_custodian(
             key_id, date, nonce, signature, request.method, request.path_qs, body, source))
 
+    async def _viewer_of(self, token: str, source: str) -> str:
+        """The viewer holding ``token`` (a refusal is counted, as for any stranger)."""
+        viewing = self._viewing
+        if viewing is None:
+            raise StoreError("the escrow is starting", "retry in a moment")
+        try:
+            return await self.run(lambda: viewing.identify(token))
+        except IdentityError as exc:
+            self._unidentified.note("status", exc.reason, source)
+            raise
+
+    async def _fleet(self) -> FleetStatus:
+        viewing, store = self._viewing, self._store
+        if viewing is None or store is None:
+            raise StoreError("the escrow is starting", "retry in a moment")
+
+        def health() -> EscrowHealth:
+            problem = self._hsm.problem()
+            try:
+                store.check_writable()
+                writable = True
+            except StoreError:
+                writable = False
+            return EscrowHealth(
+                hsm="down" if problem else "up", hsm_error=problem.message if problem else "",
+                store=store.kind, writable=writable,
+                data_dir_free_bytes=self._reserve.free_bytes(),
+                disk_reserve_bytes=self._reserve.size, replicas=store.replicas())
+
+        return FleetStatus(generated_at=timestamp(datetime.now(UTC)), version=VERSION,
+                           health=await self.run(health),
+                           clusters=await self.run(viewing.clusters))
+
     async def _ready(self) -> Escrow:
         if self.escrow is not None:
             return self.escrow
         return await self.run(self._service)
+
+    def _sample(self) -> Sample:
+        """What a scrape looks at, on the vault thread: the token and the store themselves,
+        never the service, which is made only once the token answers."""
+        return Sample(self._reserve.free_bytes(), self._hsm.problem() is None, self._tally())
+
+    def _tally(self) -> readings.Tally | None:
+        """What the store says now, or None while it does not answer."""
+        if self._store is None:
+            return None
+        try:
+            return readings.tally(self._store, datetime.now(UTC),
+                                  self.settings.server.max_versions)
+        except StoreError:
+            return None
 
     # -- public endpoints -------------------------------------------------------------------
 
@@ -281,12 +352,11 @@ class EscrowServer:
         return _json(HealthResponse(status="ok", store=store, writable=True))
 
     async def metrics_endpoint(self, request: web.Request) -> web.Response:
-        escrow = await self._ready()
-        pending = await self.run(escrow.awaiting_approval)
-        nodes = await self.run(escrow.heartbeats.census)
-        return web.Response(body=self.metrics.latest(pending, self._reserve.free_bytes(),
-                                                     nodes),
-                            content_type="text/plain", charset="utf-8")
+        """200 whatever is down: on-call looks at the metrics when something is, and they
+        say what (escrow_hsm_up, escrow_store_up)."""
+        sample = await self.run(self._sample)
+        body, content_type = self.metrics.latest(sample, request.headers.get("Accept", ""))
+        return web.Response(body=body, headers={"Content-Type": content_type})
 
     async def openapi(self, request: web.Request) -> web.Response:
         return web.json_response(openapi_document())
@@ -323,7 +393,6 @@ class EscrowServer:
         # count against the node's rate limit.
         await self.run(self._hsm.token)
         status = await self.run(lambda: escrow.unseal(body, source))
-        self._alerts.unseal_requested(status, body.hostname)
         return _json(status, 201)
 
     async def unseal_status(self, request: web.Request) -> web.Response:
@@ -352,6 +421,17 @@ class EscrowServer:
         escrow, source = await self._ready(), self._source(request)
         await self.run(lambda: escrow.heartbeat(body, source))
         return _json(HeartbeatResponse(recorded=True))
+
+    # -- viewer endpoints -------------------------------------------------------------------
+
+    async def status(self, request: web.Request) -> web.Response:
+        scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not token:
+            self._unidentified.note("status", "unauthenticated", self._source(request))
+            raise _bad("unauthenticated", "the status needs a viewer token: Authorization: "
+                       "Bearer TOKEN", status=401)
+        await self._viewer_of(token.strip(), self._source(request))
+        return _json(await self._fleet())
 
     # -- custodian endpoints ----------------------------------------------------------------
 
@@ -431,9 +511,10 @@ def parse_body(raw: bytes, model: type[M]) -> M:
 
 
 def _costs_a_token(endpoint: str) -> bool:
-    """Every /v1 endpoint a caller can reach before proving who it is costs its source a
-    token of the rate limit (the OpenAPI document and /info excepted)."""
-    return endpoint.startswith("/v1/") and endpoint not in UNLIMITED
+    """Every /v1 endpoint and status page a caller can reach before proving who it is costs
+    its source a token of the rate limit (the OpenAPI document, /info and the page's script
+    and style excepted)."""
+    return endpoint.startswith(("/v1/", "/status")) and endpoint not in UNLIMITED
 
 
 def _endpoint(request: web.Request) -> str:

@@ -93,6 +93,22 @@ class HsmLink:
             self._drop(exc)
             raise
 
+    def problem(self) -> HsmError | None:
+        """Why the token cannot be used now, or None when it can: it wraps and unwraps a
+        test value (a lost token is opened again first, at the retry pace). On the vault
+        thread."""
+        try:
+            token = self.token()
+            try:
+                # Not timed: escrow_hsm_seconds is the work's, not the probes'.
+                token.unwrap(token.wrap(b"health", b"health"), b"health")
+            except TokenUnavailable as exc:
+                self._drop(exc)
+                return exc
+        except HsmError as exc:
+            return exc
+        return None
+
     def wrap(self, plaintext: bytes, aad: bytes) -> bytes:
         return self._use(lambda token: token.wrap(plaintext, aad))
 

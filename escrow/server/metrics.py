@@ -3,22 +3,88 @@ test or a second server in one process never meets another's series."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator
+from dataclasses import dataclass
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    PlatformCollector,
+    ProcessCollector,
+)
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.registry import Collector
+
+from escrow.core.version import VERSION
+from escrow.service.readings import Tally
+
+# Long polls of /v1/unseal/{request_id} wait up to 60 s (escrow.server.waiters).
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+@dataclass(frozen=True)
+class Sample:
+    """What is looked at when scraped."""
+
+    free_bytes: int
+    hsm_up: bool
+    tally: Tally | None  # None: the store did not answer
+
+
+class _FromStore(Collector):
+    """The series read from the store at each scrape, absent while it does not answer
+    (escrow_store_up says so) rather than stale."""
+
+    def __init__(self) -> None:
+        self.tally: Tally | None = None
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        if self.tally is None:
+            return
+        yield GaugeMetricFamily("escrow_pending_approvals",
+                                "Live unseal requests still waiting for custodian approvals",
+                                value=self.tally.awaiting_approval)
+        # Made anew at each scrape, so a state no node is in any more does not linger.
+        nodes = GaugeMetricFamily("escrow_nodes",
+                                  "Enrolled nodes by cluster and state: what their heartbeats "
+                                  "say (unlocked, locked, unreachable), or revoked / quarantined",
+                                  labels=("cluster", "state"))
+        for (cluster, state), count in sorted(self.tally.nodes.items()):
+            nodes.add_metric((cluster, state), count)
+        yield nodes
 
 
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
+        # The process's CPU, memory, open files and start time, and the Python that runs it.
+        ProcessCollector(registry=self.registry)
+        PlatformCollector(registry=self.registry)
+        Info("escrow_build", "The escrow's release (its installed package's version)",
+             registry=self.registry).info({"version": VERSION})
+        self.latency = Histogram("escrow_http_request_duration_seconds",
+                                 "Time to answer API requests, by endpoint: the route's "
+                                 "template, or unmatched", ["endpoint"],
+                                 buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.hsm_up = Gauge("escrow_hsm_up",
+                            "1 when the token wrapped and unwrapped a test value at this "
+                            "scrape, 0 while it cannot (what needs it answers 503)",
+                            registry=self.registry)
+        self.store_up = Gauge("escrow_store_up",
+                              "1 when the store answered this scrape's reads, 0 while it does "
+                              "not (escrow_pending_approvals and escrow_nodes are left out)",
+                              registry=self.registry)
+        self._from_store = _FromStore()
+        self.registry.register(self._from_store)
         self.requests = Counter("escrow_requests_total", "API requests by endpoint and outcome",
                                 ["endpoint", "outcome"], registry=self.registry)
         self.released = Counter("escrow_shares_released_total",
                                 "Shares released (each encrypted to a requester)",
                                 registry=self.registry)
-        self.pending = Gauge("escrow_pending_approvals",
-                             "Live unseal requests still waiting for custodian approvals",
-                             registry=self.registry)
         self.free = Gauge("escrow_data_dir_free_bytes",
                           "Free space on the data directory's file system",
                           registry=self.registry)
@@ -33,20 +99,27 @@ class Metrics:
             "escrow_unauthenticated_refusals_total",
             "Refusals of callers who had not proved who they are (counted, never audited)",
             ["action", "reason"], registry=self.registry)
-        self.nodes = Gauge("escrow_nodes",
-                           "Enrolled nodes by cluster and state: what their heartbeats say "
-                           "(unlocked, locked, unreachable), or revoked / quarantined",
-                           ["cluster", "state"], registry=self.registry)
         self.limited = Counter("escrow_source_limited_total",
                                "Requests refused because their source exceeded its rate",
                                ["endpoint"], registry=self.registry)
+        # Receivers by their name in escrow.toml, never their URL (it may hold a token).
+        self.webhook_deliveries = Counter(
+            "escrow_webhook_deliveries_total",
+            "Events sent to webhook receivers, by receiver, event and outcome (delivered, or "
+            "given_up after its attempts)", ["receiver", "event", "outcome"],
+            registry=self.registry)
+        self.webhook_failures = Counter(
+            "escrow_webhook_failed_attempts_total",
+            "Webhook delivery attempts that did not deliver (an error status, a redirect, a "
+            "timeout, no connection), whether retried or not", ["receiver", "event"],
+            registry=self.registry)
 
-    def latest(self, pending: int, free_bytes: int,
-               nodes: Mapping[tuple[str, str], int]) -> bytes:
-        """The text exposition, with the gauges that are sampled when scraped."""
-        self.pending.set(pending)
-        self.free.set(free_bytes)
-        self.nodes.clear()  # a state no node is in any more must not linger
-        for (cluster, state), count in nodes.items():
-            self.nodes.labels(cluster, state).set(count)
-        return generate_latest(self.registry)
+    def latest(self, sample: Sample, accept: str = "") -> tuple[bytes, str]:
+        """The exposition in the format the scraper's Accept header asks for (OpenMetrics, or
+        else the text format), and its content type, with ``sample`` in it."""
+        self.free.set(sample.free_bytes)
+        self.hsm_up.set(sample.hsm_up)
+        self.store_up.set(sample.tally is not None)
+        self._from_store.tally = sample.tally
+        encode, content_type = choose_encoder(accept)
+        return encode(self.registry), content_type

@@ -9,8 +9,10 @@ from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
 from escrow.core import protocol as p
+from escrow.core.fleet import FleetStatus
 
 _CUSTODIAN: list[dict[str, list[str]]] = [{"custodianSignature": []}]
+_VIEWER: list[dict[str, list[str]]] = [{"viewerToken": []}]
 _ERRORS = {str(code): {"description": text, "content": {"application/json": {
     "schema": {"$ref": "#/components/schemas/ErrorResponse"}}}}
     for code, text in ((400, "malformed request"), (401, "authentication failed"),
@@ -24,7 +26,8 @@ def _ref(model: type[BaseModel]) -> dict[str, Any]:
 
 
 def _op(summary: str, response: type[BaseModel] | None, body: type[BaseModel] | None = None,
-        *, status: str = "200", custodian: bool = False, array: bool = False,
+        *, status: str = "200", custodian: bool = False, viewer: bool = False,
+        array: bool = False,
         params: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     schema: dict[str, Any] = (
         {"type": "array", "items": _ref(response)} if array and response
@@ -40,6 +43,8 @@ def _op(summary: str, response: type[BaseModel] | None, body: type[BaseModel] | 
                                     "content": {"application/json": {"schema": _ref(body)}}}
     if custodian:
         operation["security"] = _CUSTODIAN
+    if viewer:
+        operation["security"] = _VIEWER
     if params:
         operation["parameters"] = params
     return operation
@@ -58,7 +63,7 @@ def openapi_document() -> dict[str, Any]:
         p.DepositRequest, p.DepositResponse, p.UnsealRequest, p.RequestStatus, p.ReleasedShare,
         p.ResultReport, p.ResultResponse, p.HeartbeatRequest, p.HeartbeatResponse, p.PendingRequest,
         p.ApproveRequest, p.DenyRequest,
-        p.DecisionResponse, p.ShareExportRequest, p.ErrorResponse]
+        p.DecisionResponse, p.ShareExportRequest, p.ErrorResponse, FleetStatus]
     _, schemas = models_json_schema([(m, "validation") for m in models],
                                     ref_template="#/components/schemas/{model}")
     return {
@@ -95,6 +100,10 @@ def openapi_document() -> dict[str, Any]:
             "/v1/shares/export": {"post": _op("Export one's own share for paper backup",
                                               p.ReleasedShare, p.ShareExportRequest,
                                               custodian=True)},
+            "/v1/status": {"get": _op("The fleet: every manager's state, the requests waiting "
+                                      "for custodians, the escrow's health (for viewers; "
+                                      "answers while the HSM is down)", FleetStatus,
+                                      viewer=True)},
         },
         "components": {
             "schemas": schemas["$defs"],
@@ -104,6 +113,9 @@ def openapi_document() -> dict[str, Any]:
                                "X-Escrow-Date, X-Escrow-Nonce, body), with X-Escrow-Key-Id "
                                "the SHA-256 of the custodian's public key (DER) and "
                                "X-Escrow-Nonce 16 to 64 random letters or digits, never "
-                               "reused"}},
+                               "reused"},
+                "viewerToken": {
+                    "type": "http", "scheme": "bearer",
+                    "description": "a viewer's token, from `escrow viewer add`"}},
         },
     }

@@ -12,12 +12,17 @@ responsibility:
 - :mod:`~escrow.service.unseal`: requests, their status and results;
 - :mod:`~escrow.service.heartbeats` and :mod:`~escrow.service.liveness` (pure): which nodes
   are up, and which look cloned;
-- :mod:`~escrow.service.custodians`: what custodians see and decide.
+- :mod:`~escrow.service.custodians`: what custodians see and decide;
+- :mod:`~escrow.service.overdue` (pure): what time alone brings about (expiries, silent
+  nodes), for the notifications;
+- :mod:`~escrow.service.readings`: what the store alone tells (live requests, what they may
+  have, nodes by state), which the server's metrics read without the service.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from datetime import datetime
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
@@ -34,8 +39,11 @@ from escrow.core.protocol import (
     ResultReport,
     UnsealRequest,
 )
-from escrow.core.states import Decision
+from escrow.core.states import Decision, RequestState
 from escrow.nonces import NonceMinter
+from escrow.notifications import events
+from escrow.notifications.events import Event
+from escrow.service import overdue
 from escrow.service.authentication import Authenticator
 from escrow.service.context import Context, Hooks
 from escrow.service.custodians import Custodians
@@ -47,6 +55,8 @@ from escrow.store import StoreKind
 from escrow.stored_secrets import DEPOSIT_KEY, NONCE_KEY, wrapped_secret
 from escrow.vault import DepositResult, Vault
 
+CLAIM_MS = 24 * 3600 * 1000
+
 
 class Escrow:
     """Every request kind the API serves, each as identify → admit → act."""
@@ -56,11 +66,14 @@ class Escrow:
                  room: Callable[[], None] = lambda: None,
                  on_unidentified: Unidentified = lambda action, reason, source: None,
                  on_alert: Callable[[AuditEvent], None] = lambda event: None,
-                 for_release: Callable[[], None] = lambda: None) -> None:
+                 for_release: Callable[[], None] = lambda: None,
+                 on_event: Callable[[Event], None] = lambda event: None) -> None:
         store = vault.store
-        self.refusals = Refusals(store, room, on_unidentified)
-        context = Context(vault, settings, Hooks(on_release, room, on_alert, for_release),
+        self.refusals = Refusals(store, room, on_unidentified, on_event, vault.clock)
+        context = Context(vault, settings,
+                          Hooks(on_release, room, on_alert, on_event, for_release),
                           self.refusals)
+        self.context = context
         self.store = store
         deposit_key = X25519PrivateKey.from_private_bytes(
             wrapped_secret(store, vault.wrapper, DEPOSIT_KEY))
@@ -144,14 +157,33 @@ class Escrow:
     def pending(self, custodian: str) -> list[PendingRequest]:
         return self.custodians.pending(custodian)
 
-    def awaiting_approval(self) -> int:
-        return self.custodians.awaiting_approval()
-
     def decide(self, custodian: str, request_id: str, decision: Decision, signature: str,
                reason: str = "") -> RequestStatus:
         request = self.custodians.decide(custodian, request_id, decision, signature, reason)
-        return self.unseals.status(request.request_id)
+        status = self.unseals.status(request.request_id)
+        self.context.hooks.on_event(events.decided(
+            request, decision, custodian, reason, len(status.approvals), status.needed,
+            self.context.now()))
+        return status
 
     def export_share(self, custodian: str, cluster_id: str,
                      ephemeral_b64: str) -> ReleasedShare:
         return self.custodians.export_share(custodian, cluster_id, ephemeral_b64)
+
+    # -- notifications ----------------------------------------------------------------------
+
+    def claim(self, event: Event) -> bool:
+        """Whether this replica sends ``event``: True for the first to claim it in the store
+        shared by every replica (each claim is kept a day, far longer than any replica
+        could take to see the same occurrence)."""
+        now_ms = int(self.context.now().timestamp() * 1000)
+        return self.store.use_once(event.claim_key, now_ms + CLAIM_MS, now_ms)
+
+    def due(self, start: datetime, now: datetime) -> list[Event]:
+        """What time brought about in [start, now) (escrow.service.overdue): expired requests
+        and active nodes gone silent."""
+        found = [events.expired(r, self.context.plan(r).needed) for r in overdue.expired(
+            self.store.list_requests(RequestState.PENDING), start, now)]
+        return found + [events.node_unreachable(node, beat, moment)
+                        for node, beat, moment in overdue.went_silent(
+                            self.store.list_nodes(), self.store.latest_heartbeats(), start, now)]

@@ -1,5 +1,5 @@
 """What every part of the service is given: the store, the vault, the settings, the clock,
-and the hooks into the server (metrics, disk reserve, alerts)."""
+and the hooks into the server (metrics, disk reserve, alerts and notifications)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,9 @@ from datetime import datetime
 
 from escrow.audit import AuditEvent
 from escrow.config import ServerSettings
-from escrow.service.plan import Plan, approvers, plan
+from escrow.notifications.events import Event
+from escrow.service import readings
+from escrow.service.plan import Plan, approvers
 from escrow.service.refusals import Refusals
 from escrow.store import RequestRecord, Store
 from escrow.vault import Vault
@@ -20,6 +22,7 @@ class Hooks:
     on_release: Callable[[int], None]  # gets the count of shares released for the first time
     room: Callable[[], None]  # raises DiskFull when new data must be refused (escrow.diskspace)
     on_alert: Callable[[AuditEvent], None]  # an audited event on-call should hear about
+    on_event: Callable[[Event], None]  # an event receivers may hear of (escrow.notifications)
     # Called before an identified party's write on the way to a release (the request, the
     # release, an approval, the result): the disk reserve is for these alone.
     for_release: Callable[[], None]
@@ -41,11 +44,7 @@ class Context:
 
     def plan(self, request: RequestRecord) -> Plan:
         """Which shares ``request`` may have now (escrow.service.plan)."""
-        versions = self.store.list_key_versions(request.cluster_id)[: self.settings.max_versions]
-        return plan(versions,
-                    {v.version: self.store.get_shares(request.cluster_id, v.version)
-                     for v in versions},
-                    set(self.approvers(request.request_id)), self.settings.max_versions)
+        return readings.plan_of(self.store, request, self.settings.max_versions)
 
     def approvers(self, request_id: str) -> list[str]:
         return approvers(self.store.list_approvals(request_id))

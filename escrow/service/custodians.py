@@ -15,7 +15,7 @@ from escrow.core.errors import IdentityError, RequestError
 from escrow.core.protocol import HPKE, PendingRequest, ReleasedShare
 from escrow.core.states import Decision, RequestState
 from escrow.core.timestamps import timestamp
-from escrow.service import fields
+from escrow.service import fields, readings
 from escrow.service.authentication import Authenticator
 from escrow.service.context import Context
 from escrow.service.plan import state_at
@@ -49,26 +49,17 @@ class Custodians:
             ephemeral_public_key=protocol.b64e(request.ephemeral_key),
             eligible=plan.eligible(custodian))
 
-    def _live(self) -> list[RequestRecord]:
-        now = self.context.now()
-        return [r for r in self.store.list_requests(RequestState.PENDING)
-                if state_at(r, now) == RequestState.PENDING]
-
     def pending(self, custodian: str) -> list[PendingRequest]:
         """Live requests of the clusters where ``custodian`` holds a slot: what a node sent
         (hostname, source address, boot id) is shown to those who decide on it, no one else."""
         mine: dict[str, bool] = {}
         views = []
-        for request in self._live():
+        for request in readings.live_requests(self.store, self.context.now()):
             if request.cluster_id not in mine:
                 mine[request.cluster_id] = self._holds_slot(custodian, request.cluster_id)
             if mine[request.cluster_id]:
                 views.append(self._view(request, custodian))
         return views
-
-    def awaiting_approval(self) -> int:
-        """Live requests still short of shares (for the metrics)."""
-        return sum(1 for request in self._live() if self.context.plan(request).needed > 0)
 
     def decide(self, custodian: str, request_id: str, decision: Decision, signature: str,
                reason: str) -> RequestRecord:

@@ -4,7 +4,6 @@ changes (a new boot, the lock state, a goodbye); and the clone checks they make 
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Sequence
 from datetime import datetime, timedelta
 
@@ -53,18 +52,7 @@ class Heartbeats:
         copies = liveness.convicted(self.store.pending_requests_of(body.cluster_id,
                                                                    body.node_id), beat, now)
         if alongside is not None or copies:
-            self._quarantine(beat, alongside, copies)
-
-    def census(self) -> dict[tuple[str, str], int]:
-        """Nodes by (cluster, state): their liveness, or their standing if not active."""
-        now = self.context.now()
-        beats = self.store.latest_heartbeats()
-        counts: Counter[tuple[str, str]] = Counter()
-        for node in self.store.list_nodes():
-            state = (liveness.liveness(beats.get((node.cluster_id, node.node_id)), now).value
-                     if node.status == NodeStatus.ACTIVE else node.status.value)
-            counts[(node.cluster_id, state)] += 1
-        return dict(counts)
+            self._quarantine(beat, verified.node.hostname, alongside, copies)
 
     def hold_until(self, cluster_id: str, node_id: str, boot_id: str, now: datetime) -> str:
         """When an unseal request from ``boot_id`` may have shares: "" at once, or the end of
@@ -74,7 +62,8 @@ class Heartbeats:
             return ""
         return timestamp(now + timedelta(seconds=other.interval_seconds))
 
-    def _quarantine(self, beat: HeartbeatRecord, alongside: HeartbeatRecord | None,
+    def _quarantine(self, beat: HeartbeatRecord, hostname: str,
+                    alongside: HeartbeatRecord | None,
                     copies: Sequence[RequestRecord]) -> None:
         """Two machines carry the node's identity: nothing is released to either until an
         admin re-admits the node (`escrow node allow`)."""
@@ -83,7 +72,8 @@ class Heartbeats:
         suspects += [{"boot_id": r.boot_id, "source": r.source, "seen": "unseal request",
                       "request_id": r.request_id} for r in copies]
         event = AuditEvent("node.clone_suspected", "escrow", beat.cluster_id,
-                           {"node_id": beat.node_id, "boot_id": beat.boot_id,
-                            "source": beat.source, "alongside": suspects})
+                           {"node_id": beat.node_id, "hostname": hostname,
+                            "boot_id": beat.boot_id, "source": beat.source,
+                            "alongside": suspects})
         self.store.set_node_status(beat.cluster_id, beat.node_id, NodeStatus.QUARANTINED, event)
         self.context.hooks.on_alert(event)

@@ -37,9 +37,15 @@ def _interval(beat: HeartbeatRecord) -> timedelta:
     return timedelta(seconds=beat.interval_seconds)
 
 
+def silent_at(beat: HeartbeatRecord) -> datetime:
+    """When the node is unreachable for want of a beat after ``beat`` (a goodbye makes it so
+    at once)."""
+    return parse_timestamp(beat.last_at) + MISSED_BEATS * _interval(beat)
+
+
 def liveness(beat: HeartbeatRecord | None, now: datetime) -> Liveness:
     """What the node's latest beat makes of it now."""
-    if beat is None or beat.goodbye or _age(beat, now) > MISSED_BEATS * _interval(beat):
+    if beat is None or beat.goodbye or now > silent_at(beat):
         return Liveness.UNREACHABLE
     return Liveness(beat.lock_state.value)
 

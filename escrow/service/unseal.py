@@ -11,6 +11,7 @@ from escrow.core.errors import RequestError
 from escrow.core.protocol import ReleasedShare, RequestStatus, ResultReport, UnsealRequest
 from escrow.core.states import Outcome, RequestState
 from escrow.core.timestamps import parse_timestamp, timestamp
+from escrow.notifications import events
 from escrow.service.authentication import VerifiedReport, VerifiedUnseal
 from escrow.service.context import Context
 from escrow.service.heartbeats import Heartbeats
@@ -73,6 +74,8 @@ class Unseals:
             raise
         if fresh:
             self.hooks.on_release(len(fresh))
+        if plan.needed > 0:
+            self.hooks.on_event(events.requested(record, plan.needed, now))
         ready = not held and plan.needed == 0
         return self._answer(record, RequestState.READY if ready else RequestState.PENDING,
                             plan, released, [])
@@ -172,6 +175,7 @@ class Unseals:
                                f"{request.request_id} was reported {earlier} already",
                                "each version's outcome is reported once", 409)
         if earlier is None and outcome == Outcome.UNLOCKED:
+            self.hooks.on_event(events.unlocked(request, body.version, self.context.now()))
             self._unconfirmed(request, body.version)
 
     def _unconfirmed(self, request: RequestRecord, version: int) -> None:

@@ -28,6 +28,24 @@ class CustodianRecord:
 
 
 @dataclass(frozen=True)
+class Unlock:
+    """A node's unlock, as its agent reported it."""
+
+    version: int
+    at: str
+
+
+@dataclass(frozen=True)
+class ViewerRecord:
+    """Who may read the fleet's status (the page, `escrow status`): by a token whose SHA-256
+    alone is kept."""
+
+    name: str
+    token_sha256: str
+    created_at: str
+
+
+@dataclass(frozen=True)
 class ClusterRecord:
     cluster_id: str
     root_ca_pem: str
@@ -119,6 +137,12 @@ MakeShares = Callable[[int], Sequence[ShareRecord]]
 class Store(Protocol):
     def close(self) -> None: ...
 
+    kind: StoreKind
+
+    def replicas(self) -> list[str]:
+        """The hosts with an escrow connected to a shared store now (none on SQLite)."""
+        ...
+
     def check_writable(self) -> StoreKind:
         """The kind of database; raise StoreError unless it answers and accepts writes."""
         ...
@@ -127,6 +151,13 @@ class Store(Protocol):
     def remove_custodian(self, name: str, event: AuditEvent) -> None: ...
     def get_custodian(self, name: str) -> CustodianRecord: ...
     def list_custodians(self) -> list[CustodianRecord]: ...
+
+    def add_viewer(self, record: ViewerRecord, event: AuditEvent) -> None: ...
+    def remove_viewer(self, name: str, event: AuditEvent) -> None: ...
+    def list_viewers(self) -> list[ViewerRecord]: ...
+    def viewer_named_by(self, token_sha256: str) -> str | None:
+        """The viewer whose token has this SHA-256, if any."""
+        ...
 
     def add_cluster(self, record: ClusterRecord, event: AuditEvent) -> None: ...
     def set_policy(self, cluster_id: str, policy: Policy, event: AuditEvent) -> None: ...
@@ -220,8 +251,8 @@ class Store(Protocol):
         ...
 
     def list_results(self, request_id: str) -> dict[int, Outcome]: ...
-    def last_unlocked_versions(self, cluster_id: str) -> dict[str, int]:
-        """Each node's version of its most recent successful unlock."""
+    def last_unlocks(self, cluster_id: str) -> dict[str, Unlock]:
+        """Each node's most recent successful unlock, by node id."""
         ...
 
     def use_once(self, key: bytes, expires_ms: int, now_ms: int) -> bool:

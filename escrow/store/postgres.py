@@ -16,6 +16,7 @@ the request that met the break gets a StoreError (503), never a half-made change
 from __future__ import annotations
 
 import contextlib
+import socket
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -38,6 +39,8 @@ WRITE_LOCK = 0x65736372
 # request look again at once, whichever replica the custodian reached.
 DECIDED = "escrow_decided"
 CONNECT_TIMEOUT = 10.0
+# Every connection's application_name: this prefix, then the host's name.
+APPLICATION = "escrow@"
 LISTEN_TICK = 1.0  # seconds between looks at whether the store is closing
 
 _APPEND_ONLY = """
@@ -140,6 +143,10 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "CREATE TABLE used_once (key BYTEA PRIMARY KEY, expires_at BIGINT NOT NULL)",
         "CREATE INDEX used_once_by_expiry ON used_once (expires_at)",
     ),
+    (
+        "CREATE TABLE viewers (name TEXT PRIMARY KEY, token_sha256 TEXT NOT NULL UNIQUE,"
+        " created_at TEXT NOT NULL)",
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -218,6 +225,8 @@ def _refused(exc: psycopg.Error) -> StoreError:
 
 
 class PostgresStore(SqlStore):
+    kind: StoreKind = "postgresql"
+
     def __init__(self, pool: ConnectionPool[psycopg.Connection[Any]], now: Clock, url: str,
                  connect_args: dict[str, Any]) -> None:
         self._pool = pool
@@ -233,7 +242,9 @@ class PostgresStore(SqlStore):
         """Connect to ``url`` (a libpq URL or conninfo: several hosts and
         ``target_session_attrs=read-write`` find a promoted standby) and bring the schema up
         to date. The password is passed apart from the URL, so it is never logged with it."""
-        extra: dict[str, Any] = {"autocommit": True, "connect_timeout": int(CONNECT_TIMEOUT)}
+        # Named by host, so the status can list the replicas connected (replicas()).
+        extra: dict[str, Any] = {"autocommit": True, "connect_timeout": int(CONNECT_TIMEOUT),
+                                 "application_name": f"{APPLICATION}{socket.gethostname()}"[:63]}
         if password is not None:
             extra["password"] = password
         try:
@@ -292,6 +303,14 @@ class PostgresStore(SqlStore):
                              "point store.url at the primary (several hosts with "
                              "target_session_attrs=read-write find it by themselves)")
         return "postgresql"
+
+    def replicas(self) -> list[str]:
+        """The hosts with an escrow connected to this database now."""
+        rows = self._db.execute(
+            "SELECT DISTINCT substr(application_name, ?) FROM pg_stat_activity"
+            " WHERE datname = current_database() AND starts_with(application_name, ?)"
+            " ORDER BY 1", (len(APPLICATION) + 1, APPLICATION))
+        return [str(row[0]) for row in rows]
 
     def listen(self, on_decided: Callable[[str | None], None]) -> None:
         """LISTEN on a connection of its own, in a thread of its own, until closed."""

@@ -28,6 +28,8 @@ from escrow.store import (
     RequestRecord,
     ShareRecord,
     StoreKind,
+    Unlock,
+    ViewerRecord,
 )
 
 
@@ -81,6 +83,8 @@ def _policy(threshold: int, slots_json: str) -> Policy:
 class SqlStore:
     """Every Store method but opening and closing; see the module's docstring."""
 
+    kind: StoreKind
+
     def __init__(self, db: Db, now: Clock) -> None:
         self._db = db
         self._now = now
@@ -92,6 +96,9 @@ class SqlStore:
         raise NotImplementedError
 
     def check_writable(self) -> StoreKind:
+        raise NotImplementedError
+
+    def replicas(self) -> list[str]:
         raise NotImplementedError
 
     def audit_snapshot(self) -> AbstractContextManager[None]:
@@ -192,6 +199,34 @@ class SqlStore:
         rows = self._db.execute("SELECT name, public_key_pem, created_at FROM custodians "
                                 "ORDER BY name")
         return [CustodianRecord(*row) for row in rows]
+
+    # -- viewers ----------------------------------------------------------------------------
+
+    def add_viewer(self, record: ViewerRecord, event: AuditEvent) -> None:
+        with self._write() as db:
+            if db.execute("SELECT 1 FROM viewers WHERE name = ?", (record.name,)).fetchone():
+                raise Conflict(f"viewer {record.name!r} already exists",
+                               "remove it first (`escrow viewer remove`), or choose another name")
+            db.execute("INSERT INTO viewers VALUES (?, ?, ?)",
+                       (record.name, record.token_sha256, record.created_at))
+            self._append(db, event)
+
+    def remove_viewer(self, name: str, event: AuditEvent) -> None:
+        with self._write() as db:
+            if not db.execute("SELECT 1 FROM viewers WHERE name = ?", (name,)).fetchone():
+                raise NotFound(f"no viewer named {name!r}", "see `escrow viewer list`")
+            db.execute("DELETE FROM viewers WHERE name = ?", (name,))
+            self._append(db, event)
+
+    def list_viewers(self) -> list[ViewerRecord]:
+        rows = self._db.execute("SELECT name, token_sha256, created_at FROM viewers "
+                                "ORDER BY name")
+        return [ViewerRecord(*row) for row in rows]
+
+    def viewer_named_by(self, token_sha256: str) -> str | None:
+        row = self._db.execute("SELECT name FROM viewers WHERE token_sha256 = ?",
+                               (token_sha256,)).fetchone()
+        return str(row[0]) if row else None
 
     # -- clusters ---------------------------------------------------------------------------
 
@@ -523,13 +558,12 @@ class SqlStore:
                                 (request_id,))
         return {int(version): Outcome(outcome) for version, outcome in rows}
 
-    def last_unlocked_versions(self, cluster_id: str) -> dict[str, int]:
-        """Each node's version of its most recent successful unlock."""
+    def last_unlocks(self, cluster_id: str) -> dict[str, Unlock]:
         rows = self._db.execute(
-            "SELECT q.node_id, r.version FROM results r JOIN requests q USING (request_id)"
-            " WHERE q.cluster_id = ? AND r.outcome = 'unlocked' ORDER BY r.reported_at",
-            (cluster_id,))
-        return {str(node): int(version) for node, version in rows}
+            "SELECT q.node_id, r.version, r.reported_at FROM results r JOIN requests q"
+            " USING (request_id) WHERE q.cluster_id = ? AND r.outcome = 'unlocked'"
+            " ORDER BY r.reported_at", (cluster_id,))
+        return {str(node): Unlock(int(version), str(at)) for node, version, at in rows}
 
     def use_once(self, key: bytes, expires_ms: int, now_ms: int) -> bool:
         with self._unaudited() as db:

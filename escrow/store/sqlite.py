@@ -118,11 +118,19 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "CREATE TABLE used_once (key BLOB PRIMARY KEY, expires_at INTEGER NOT NULL)",
         "CREATE INDEX used_once_by_expiry ON used_once (expires_at)",
     ),
+    (
+        # Viewers of the status page and `escrow status`: a name and the SHA-256 of a random
+        # token, never the token.
+        "CREATE TABLE viewers (name TEXT PRIMARY KEY, token_sha256 TEXT NOT NULL UNIQUE,"
+        " created_at TEXT NOT NULL)",
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
 class SqliteStore(SqlStore):
+    kind: StoreKind = "sqlite"
+
     def __init__(self, db: sqlite3.Connection, now: Clock, path: Path) -> None:
         super().__init__(db, now)
         self._sqlite = db
@@ -175,6 +183,10 @@ class SqliteStore(SqlStore):
 
     def close(self) -> None:
         self._sqlite.close()
+
+    def replicas(self) -> list[str]:
+        """None: one process serves an SQLite store."""
+        return []
 
     def check_writable(self) -> StoreKind:
         try:

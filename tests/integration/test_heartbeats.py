@@ -20,7 +20,7 @@ from agent.heartbeat import beat_request
 from agent.release import candidate_keys
 from agent.swarm_identity import NodeIdentity
 from escrow.core.states import LockState
-from lab.api import client, enrolled, run
+from lab.api import beat, client, enrolled, run
 from lab.receiver import collector, receiving
 from lab.server import EscrowProcess, Node, make_escrow
 
@@ -31,14 +31,6 @@ INTERVAL = 5
 
 def boot() -> str:
     return str(uuid.uuid4())
-
-
-async def beat(c: EscrowClient, node: Node, boot_id: str, *,
-               lock: LockState = LockState.UNLOCKED, goodbye: bool = False) -> None:
-    identity = NodeIdentity(node.node_id, node.cluster_id, "swarm-manager", node.cert_pem, "")
-    await c.heartbeat(lambda nonce: beat_request(
-        identity, lock, nonce, boot=boot_id, uptime=60, interval=INTERVAL, goodbye=goodbye,
-        agent_key=node.agent_key), await c.deposit_key_sha256())
 
 
 async def ask(c: EscrowClient, node: Node, boot_id: str, wait: float = 0) -> tuple[str, int]:
@@ -108,7 +100,8 @@ def test_a_copy_asking_while_the_original_beats_is_refused_and_the_node_quaranti
 
     async def scenario() -> tuple[Any, ...]:
         async with receiving("/hook", collector(received)) as url:
-            escrow = make_escrow(tmp_path, ESCROW_SERVER_WEBHOOK_URL=url)
+            escrow = make_escrow(tmp_path)
+            escrow.webhook("hook", url, ["clone_suspected"])
             try:
                 await asyncio.to_thread(escrow.start)
                 _, node, _ = await asyncio.to_thread(enrolled, escrow, 1, "auto")
@@ -149,7 +142,8 @@ def test_a_copy_asking_while_the_original_beats_is_refused_and_the_node_quaranti
     assert details["boot_id"] == original
     assert [s["boot_id"] for s in details["alongside"]] == [copy]
     assert all(s["source"] for s in details["alongside"])
-    assert [r["event"] for r in received] == ["node.clone_suspected"]
+    assert [(r["event"], r["alert"], r["node_id"]) for r in received] == [
+        ("clone_suspected", "node.clone_suspected", details["node_id"])]
     assert readmitted == ("ready", 1)
 
 

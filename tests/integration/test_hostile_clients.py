@@ -283,8 +283,8 @@ def test_a_node_filling_the_retained_versions_pages_on_call_through_the_webhook(
 
     async def scenario() -> None:
         async with receiving("/hook", collector(received)) as url:
-            escrow = make_escrow(tmp_path, ESCROW_SERVER_WEBHOOK_URL=url,
-                                 ESCROW_KEYS_MAX_VERSIONS="2")
+            escrow = make_escrow(tmp_path, ESCROW_KEYS_MAX_VERSIONS="2")
+            escrow.webhook("hook", url, ["alert"])
             try:
                 await asyncio.to_thread(escrow.start)
                 _, node, _ = await asyncio.to_thread(enrolled, escrow, 1, "auto")
@@ -300,7 +300,7 @@ def test_a_node_filling_the_retained_versions_pages_on_call_through_the_webhook(
 
     run(scenario())
     [alert] = received
-    assert alert["event"] == "key.versions_full"
+    assert (alert["event"], alert["alert"]) == ("alert", "key.versions_full")
     assert alert["details"] == {"retained": 2, "limit": 2}
     assert "`key.versions_full`" in str(alert["text"])
 

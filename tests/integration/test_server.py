@@ -352,9 +352,9 @@ def test_webhook_gets_the_pending_request_and_its_failure_never_blocks(tmp_path:
 
     async def scenario() -> None:
         async with receiving("/hook", collector(received)) as url:
-            servers = [make_escrow(tmp_path / "ok", ESCROW_SERVER_WEBHOOK_URL=url),
-                       make_escrow(tmp_path / "broken", ESCROW_SERVER_WEBHOOK_URL=
-                                   "http://127.0.0.1:9/nothing-listens")]
+            servers = [make_escrow(tmp_path / "ok"), make_escrow(tmp_path / "broken")]
+            servers[0].webhook("ok", url, ["requested"])
+            servers[1].webhook("broken", "http://127.0.0.1:9/nothing-listens", ["requested"])
             try:
                 for server in servers:
                     await asyncio.to_thread(server.custodian, "alice")

@@ -5,7 +5,7 @@ terminal escapes in its hostname or boot id, so that `escrow requests`, `escrow 
 `escrow audit show` fail for every custodian, or show them something else than the request
 they approve; a custodian puts escapes in a deny reason; a webhook receiver redirects the
 notice (and the node's details) elsewhere. Each test fails without the controls of
-escrow/core/plaintext.py, the request models' validators and escrow/webhook.py.
+escrow/core/plaintext.py, the request models' validators and escrow/notifications/.
 """
 
 from __future__ import annotations
@@ -27,12 +27,12 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from pydantic import TypeAdapter
 
 from escrow import custodian_keys
+from escrow.api_client import CustodianClient
 from escrow.audit import AuditEvent
 from escrow.core import protocol
 from escrow.core.errors import EscrowError
 from escrow.core.states import NodeStatus
 from escrow.core.tls import client_context
-from escrow.custodian_client import CustodianClient
 from escrow.store import NodeRecord
 from escrow.store.sqlite import SqliteStore
 from lab.api import client, enrolled, run
@@ -269,7 +269,8 @@ def test_webhook_does_not_follow_redirects(tmp_path: Path) -> None:
                 raise web.HTTPTemporaryRedirect(other)
 
             async with receiving("/hook", redirecting) as url:
-                server = make_escrow(tmp_path, ESCROW_SERVER_WEBHOOK_URL=url)
+                server = make_escrow(tmp_path)
+                server.webhook("hook", url, ["requested"])
                 try:
                     await asyncio.to_thread(server.custodian, "alice")
                     await asyncio.to_thread(server.start)
@@ -295,5 +296,5 @@ def test_webhook_does_not_follow_redirects(tmp_path: Path) -> None:
     assert "answered 307, a redirect, which is not followed" in log[0]
     assert hooked[0]["hostname"] == "hooked-host"
     assert hooked[0]["text"].startswith("Swarm manager `hooked-host` is locked")
-    assert sorted(hooked[0]) == ["cluster_id", "expires_at", "hostname", "needed", "node_id",
-                                 "request_id", "text"]
+    assert sorted(hooked[0]) == ["cluster_id", "event", "expires_at", "hostname", "id",
+                                 "needed", "node_id", "request_id", "text", "time"]

@@ -163,7 +163,7 @@ class Aftermath:
 def tell_aftermath(drill: Drill, node_id: str, copy_source: str, since: int,
                    say: Callable[[str], None]) -> Aftermath:
     alerts = eventually(lambda: [a for a in drill.alerts
-                                 if a.get("event") == "node.clone_suspected"], 10)
+                                 if a.get("event") == "clone_suspected"], 10)
     timeline = [r for r in audit(drill, "node.heartbeat", "node.clone_suspected", *ASKED)
                 if r["seq"] > since]
     for record in timeline:

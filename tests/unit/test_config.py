@@ -47,11 +47,30 @@ def test_missing_config_points_at_escrow_init(tmp_path: Path) -> None:
     ('[hsm]\nmodule = "/a.so"\ntoken = "t"\n[keys]\nretention_days = -1\n', "must not be"),
     ('[hsm]\nmodule = "/a.so"\n', "hsm.token is not set"),
     ("hsm = 3\n", "must be a table"),
+    ('[hsm]\nmodule = "/a.so"\ntoken = "t"\n[server]\nwebhook_url = "https://x.example/"\n',
+     "server.webhook_url is no longer a setting"),
+    ('[hsm]\nmodule = "/a.so"\ntoken = "t"\n[[webhooks]]\nname = "o"\n', "webhooks\\[1\\]"),
     ("[hsm\n", "not valid TOML"),
 ])
 def test_bad_config_names_the_setting(tmp_path: Path, text: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         config.load(write(tmp_path, text), env={})
+
+
+def test_the_retired_webhook_url_points_at_webhooks_tables(tmp_path: Path) -> None:
+    write(tmp_path, HSM_TABLE)
+    with pytest.raises(ConfigError, match="ESCROW_SERVER_WEBHOOK_URL is no longer a setting"
+                       ) as caught:
+        config.load(tmp_path, env={"ESCROW_SERVER_WEBHOOK_URL": "https://x.example/"})
+    assert "[[webhooks]]" in caught.value.hint
+
+
+def test_webhooks_tables_load_with_secret_files_relative_to_the_data_dir(tmp_path: Path) -> None:
+    write(tmp_path, HSM_TABLE + '[[webhooks]]\nname = "oncall"\nurl = "https://x.example/h"\n'
+          'secret_file = "oncall.secret"\n')
+    [oncall] = config.load(tmp_path, env={}).webhooks
+    assert (oncall.name, oncall.secret_file) == ("oncall", tmp_path / "oncall.secret")
+    assert config.load(write(tmp_path, HSM_TABLE), env={}).webhooks == ()
 
 
 @settings(suppress_health_check=[HealthCheck.function_scoped_fixture], max_examples=200)

@@ -8,10 +8,10 @@ import re
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from escrow.api_client import CustodianClient
 from escrow.core import failover
 from escrow.core.errors import ConfigError
 from escrow.core.failover import Failure, Replicas
-from escrow.custodian_client import CustodianClient
 
 URLS = ("https://e1:8443", "https://e2:8443", "https://e3:8443")
 

@@ -52,9 +52,9 @@ from agent import swarm_identity
 from agent.errors import AgentError, SharesUnusable
 from agent.release import candidate_keys
 from escrow import (
+    api_client,
     backup,
     config,
-    custodian_client,
     custodian_keys,
     identity,
 )
@@ -875,7 +875,7 @@ def test_any_escrow_answer_is_a_model_or_an_agent_error(
 @example(403, DEEP, protocol.DecisionResponse)  # was RecursionError
 def test_any_escrow_answer_to_a_custodian_is_a_model_or_an_escrow_error(
         status: int, text: str, answer: TypeAdapter[Any] | type[BaseModel]) -> None:
-    parsed = outcome(lambda: custodian_client.parse_answer(status, text, answer), EscrowError)
+    parsed = outcome(lambda: api_client.parse_answer(status, text, answer), EscrowError)
     assert isinstance(parsed, EscrowError) or status < 400
 
 

@@ -13,6 +13,7 @@ import json
 import logging
 import socket
 import uuid
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -28,10 +29,14 @@ from agent import config as agent_config
 from agent import host
 from agent import status as agent_status
 from agent.errors import EscrowRejected, EscrowUnavailable
-from escrow import custodian_client, webhook
+from escrow import api_client
 from escrow.cli import context
 from escrow.core import plaintext, protocol
 from escrow.core.errors import IdentityError, InputError
+from escrow.core.states import RequestState
+from escrow.notifications import body as notification_body
+from escrow.notifications import events
+from escrow.store import RequestRecord
 
 HOSTILE = ["[/]", "[bold red]x[/]", "[/x]", "\x1b[2K\r", "\u202e", "mgr\x1b]0;pwned\x07",
            "a\nINFO escrow.server: forged line", "\u2066x\u2069", "\x9b31m", "\ud800"]
@@ -197,7 +202,7 @@ def test_terminal_escapes_in_an_escrow_error_do_not_reach_the_operator(text: str
     body = body.replace("\n", "\\n").replace("\r", "\\r")
     for raw in (body, f"<html>{text}</html>"):
         with pytest.raises(IdentityError) as custodian:
-            custodian_client.parse_answer(403, raw, protocol.DecisionResponse)
+            api_client.parse_answer(403, raw, protocol.DecisionResponse)
         with pytest.raises(EscrowRejected) as agent:
             agent_client.parse_answer(403, raw, protocol.RequestStatus)
         with pytest.raises(EscrowUnavailable) as down:
@@ -262,13 +267,17 @@ def test_a_quoted_value_cannot_forge_a_log_line(caplog: pytest.LogCaptureFixture
 
 # -- the webhook ---------------------------------------------------------------------------
 
+def _asking(hostname: str) -> RequestRecord:
+    return RequestRecord("r-abc", "a" * 25, "b" * 25, hostname, "unknown", "192.0.2.1", "pem",
+                         b"k", "1", "2026-01-01T00:00:00Z", "2026-01-01T00:15:00Z",
+                         RequestState.PENDING)
+
+
 @pytest.mark.parametrize("name", [
     "<!channel>", "<!here|here>", "@channel", "*urgent* _now_ ~x~", "`rm -rf /`",
     "<https://evil.example|escrow approve r-other>", "a&lt;b", "[/]", "x\x1b[2K\rmanager-2"])
 def test_webhook_text_neutralises_chat_markup(name: str) -> None:
-    pending = webhook.PendingApproval("r-abc", "a" * 25, "b" * 25, name, 1,
-                                      "2026-01-01T00:00:00Z")
-    body = webhook.payload(pending)
+    body = notification_body.body(events.requested(_asking(name), 1, datetime.now(UTC)))
     text = body["text"]
     assert isinstance(text, str)
     span = text.split("Swarm manager ", 1)[1].split(" is locked", 1)[0]
@@ -284,12 +293,13 @@ def test_webhook_text_neutralises_chat_markup(name: str) -> None:
     assert not _raw_unsafe(text)
     assert text.endswith("escrow approve r-abc")
     assert body["hostname"] == plaintext.plain(name)
-    assert sorted(body) == ["cluster_id", "expires_at", "hostname", "needed", "node_id",
-                            "request_id", "text"]
+    assert sorted(body) == ["cluster_id", "event", "expires_at", "hostname", "id", "needed",
+                            "node_id", "request_id", "text", "time"]
 
 
 def test_webhook_text_keeps_a_dns_hostname_readable() -> None:
-    body = webhook.payload(webhook.PendingApproval("r-abc", "c", "n", "manager-1.example", 2,
-                                                   "t"))
+    body = notification_body.body(events.requested(_asking("manager-1.example"), 2,
+                                                   datetime.now(UTC)))
     assert body["text"] == ("Swarm manager `manager-1.example` is locked and waits for 2 "
                             "custodian approval(s): escrow approve r-abc")
+

@@ -1,5 +1,5 @@
-"""The server's parts that need no token, database or socket: long polls, refusal summaries,
-alerts and the metrics exposition (escrow/server/)."""
+"""The server's parts that need no token, database or socket: long polls, refusal summaries
+and the metrics exposition (escrow/server/; the notifier's are in test_notifier.py)."""
 
 from __future__ import annotations
 
@@ -8,22 +8,19 @@ import logging
 import threading
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
 
 import pytest
 from prometheus_client import CollectorRegistry, Counter
 
-from escrow import webhook
-from escrow.audit import AuditEvent
 from escrow.core.protocol import RequestState, RequestStatus
+from escrow.core.states import NodeState
+from escrow.core.version import VERSION
 from escrow.server import waiters
-from escrow.server.alerts import Alerts
-from escrow.server.metrics import Metrics
+from escrow.server.metrics import Metrics, Sample
 from escrow.server.refusal_log import RefusalLog
 from escrow.server.unidentified import UnidentifiedRefusals
 from escrow.server.waiters import Waiters
-
-URL = "https://chat.example/hook"
+from escrow.service.readings import Tally
 
 
 def status(state: RequestState, needed: int = 0) -> RequestStatus:
@@ -202,119 +199,59 @@ def test_refusals_noted_on_two_threads_are_all_counted() -> None:
     assert counted() == 1000
 
 
-# -- alerts ---------------------------------------------------------------------------------
-
-Posted = list[tuple[str, dict[str, Any], str]]
-
-
-@pytest.fixture
-def posted(monkeypatch: pytest.MonkeyPatch) -> Posted:
-    sent: Posted = []
-
-    async def post(url: str, body: dict[str, Any], *, about: str,
-                   timeout: float = webhook.TIMEOUT_SECONDS) -> bool:
-        sent.append((url, body, about))
-        return True
-
-    monkeypatch.setattr(webhook, "post", post)
-    return sent
-
-
-EVENT = AuditEvent("key.versions_full", "escrow", "c-1", {"versions": 8, "node": "n`<!here>"})
-
-
-def alert_from_the_vault_thread(alerts: Alerts, event: AuditEvent) -> None:
-    async def main() -> None:
-        alerts.start()
-        await asyncio.to_thread(alerts.alert, event)
-        await asyncio.sleep(0.05)
-
-    asyncio.run(main())
-
-
-def test_an_alert_is_logged_and_posted_with_its_text_neutralised(
-        posted: Posted, caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.WARNING, "escrow.server"):
-        alert_from_the_vault_thread(Alerts(URL), EVENT)
-    assert caplog.messages == ['alert: key.versions_full in cluster c-1: '
-                               '{"node": "n`<!here>", "versions": 8}']
-    assert posted == [(URL, {
-        "text": "Escrow alert `key.versions_full` in cluster `c-1`: "
-                "`{\"node\": \"n'&lt;!here&gt;\", \"versions\": 8}`",
-        "event": "key.versions_full", "cluster_id": "c-1",
-        "details": {"versions": 8, "node": "n`<!here>"}}, "key.versions_full")]
-
-
-def test_an_alert_without_a_cluster_names_none(caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.WARNING, "escrow.server"):
-        Alerts("").alert(AuditEvent("audit.gap", "escrow"))
-    assert caplog.messages == ["alert: audit.gap in cluster -: {}"]
-
-
-def test_an_alert_is_only_logged_without_a_webhook_or_before_the_server_runs(
-        posted: Posted) -> None:
-    alert_from_the_vault_thread(Alerts(""), EVENT)
-    Alerts(URL).alert(EVENT)
-    assert posted == []
-
-
-def test_custodians_hear_of_an_unseal_request_only_while_it_needs_them(posted: Posted) -> None:
-    async def main(alerts: Alerts) -> None:
-        alerts.unseal_requested(READY, "manager-1")
-        alerts.unseal_requested(PENDING, "manager-1")
-        await asyncio.sleep(0.05)
-
-    asyncio.run(main(Alerts(URL)))
-    asyncio.run(main(Alerts("")))
-    assert len(posted) == 1
-    url, body, about = posted[0]
-    assert (url, about) == (URL, "r-1")
-    assert body == webhook.payload(webhook.PendingApproval(
-        "r-1", "c-1", "n-1", "manager-1", 2, PENDING.expires_at))
-
-
-def test_posts_still_running_at_cleanup_are_cancelled(monkeypatch: pytest.MonkeyPatch) -> None:
-    cancelled = asyncio.Event()
-
-    async def post(url: str, body: dict[str, Any], *, about: str,
-                   timeout: float = webhook.TIMEOUT_SECONDS) -> bool:
-        try:
-            await asyncio.sleep(30)
-        except asyncio.CancelledError:
-            cancelled.set()
-            raise
-        return True
-
-    monkeypatch.setattr(webhook, "post", post)
-
-    async def main() -> None:
-        alerts = Alerts(URL)
-        alerts.unseal_requested(PENDING, "manager-1")
-        await asyncio.sleep(0.05)
-        alerts.stop()
-        await asyncio.wait_for(cancelled.wait(), timeout=5)
-
-    asyncio.run(main())
-
-
 # -- metrics --------------------------------------------------------------------------------
 
+def scraped(metrics: Metrics, sample: Sample) -> str:
+    body, content_type = metrics.latest(sample)
+    assert content_type.startswith("text/plain; version=0.0.4")
+    return body.decode()
+
+
 def test_the_exposition_carries_every_series_and_the_gauges_sampled_at_the_scrape() -> None:
-    metrics = Metrics()
-    text = metrics.latest(pending=3, free_bytes=4096,
-                          nodes={("c1", "unlocked"): 2, ("c1", "unreachable"): 1}).decode()
+    text = scraped(Metrics(), Sample(4096, True, Tally(3, {("c1", NodeState.UNLOCKED): 2,
+                                                           ("c1", NodeState.UNREACHABLE): 1})))
     assert "escrow_pending_approvals 3.0" in text
     assert 'escrow_nodes{cluster="c1",state="unlocked"} 2.0' in text
     assert "escrow_data_dir_free_bytes 4096.0" in text
+    assert "escrow_hsm_up 1.0" in text
+    assert "escrow_store_up 1.0" in text
+    assert f'escrow_build_info{{version="{VERSION}"}} 1.0' in text
     for name in ("escrow_requests_total", "escrow_shares_released_total",
                  "escrow_hsm_seconds", "escrow_connections_dropped_total",
-                 "escrow_unauthenticated_refusals_total", "escrow_source_limited_total"):
+                 "escrow_unauthenticated_refusals_total", "escrow_source_limited_total",
+                 "escrow_http_request_duration_seconds", "process_cpu_seconds_total",
+                 "python_info"):
         assert f"# TYPE {name} " in text
 
 
 def test_a_node_state_no_node_is_in_any_more_leaves_the_exposition() -> None:
     metrics = Metrics()
-    metrics.latest(pending=0, free_bytes=1, nodes={("c1", "locked"): 1})
-    text = metrics.latest(pending=0, free_bytes=1, nodes={("c1", "unlocked"): 1}).decode()
+    scraped(metrics, Sample(1, True, Tally(0, {("c1", NodeState.LOCKED): 1})))
+    text = scraped(metrics, Sample(1, True, Tally(0, {("c1", NodeState.REVOKED): 1})))
     assert 'state="locked"' not in text
-    assert 'escrow_nodes{cluster="c1",state="unlocked"} 1.0' in text
+    assert 'escrow_nodes{cluster="c1",state="revoked"} 1.0' in text
+
+
+def test_while_the_store_is_down_its_series_leave_the_exposition_and_store_up_says_so(
+        ) -> None:
+    metrics = Metrics()
+    scraped(metrics, Sample(1, True, Tally(2, {("c1", NodeState.LOCKED): 1})))
+    text = scraped(metrics, Sample(1, False, None))
+    assert "escrow_store_up 0.0" in text
+    assert "escrow_hsm_up 0.0" in text
+    assert "# TYPE escrow_pending_approvals " not in text
+    assert "# TYPE escrow_nodes " not in text
+    assert "escrow_data_dir_free_bytes 1.0" in text
+
+
+def test_a_scraper_that_asks_for_openmetrics_gets_it_and_any_other_the_text_format() -> None:
+    metrics = Metrics()
+    sample = Sample(1, True, None)
+    body, content_type = metrics.latest(sample, "application/openmetrics-text; version=1.0.0,"
+                                                "text/plain;version=0.0.4;q=0.5,*/*;q=0.1")
+    assert content_type.startswith("application/openmetrics-text; version=1.0.0")
+    assert body.endswith(b"# EOF\n")
+    assert "# TYPE escrow_build info" in body.decode()
+    body, content_type = metrics.latest(sample, "application/json")
+    assert content_type.startswith("text/plain; version=0.0.4")
+    assert b"# EOF" not in body

@@ -1,7 +1,7 @@
-"""The custodian's client of the escrow API: TLS pinned to the escrow's CA, every HTTP request
-signed with the custodian's key (escrow.core.protocol.custodian_http_payload), at one of the
-escrow's URLs (escrow.core.failover: the one that answered last, the next ones only when it
-cannot take the request)."""
+"""The CLI's clients of the escrow API: TLS pinned to the escrow's CA, at one of the escrow's
+URLs (escrow.core.failover: the one that answered last, the next ones only when it cannot take
+the request); a custodian's requests each signed with their key
+(escrow.core.protocol.custodian_http_payload), a viewer's carrying their token."""
 
 from __future__ import annotations
 
@@ -35,11 +35,11 @@ class _MovesOn(Exception):
         self.error = error
 
 
-class CustodianClient:
+class ApiClient:
     """``url``: the escrow's URL, or several (replicas) separated by commas, in order of
     preference."""
 
-    def __init__(self, url: str, ca: str, key: ec.EllipticCurvePrivateKey) -> None:
+    def __init__(self, url: str, ca: str) -> None:
         try:
             self.replicas = failover.Replicas(failover.parse_urls(url))
         except ValueError as exc:
@@ -47,8 +47,10 @@ class CustodianClient:
                               "give --url https://HOST:PORT (or ESCROW_URL), or several "
                               "separated by commas") from None
         self.context = client_context(Path(ca))
-        self.key = key
-        self.key_id = protocol.sha256_hex(protocol.public_der(key.public_key()))
+
+    def _headers(self, method: str, path: str, raw: bytes) -> dict[str, str]:
+        """The headers of one attempt, made anew for each."""
+        return {"Content-Type": "application/json"}
 
     def call(self, method: str, path: str, answer: type[T] | TypeAdapter[T],
              body: BaseModel | None = None) -> T:
@@ -73,18 +75,7 @@ class CustodianClient:
     def _exchange(self, url: str, method: str, path: str, raw: bytes) -> tuple[int, str]:
         """One attempt at ``url``: the status and body of its answer; _MovesOn if it failed in
         a way that lets the request go on at the next URL, EscrowError otherwise."""
-        # Signed for this attempt: the escrow refuses a signed request it has seen, at any
-        # replica, so each attempt carries a date and nonce of its own.
-        date = str(int(time.time()))
-        nonce = secrets.token_hex(16)
-        headers = {
-            "Content-Type": "application/json",
-            "X-Escrow-Key-Id": self.key_id,
-            "X-Escrow-Date": date,
-            "X-Escrow-Nonce": nonce,
-            "X-Escrow-Signature": protocol.sign(
-                self.key, protocol.custodian_http_payload(method, path, date, nonce, raw)),
-        }
+        headers = self._headers(method, path, raw)
         parts = urlsplit(url)
         connection = http.client.HTTPSConnection(parts.hostname or "", parts.port or 443,
                                                  context=self.context, timeout=TIMEOUT)
@@ -110,6 +101,38 @@ class CustodianClient:
             raise _failed(EscrowError(f"the escrow at {url} cannot serve now ({status}): "
                                       f"{message}", hint), Failure.UNAVAILABLE, again)
         return status, text
+
+
+class CustodianClient(ApiClient):
+    def __init__(self, url: str, ca: str, key: ec.EllipticCurvePrivateKey) -> None:
+        super().__init__(url, ca)
+        self.key = key
+        self.key_id = protocol.sha256_hex(protocol.public_der(key.public_key()))
+
+    def _headers(self, method: str, path: str, raw: bytes) -> dict[str, str]:
+        # Signed for this attempt: the escrow refuses a signed request it has seen, at any
+        # replica, so each attempt carries a date and nonce of its own.
+        date = str(int(time.time()))
+        nonce = secrets.token_hex(16)
+        return {
+            **super()._headers(method, path, raw),
+            "X-Escrow-Key-Id": self.key_id,
+            "X-Escrow-Date": date,
+            "X-Escrow-Nonce": nonce,
+            "X-Escrow-Signature": protocol.sign(
+                self.key, protocol.custodian_http_payload(method, path, date, nonce, raw)),
+        }
+
+
+class ViewerClient(ApiClient):
+    """A viewer's: reads the fleet's status (GET /v1/status) with their token."""
+
+    def __init__(self, url: str, ca: str, token: str) -> None:
+        super().__init__(url, ca)
+        self._token = token
+
+    def _headers(self, method: str, path: str, raw: bytes) -> dict[str, str]:
+        return {**super()._headers(method, path, raw), "Authorization": f"Bearer {self._token}"}
 
 
 def _failed(error: EscrowError, failure: Failure, repeatable: bool) -> Exception:
