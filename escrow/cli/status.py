@@ -76,8 +76,7 @@ def _cluster(cluster: FleetCluster) -> list[RenderableType]:
 
 def render(status: FleetStatus) -> RenderableType:
     """The whole view; every string from the escrow as plain text, never markup."""
-    locked = [n for c in status.clusters for n in c.nodes
-              if n.state in (NodeState.LOCKED, NodeState.WAITING)]
+    locked = status.locked
     summary = (f"{len(locked)} manager(s) locked: " + ", ".join(n.hostname for n in locked)
                if locked else "Every reachable manager is unlocked.")
     parts: list[RenderableType] = [Text(plain(summary)), _health(status)]

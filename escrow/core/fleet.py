@@ -78,8 +78,13 @@ class FleetStatus(Answer):
     clusters: list[FleetCluster]
 
     @property
+    def locked(self) -> list[FleetNode]:
+        """The managers that are locked, waiting for custodians or not."""
+        return [node for cluster in self.clusters for node in cluster.nodes
+                if node.state in (NodeState.LOCKED, NodeState.WAITING)]
+
+    @property
     def any_locked(self) -> bool:
-        """Whether a manager is locked (waiting for custodians or not): `escrow status` then
-        exits 2, as `vault status` does for a sealed Vault."""
-        return any(node.state in (NodeState.LOCKED, NodeState.WAITING)
-                   for cluster in self.clusters for node in cluster.nodes)
+        """Whether a manager is locked: `escrow status` then exits 2, as `vault status` does
+        for a sealed Vault."""
+        return bool(self.locked)

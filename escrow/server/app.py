@@ -74,6 +74,7 @@ from escrow.server.unidentified import UnidentifiedRefusals
 from escrow.server.waiters import Waiters
 from escrow.service import Escrow, readings
 from escrow.service.viewing import Viewing
+from escrow.store import StoreKind
 from escrow.store.opening import open_store
 from escrow.store.sql import SqlStore
 from escrow.vault import Vault
@@ -326,6 +327,17 @@ class EscrowServer:
             return self.escrow
         return await self.run(self._service)
 
+    def _checked_store(self) -> StoreKind:
+        """Which database this replica keeps its data in; raise unless it answers and takes
+        writes, and the token wraps and unwraps a test value. On the vault thread."""
+        if self._store is None:
+            raise StoreError("the escrow is starting", "retry in a moment")
+        kind = self._store.check_writable()
+        problem = self._hsm.problem()
+        if problem is not None:
+            raise problem
+        return kind
+
     def _sample(self) -> Sample:
         """What a scrape looks at, on the vault thread: the token and the store themselves,
         never the service, which is made only once the token answers."""
@@ -345,8 +357,8 @@ class EscrowServer:
 
     async def healthz(self, request: web.Request) -> web.Response:
         try:
-            escrow = await self._ready()
-            store = await self.run(escrow.check_health)
+            await self._ready()
+            store = await self.run(self._checked_store)
         except EscrowError as exc:
             return _error(503, "unhealthy", exc.message, exc.hint)
         return _json(HealthResponse(status="ok", store=store, writable=True))

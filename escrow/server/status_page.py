@@ -98,10 +98,8 @@ class StatusPage:
             return None
 
     def _panel_values(self, status: FleetStatus) -> dict[str, object]:
-        nodes = [n for c in status.clusters for n in c.nodes]
-        return {"status": status,
-                "locked": sum(n.state in (NodeState.LOCKED, NodeState.WAITING) for n in nodes),
-                "waiting": sum(n.state == NodeState.WAITING for n in nodes)}
+        return {"status": status, "locked": len(status.locked),
+                "waiting": sum(n.state == NodeState.WAITING for n in status.locked)}
 
     async def page(self, request: web.Request) -> web.Response:
         viewer = await self._viewer(request)

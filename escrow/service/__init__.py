@@ -51,7 +51,6 @@ from escrow.service.enrollment import Enrollment
 from escrow.service.heartbeats import Heartbeats
 from escrow.service.refusals import Refusals, Unidentified
 from escrow.service.unseal import Unseals
-from escrow.store import StoreKind
 from escrow.stored_secrets import DEPOSIT_KEY, NONCE_KEY, wrapped_secret
 from escrow.vault import DepositResult, Vault
 
@@ -85,18 +84,10 @@ class Escrow:
         self.heartbeats = Heartbeats(context)
         self.unseals = Unseals(context, self.heartbeats)
         self.custodians = Custodians(context, self.auth)
-        self._wrapper = vault.wrapper
 
     @property
     def deposit_public_key(self) -> bytes:
         return self.enrollment.deposit_public_key
-
-    def check_health(self) -> StoreKind:
-        """Which database this replica keeps its data in; raise unless it answers and takes
-        writes, and the token unwraps a share-sized test value."""
-        kind = self.store.check_writable()
-        self._wrapper.unwrap(self._wrapper.wrap(b"health", b"health"), b"health")
-        return kind
 
     # -- nodes ------------------------------------------------------------------------------
 

@@ -61,11 +61,10 @@ def _cluster(records: FleetRecords, cluster: ClusterRecord, now: datetime,
              max_versions: int) -> FleetCluster:
     cluster_id = cluster.cluster_id
     versions = records.versions.get(cluster_id, ())
-    waiting = [_request(records, request, versions, max_versions)
-               for request in records.pending
-               if request.cluster_id == cluster_id
-               and state_at(request, now) == RequestState.PENDING]
-    waiting = [request for request in waiting if request.needed > 0]
+    live = [_request(records, request, versions, max_versions)
+            for request in records.pending
+            if request.cluster_id == cluster_id and state_at(request, now) == RequestState.PENDING]
+    waiting = [request for request in live if request.needed > 0]
     unlocks = records.unlocks.get(cluster_id, {})
     nodes = [_node(node, records.beats.get((cluster_id, node.node_id)), unlocks.get(node.node_id),
                    waiting, now)
