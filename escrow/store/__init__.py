@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
 from escrow.audit import AuditEvent, AuditRecord, Checkpoint
@@ -51,6 +51,9 @@ class ClusterRecord:
     root_ca_pem: str
     policy: Policy
     created_at: str
+    # Deny window: a request that needs approvals proceeds this long after it was made unless
+    # a custodian denies it; 0 (the default) waits for custodians however long it takes.
+    approve_after_seconds: int = 0
 
 
 @dataclass(frozen=True)
@@ -129,6 +132,38 @@ class ApprovalRecord:
     signature: str
     reason: str
     created_at: str
+    # Given on the authority of this maintenance window (its signature, not one over the
+    # request's facts); "" for a custodian's own decision.
+    window_id: str = ""
+
+
+@dataclass(frozen=True)
+class WindowRecord:
+    """A maintenance window: restarts of named nodes pre-approved until ``expires_at``, at most
+    ``restarts`` requests in all; each custodian's signature counts as their approval."""
+
+    window_id: str
+    cluster_id: str
+    nodes: tuple[str, ...]
+    restarts: int
+    used: int
+    expires_at: str
+    reason: str
+    created_at: str
+    closed_at: str = ""
+    closed_by: str = ""
+    signatures: Mapping[str, str] = field(default_factory=dict)  # custodian -> signature
+
+
+@dataclass(frozen=True)
+class DrillRecord:
+    """The last time a custodian proved their paper share of one key version matches."""
+
+    cluster_id: str
+    version: int
+    slot: int
+    custodian: str
+    last_ok_at: str
 
 
 MakeShares = Callable[[int], Sequence[ShareRecord]]

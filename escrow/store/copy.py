@@ -39,7 +39,7 @@ from escrow.store.sqlite import SqliteStore
 DURABLE: tuple[str, ...] = (
     "custodians", "clusters", "key_versions", "shares", "meta", "nodes", "requests",
     "approvals", "releases", "results", "heartbeats", "audit", "audit_checkpoints", "used_once",
-    "viewers",
+    "viewers", "windows", "window_signatures", "share_drills",
 )
 # PostgreSQL's rule that a new checkpoint names a record still in the log (escrow.store.postgres).
 _CHECKPOINT_RULE = "audit_checkpoints_name_a_record"

@@ -147,6 +147,21 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "CREATE TABLE viewers (name TEXT PRIMARY KEY, token_sha256 TEXT NOT NULL UNIQUE,"
         " created_at TEXT NOT NULL)",
     ),
+    (
+        "CREATE TABLE windows (window_id TEXT PRIMARY KEY,"
+        " cluster_id TEXT NOT NULL REFERENCES clusters(cluster_id), nodes TEXT NOT NULL,"
+        " restarts INTEGER NOT NULL, used INTEGER NOT NULL, expires_at TEXT NOT NULL,"
+        " reason TEXT NOT NULL, created_at TEXT NOT NULL, closed_at TEXT NOT NULL,"
+        " closed_by TEXT NOT NULL)",
+        "CREATE TABLE window_signatures (window_id TEXT NOT NULL"
+        " REFERENCES windows(window_id), custodian TEXT NOT NULL, signature TEXT NOT NULL,"
+        " created_at TEXT NOT NULL, PRIMARY KEY (window_id, custodian))",
+        "ALTER TABLE approvals ADD COLUMN window_id TEXT NOT NULL DEFAULT ''",
+        "ALTER TABLE clusters ADD COLUMN approve_after_seconds INTEGER NOT NULL DEFAULT 0",
+        "CREATE TABLE share_drills (cluster_id TEXT NOT NULL, version INTEGER NOT NULL,"
+        " slot INTEGER NOT NULL, custodian TEXT NOT NULL, last_ok_at TEXT NOT NULL,"
+        " PRIMARY KEY (cluster_id, version, slot))",
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 

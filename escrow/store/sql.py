@@ -60,6 +60,8 @@ Clock = Callable[[], str]
 _AUDIT_COLUMNS = ("SELECT seq, ts, event, actor, cluster_id, details, prev_hash, hash"
                   " FROM audit")
 # Rows that become records are read by column name (SqlStore._named), never by position.
+_SELECT_CLUSTERS = ("SELECT cluster_id, root_ca_pem, threshold, slots, created_at,"
+                    " approve_after_seconds FROM clusters")
 _SELECT_NODES = ("SELECT cluster_id, node_id, agent_public_key_pem, hostname, enrolled_at,"
                  " status FROM nodes")
 _SELECT_REQUESTS = ("SELECT request_id, cluster_id, node_id, hostname, boot_id, source,"
@@ -69,8 +71,8 @@ _SELECT_HEARTBEATS = ("SELECT cluster_id, node_id, boot_id, first_at, last_at, l
                       " kek_version, agent_version, uptime_seconds, interval_seconds, goodbye,"
                       " source FROM heartbeats")
 HEARTBEAT_BOOTS = 4  # boots of a node whose last beats are kept
-_SELECT_APPROVALS = ("SELECT request_id, custodian, decision, signature, reason, created_at"
-                     " FROM approvals")
+_SELECT_APPROVALS = ("SELECT request_id, custodian, decision, signature, reason, created_at,"
+                     " window_id FROM approvals")
 AUDIT_BATCH = 500  # records fetched at a time while streaming the audit log
 PRUNE_EVERY = 256
 
@@ -237,9 +239,11 @@ class SqlStore:
                 raise Conflict(f"cluster {record.cluster_id} is already registered",
                                "see `escrow cluster show`; change its policy with "
                                "`escrow cluster set-policy`")
-            db.execute("INSERT INTO clusters VALUES (?, ?, ?, ?, ?)",
+            db.execute("INSERT INTO clusters (cluster_id, root_ca_pem, threshold, slots,"
+                       " created_at, approve_after_seconds) VALUES (?, ?, ?, ?, ?, ?)",
                        (record.cluster_id, record.root_ca_pem, record.policy.threshold,
-                        json.dumps(list(record.policy.slots)), record.created_at))
+                        json.dumps(list(record.policy.slots)), record.created_at,
+                        record.approve_after_seconds))
             self._append(db, event)
 
     def set_policy(self, cluster_id: str, policy: Policy, event: AuditEvent) -> None:
@@ -251,16 +255,14 @@ class SqlStore:
             self._append(db, event)
 
     def get_cluster(self, cluster_id: str) -> ClusterRecord:
-        row = self._db.execute("SELECT cluster_id, root_ca_pem, threshold, slots, created_at "
-                               "FROM clusters WHERE cluster_id = ?", (cluster_id,)).fetchone()
+        row = self._db.execute(_SELECT_CLUSTERS + " WHERE cluster_id = ?",
+                               (cluster_id,)).fetchone()
         if row is None:
             raise _no_cluster(cluster_id)
-        return ClusterRecord(row[0], row[1], _policy(row[2], row[3]), row[4])
+        return _cluster(row)
 
     def list_clusters(self) -> list[ClusterRecord]:
-        rows = self._db.execute("SELECT cluster_id, root_ca_pem, threshold, slots, created_at "
-                                "FROM clusters ORDER BY cluster_id")
-        return [ClusterRecord(r[0], r[1], _policy(r[2], r[3]), r[4]) for r in rows]
+        return [_cluster(r) for r in self._db.execute(_SELECT_CLUSTERS + " ORDER BY cluster_id")]
 
     # -- key versions -----------------------------------------------------------------------
 
@@ -492,9 +494,9 @@ class SqlStore:
                 raise Conflict(f"{record.custodian} has already decided on {record.request_id}",
                                "each custodian decides once per request")
             db.execute("INSERT INTO approvals (request_id, custodian, decision, signature,"
-                       " reason, created_at) VALUES (?, ?, ?, ?, ?, ?)",
+                       " reason, created_at, window_id) VALUES (?, ?, ?, ?, ?, ?, ?)",
                        (record.request_id, record.custodian, record.decision, record.signature,
-                        record.reason, record.created_at))
+                        record.reason, record.created_at, record.window_id))
             if record.decision == Decision.DENY:
                 db.execute("UPDATE requests SET state = 'denied', reason = ? WHERE"
                            " request_id = ?", (f"denied by {record.custodian}: {record.reason}",
@@ -507,7 +509,8 @@ class SqlStore:
                            (request_id,))
         return [ApprovalRecord(request_id=row["request_id"], custodian=row["custodian"],
                                decision=Decision(row["decision"]), signature=row["signature"],
-                               reason=row["reason"], created_at=row["created_at"])
+                               reason=row["reason"], created_at=row["created_at"],
+                               window_id=row["window_id"])
                 for row in rows]
 
     def list_releases(self, request_id: str) -> list[tuple[int, int, str]]:
@@ -640,6 +643,10 @@ class SqlStore:
             return self._append(db, replace(event, details={**event.details,
                                                             **checkpoint.details()}))
 
+
+
+def _cluster(row: Sequence[Any]) -> ClusterRecord:
+    return ClusterRecord(row[0], row[1], _policy(row[2], row[3]), row[4], int(row[5]))
 
 
 def _node(row: NamedRow) -> NodeRecord:
