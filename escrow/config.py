@@ -50,6 +50,9 @@ Settings (TOML table.key = environment variable):
                                                 did not end in a reported unlock (10); all
                                                 requests, unlocked or not: six times that
     requests.rate_window_seconds ESCROW_REQUESTS_RATE_WINDOW_SECONDS  that window (600)
+    requests.max_window_seconds ESCROW_REQUESTS_MAX_WINDOW_SECONDS  how far ahead a maintenance
+                                                window may end (86400: a day; 0: custodians
+                                                open none)
     requests.source_rate ESCROW_REQUESTS_SOURCE_RATE  requests per second one client address
                                                 (IPv6: one /64) may make to the endpoints
                                                 anyone reaches (20; 0: no limit); more: 429
@@ -128,6 +131,7 @@ _SETTINGS: dict[tuple[str, str], tuple[str, type]] = {
     ("requests", "ttl_seconds"): ("ESCROW_REQUESTS_TTL_SECONDS", float),
     ("requests", "rate_limit"): ("ESCROW_REQUESTS_RATE_LIMIT", float),
     ("requests", "rate_window_seconds"): ("ESCROW_REQUESTS_RATE_WINDOW_SECONDS", float),
+    ("requests", "max_window_seconds"): ("ESCROW_REQUESTS_MAX_WINDOW_SECONDS", float),
     ("requests", "source_rate"): ("ESCROW_REQUESTS_SOURCE_RATE", float),
     ("requests", "source_burst"): ("ESCROW_REQUESTS_SOURCE_BURST", float),
     ("keys", "max_versions"): ("ESCROW_KEYS_MAX_VERSIONS", float),
@@ -160,6 +164,9 @@ class ServerSettings:
     max_versions: int = 10
     node_deposit_limit: int = 4
     node_deposit_window_seconds: float = 3600.0
+    # A maintenance window is custodians' approval given ahead of time: it may not reach
+    # further ahead than this.
+    max_window_seconds: float = 86400.0
 
 
 @dataclass(frozen=True)
@@ -315,6 +322,8 @@ def load(data_dir: Path, env: Mapping[str, str] | None = None) -> Settings:
                                           defaults.node_deposit_limit)),
         node_deposit_window_seconds=values.get(("keys", "node_deposit_window_seconds"),
                                                defaults.node_deposit_window_seconds),
+        max_window_seconds=values.get(("requests", "max_window_seconds"),
+                                      defaults.max_window_seconds),
     )
     store = StoreSettings(values.get(("store", "url"), ""),
                           _resolve(data_dir, values.get(("store", "password_file"))))

@@ -18,6 +18,20 @@ _NAME = re.compile(r"^[a-z][a-z0-9_.-]{0,63}$")
 NAME_RULE = "lower-case letters, digits, '_', '.', '-', starting with a letter, at most 64"
 
 
+# A cluster's deny window (ClusterRecord.approve_after_seconds): shorter leaves custodians no
+# time to read the notification, longer outlives the night it is meant for.
+APPROVE_AFTER_MIN = 60
+APPROVE_AFTER_MAX = 24 * 3600
+
+
+def check_approve_after(seconds: int) -> int:
+    """A deny window's delay: 0 (off) or between a minute and a day."""
+    if seconds != 0 and not APPROVE_AFTER_MIN <= seconds <= APPROVE_AFTER_MAX:
+        raise PolicyError(f"a deny window of {seconds} s is outside 1 min..24 h",
+                          "give --approve-after between 1m and 24h, or off")
+    return seconds
+
+
 def validate_custodian_name(name: str) -> str:
     if name == AUTO:
         raise PolicyError("'auto' is reserved for the escrow's automatic slots",

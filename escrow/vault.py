@@ -19,7 +19,7 @@ from escrow.core.errors import HsmError, InputError, PolicyError, ShareAuthFaile
 from escrow.core.states import NodeStatus
 from escrow.core.timestamps import parse_timestamp, timestamp
 from escrow.core.unlockkey import UnlockKey
-from escrow.policy import Policy, make_policy, validate_custodian_name
+from escrow.policy import Policy, check_approve_after, make_policy, validate_custodian_name
 from escrow.store import (
     ClusterRecord,
     CustodianRecord,
@@ -143,6 +143,13 @@ class Vault:
             "cluster.set_policy", cluster_id, threshold=threshold, slots=list(policy.slots),
             paper_recoverable=policy.paper_recoverable))
         return policy
+
+    def set_approve_after(self, cluster_id: str, seconds: int) -> None:
+        """Turn the cluster's deny window on (requests short of approvals proceed this long
+        after they were made unless a custodian denies them) or off (0)."""
+        self.store.get_cluster(cluster_id)
+        self.store.set_approve_after(cluster_id, check_approve_after(seconds), self._event(
+            "cluster.set_approve_after", cluster_id, approve_after_seconds=seconds))
 
     # -- deposits ---------------------------------------------------------------------------
 

@@ -24,6 +24,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from prometheus_client.parser import text_string_to_metric_families
 
 from escrow import custodian_keys
+from escrow.api_client import CustodianClient
 from lab.certs import Issued, make_node_cert, make_root_ca
 from lab.commands import REPO, run_escrow
 from lab.net import free_port
@@ -96,13 +97,22 @@ class EscrowProcess:
         assert result.returncode == 0, result.stderr
         return key
 
-    def as_custodian(self, name: str, *args: str, via: EscrowProcess | None = None
-                     ) -> subprocess.CompletedProcess[str]:
+    def custodian_key(self, name: str) -> ec.EllipticCurvePrivateKey:
+        """The private key of custodian ``name`` (made by :meth:`custodian`)."""
+        return custodian_keys.load_private((self.base / name).read_bytes(), PASSPHRASE.encode())
+
+    def api_as(self, name: str) -> CustodianClient:
+        """The API as custodian ``name``, for what the CLI never sends (forged facts, say)."""
+        return CustodianClient(self.url, str(self.ca), self.custodian_key(name))
+
+    def as_custodian(self, name: str, *args: str, via: EscrowProcess | None = None,
+                     stdin: str = "") -> subprocess.CompletedProcess[str]:
         """A custodian command of ``name`` (made by :meth:`custodian`), sent to this escrow
-        or to its replica ``via``."""
+        or to its replica ``via``, with ``stdin`` on its standard input."""
         to = via or self
         return run_escrow(*args, "--url", to.url, "--ca", str(to.ca), "--key",
-                          str(self.base / name), "--passphrase-file", str(self.base / "pass"))
+                          str(self.base / name), "--passphrase-file", str(self.base / "pass"),
+                          stdin=stdin)
 
     def cluster(self, threshold: int, slots: str, *extra: str) -> Cluster:
         cluster = Cluster(swarm_id(), make_root_ca())

@@ -15,6 +15,7 @@ from escrow.cli import (
     backup,
     cluster,
     custodian,
+    drills,
     hsm,
     init,
     keys,
@@ -24,6 +25,7 @@ from escrow.cli import (
     status,
     store,
     viewer,
+    windows,
 )
 from escrow.core.errors import EscrowError
 
@@ -45,8 +47,11 @@ def cli() -> None:
 for command in (init.init, custodian.custodian, cluster.cluster, keys.deposit, keys.key,
                 audit.audit, recover.recover, serve.serve, node.node, approvals.requests,
                 approvals.approve, approvals.deny, approvals.share, backup.backup,
-                backup.restore, hsm.hsm, store.store, viewer.viewer, status.status):
+                backup.restore, hsm.hsm, store.store, viewer.viewer, status.status,
+                windows.window):
     cli.add_command(command)
+for command in (drills.verify, drills.drills):
+    approvals.share.add_command(command)
 
 
 def main() -> None:

@@ -17,11 +17,15 @@ from escrow import custodian_keys
 from escrow.api_client import CustodianClient
 from escrow.cli.context import checked_text, json_option, print_json, read_file, table
 from escrow.cli.custodian import read_passphrase
-from escrow.core import protocol
+from escrow.core import bursts, protocol
 from escrow.core.errors import EscrowError, InputError
 from escrow.core.plaintext import plain
 from escrow.core.protocol import (
+    MAX_BATCH,
     ApproveRequest,
+    BatchApproval,
+    BatchApproveRequest,
+    BatchApproveResponse,
     DecisionResponse,
     DenyRequest,
     PendingRequest,
@@ -64,23 +68,46 @@ def _age(created_at: str) -> str:
     return f"{seconds // 60}m{seconds % 60:02d}s"
 
 
+def _approvals(p: PendingRequest) -> str:
+    return (f"{len(p.approvals)}/{len(p.approvals) + p.needed}"
+            + (f" ({_approvers(p)})" if p.approvals else "")
+            + (f"; approved by default at {p.approves_by_default_at} unless denied"
+               if p.approves_by_default_at else ""))
+
+
+def _approvers(p: PendingRequest) -> str:
+    """Who approved, an approval a maintenance window gave named as such."""
+    return ", ".join(f"{name} (window {p.window_approvals[name]})"
+                     if name in p.window_approvals else name for name in p.approvals)
+
+
 @click.command()
 @connection_options
 @json_option
 def requests(url: str, ca: Path, key: Path, passphrase_file: Path | None,
              as_json: bool) -> None:
-    """Pending unseal requests."""
+    """Pending unseal requests, by cluster; says when several managers of one cluster locked
+    together (a power cut), which `escrow approve --cluster C --all` approves at once."""
     pending = _client(url, ca, key, passphrase_file).call("GET", "/v1/requests", _PENDING)
     if as_json:
         print_json([p.model_dump() for p in pending])
         return
-    table("Pending unseal requests",
-          ["request", "cluster", "node", "hostname", "source", "age", "approvals", "cert expiry",
-           "yours"],
-          [[p.request_id, p.cluster_id, p.node_id, p.hostname, p.source, _age(p.created_at),
-            f"{len(p.approvals)}/{len(p.approvals) + p.needed}"
-            + (f" ({', '.join(p.approvals)})" if p.approvals else ""),
-            p.cert_not_after[:10], "yes" if p.eligible else "no"] for p in pending])
+    if not pending:
+        click.echo("no pending unseal requests in the clusters where you hold a share")
+        return
+    for group in bursts.by_cluster(pending):
+        table(f"Cluster {group.cluster_id}: {len(group.requests)} pending",
+              ["request", "node", "hostname", "source", "age", "approvals", "cert expiry",
+               "yours"],
+              [[p.request_id, p.node_id, p.hostname, p.source, _age(p.created_at),
+                _approvals(p), p.cert_not_after[:10], "yes" if p.eligible else "no"]
+               for p in group.requests])
+        if group.locked_together:
+            minutes = max(1, round(group.span.total_seconds() / 60))
+            click.echo(plain(f"{group.nodes} managers of {group.cluster_id} locked within "
+                             f"{minutes} min of each other (a power cut?): approve them "
+                             f"together with `escrow approve --cluster {group.cluster_id} "
+                             "--all`"))
 
 
 def _find(client: CustodianClient, request_id: str) -> PendingRequest:
@@ -99,20 +126,15 @@ def _confirm(view: PendingRequest, verb: str, yes: bool) -> None:
         ["source address", view.source], ["boot id", view.boot_id],
         ["requested", view.created_at], ["expires", view.expires_at],
         ["node certificate sha256", view.cert_sha256],
-        ["approvals so far", ", ".join(view.approvals) or "none"],
+        ["node certificate serial", view.cert_serial],
+        ["approvals so far", _approvers(view) or "none"],
+        ["approved by default at", view.approves_by_default_at or "never (no deny window)"],
     ])
     if not yes and not click.confirm(f"{verb.capitalize()} this request?", default=False):
         raise click.Abort
 
 
-@click.command()
-@connection_options
-@click.argument("request_id")
-@click.option("--yes", is_flag=True, help="Do not ask for confirmation (scripts).")
-def approve(url: str, ca: Path, key: Path, passphrase_file: Path | None, request_id: str,
-            yes: bool) -> None:
-    """Approve REQUEST_ID: releases your share of the key to that node."""
-    client = _client(url, ca, key, passphrase_file)
+def _approve_one(client: CustodianClient, request_id: str, yes: bool) -> None:
     view = _find(client, request_id)
     _confirm(view, "approve", yes)
     signature = protocol.sign(client.key, protocol.approval_payload(Decision.APPROVE, view))
@@ -120,6 +142,65 @@ def approve(url: str, ca: Path, key: Path, passphrase_file: Path | None, request
                          ApproveRequest(signature=signature))
     click.echo(plain(f"approved {request_id}: state {result.state}, approvals "
                      f"{', '.join(result.approvals)}"))
+
+
+def _approve_cluster(client: CustodianClient, cluster_id: str, yes: bool) -> None:
+    """Every pending request of the cluster you may approve and have not, shown in one table,
+    confirmed once, then each signed over its own facts and sent in one batch."""
+    listed = [p for p in client.call("GET", "/v1/requests", _PENDING)
+              if p.cluster_id == cluster_id and p.eligible and not p.decided]
+    if not listed:
+        raise InputError(f"no pending request of cluster {plain(cluster_id)} awaits your "
+                         "approval", "see `escrow requests`; requests you approved already "
+                         "are not listed again")
+    mine = bursts.by_cluster(listed)[0].requests[:MAX_BATCH]
+    table(f"About to approve {len(mine)} request(s) of cluster {cluster_id}",
+          ["request", "node", "hostname", "boot id", "age", "source", "cert serial",
+           "approvals"],
+          [[p.request_id, p.node_id, p.hostname, p.boot_id, _age(p.created_at), p.source,
+            p.cert_serial, _approvals(p)] for p in mine])
+    if not yes and not click.confirm(f"Approve all {len(mine)} of them?", default=False):
+        raise click.Abort
+    answer = client.call("POST", "/v1/requests/approve", BatchApproveResponse,
+                         BatchApproveRequest(cluster_id=cluster_id, approvals=[
+                             BatchApproval(request_id=p.request_id, signature=protocol.sign(
+                                 client.key, protocol.approval_payload(Decision.APPROVE, p)))
+                             for p in mine]))
+    refused = [r for r in answer.results if r.error]
+    for result in answer.results:
+        click.echo(plain(f"refused {result.request_id}: {result.message}" if result.error else
+                         f"approved {result.request_id}: state {result.state}, approvals "
+                         f"{', '.join(result.approvals)}"))
+    click.echo(plain(f"batch {answer.batch_id}: {len(answer.results) - len(refused)} "
+                     f"approved, {len(refused)} refused"))
+    if refused:
+        raise EscrowError(f"{len(refused)} of the {len(answer.results)} approvals were "
+                          "refused (see above)", "see `escrow requests` for what is still "
+                          "pending; a superseded request's node has asked again")
+
+
+@click.command()
+@connection_options
+@click.argument("request_id", required=False)
+@click.option("--cluster", "cluster_id", help="With --all: the cluster whose requests to "
+              "approve.")
+@click.option("--all", "every", is_flag=True, help="Approve every pending request of --cluster "
+              "(after a power cut), each bound to its own request; asks once.")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation (scripts).")
+def approve(url: str, ca: Path, key: Path, passphrase_file: Path | None,
+            request_id: str | None, cluster_id: str | None, every: bool, yes: bool) -> None:
+    """Approve REQUEST_ID, or with --cluster C --all every pending request of C: releases your
+    share of the key to those nodes."""
+    if request_id is not None and (cluster_id or every):
+        raise click.UsageError("give REQUEST_ID or --cluster C --all, not both")
+    if request_id is None and not (cluster_id and every):
+        raise click.UsageError("give REQUEST_ID, or --cluster C --all for every pending "
+                               "request of cluster C")
+    client = _client(url, ca, key, passphrase_file)
+    if request_id is not None:
+        _approve_one(client, request_id, yes)
+    elif cluster_id:
+        _approve_cluster(client, cluster_id, yes)
 
 
 @click.command()
@@ -142,7 +223,7 @@ def deny(url: str, ca: Path, key: Path, passphrase_file: Path | None, request_id
 
 @click.group()
 def share() -> None:
-    """Your own share, for a paper backup."""
+    """Your own share: its paper backup, and drills proving the paper still matches."""
 
 
 @share.command()

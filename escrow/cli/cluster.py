@@ -17,6 +17,7 @@ from escrow.cli.context import (
     read_file,
     table,
 )
+from escrow.core.durations import describe, parse_duration
 from escrow.policy import parse_slots
 from escrow.store import ClusterRecord
 
@@ -46,7 +47,12 @@ def _describe(record: ClusterRecord) -> dict[str, Any]:
         "root_ca_subject": root.subject.rfc4514_string(),
         "root_ca_not_after": root.not_valid_after_utc.isoformat(),
         "created_at": record.created_at,
+        "approve_after_seconds": record.approve_after_seconds,
     }
+
+
+def _deny_window(seconds: int) -> str:
+    return f"approves after {describe(seconds)} unless denied" if seconds else "off"
 
 
 @cluster.command()
@@ -102,9 +108,11 @@ def list_(data_dir: Path, as_json: bool) -> None:
     if as_json:
         print_json(rows)
     else:
-        table("Clusters", ["cluster", "threshold", "slots", "paper recovery", "registered"],
+        table("Clusters", ["cluster", "threshold", "slots", "paper recovery", "deny window",
+                           "registered"],
               [[r["cluster_id"], r["threshold"], ",".join(r["slots"]),
-                "yes" if r["paper_recoverable"] else "NO", r["created_at"]] for r in rows])
+                "yes" if r["paper_recoverable"] else "NO",
+                _deny_window(r["approve_after_seconds"]), r["created_at"]] for r in rows])
 
 
 @cluster.command()
@@ -122,8 +130,32 @@ def show(data_dir: Path, as_json: bool, cluster_id: str) -> None:
     table(f"Cluster {cluster_id}", ["field", "value"], [
         ["policy", f"{info['threshold']} of {len(info['slots'])}: {','.join(info['slots'])}"],
         ["paper recovery", "yes" if info["paper_recoverable"] else "NO"],
+        ["deny window", _deny_window(info["approve_after_seconds"])],
         ["root CA", info["root_ca_subject"]],
         ["root CA expires", info["root_ca_not_after"]],
         ["key versions", ", ".join(map(str, info["key_versions"])) or "none yet"],
         ["registered", info["created_at"]],
     ])
+
+
+@cluster.command(name="set")
+@data_dir_option
+@click.argument("cluster_id")
+@click.option("--approve-after", required=True,
+              help="Deny window: requests that need custodians proceed this long after they "
+                   "were made unless one denies them (1m to 24h), or 'off' (the default).")
+def set_(data_dir: Path, cluster_id: str, approve_after: str) -> None:
+    """Set CLUSTER_ID's deny window.
+
+    With one, anyone holding a manager's identity who can wait out the delay while no
+    custodian is watching unlocks it (docs/threat-model.md, "The deny window").
+    """
+    checked_text(cluster_id, "CLUSTER_ID", 1000, min_length=0)
+    seconds = (0 if approve_after.strip().lower() == "off"
+               else parse_duration(approve_after, "--approve-after"))
+    with open_vault(data_dir) as (_, vault):
+        vault.set_approve_after(cluster_id, seconds)
+    click.echo(f"cluster {cluster_id}: deny window {_deny_window(seconds)}")
+    if seconds:
+        click.echo("requests that need approvals now proceed after the delay unless a "
+                   "custodian denies them (`escrow deny`)", err=True)

@@ -69,7 +69,10 @@ def _cluster(cluster: FleetCluster) -> list[RenderableType]:
             f"Waiting for custodians in {cluster.cluster_id}",
             ["request", "manager", "asked", "expires", "needs", "approved by", "could approve"],
             [[r.request_id, r.hostname, r.created_at, r.expires_at,
-              f"{r.needed} more of {r.threshold}", ", ".join(r.approved_by) or "no one yet",
+              f"{r.needed} more of {r.threshold}"
+              + (f", or none from {r.approves_by_default_at} unless denied"
+                 if r.approves_by_default_at else ""),
+              ", ".join(r.approved_by) or "no one yet",
               ", ".join(r.could_approve)] for r in cluster.requests]))
     return shown
 

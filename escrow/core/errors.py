@@ -99,12 +99,21 @@ class Conflict(StoreError):
     pass
 
 
+class WindowTaken(Conflict):
+    """A maintenance window had no restart left (used up, closed or expired by another
+    replica's request) when a request claiming it was written: nothing of it was."""
+
+
 class AuditChainBroken(EscrowError):
     pass
 
 
 class RecoveryError(EscrowError):
     """Paper shares could not be combined into an unlock key."""
+
+
+class DrillMismatch(EscrowError):
+    """A paper share does not match the escrow's copy of the share it should be."""
 
 
 class IdentityError(Refusal):

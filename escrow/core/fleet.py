@@ -42,6 +42,8 @@ class FleetRequest(Answer):
     approved_by: list[str]
     could_approve: list[str] = Field(description="custodians holding a slot the request may "
                                                  "release who have not approved it")
+    approves_by_default_at: str = Field(default="", description="when the cluster's deny "
+                                        "window approves it unless denied; '' if it has none")
 
 
 class FleetKeyVersion(Answer):

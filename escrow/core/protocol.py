@@ -225,12 +225,52 @@ class PendingRequest(Answer):
     needed: int
     cert_not_after: str
     cert_sha256: str
+    cert_serial: str = Field(default="",
+                             description="the node certificate's serial number, in decimal")
     ephemeral_public_key: str
     eligible: bool = Field(description="whether the calling custodian holds a slot")
+    approves_by_default_at: str = Field(
+        default="", description="when the cluster's deny window approves the request unless a "
+                                "custodian denies it first; '' when it waits for custodians")
+    window_approvals: dict[str, str] = Field(
+        default_factory=dict, description="the approvals a maintenance window gave: custodian "
+                                          "-> window id")
+    decided: bool = Field(default=False, description="whether the calling custodian has "
+                                                     "approved or denied it already")
 
 
 class ApproveRequest(Message):
     signature: B64 = Field(description="custodian's signature over approval_payload(...)")
+
+
+# A power cut locks every manager of a cluster at once; one batch approves them all, each
+# approval still signed over its own request's facts.
+MAX_BATCH = 100
+
+
+class BatchApproval(Message):
+    request_id: str = Field(max_length=64, pattern=r"^[a-z0-9-]+$")
+    signature: B64 = Field(description="custodian's signature over approval_payload(...) of "
+                                       "this request")
+
+
+class BatchApproveRequest(Message):
+    cluster_id: SwarmId
+    approvals: list[BatchApproval] = Field(min_length=1, max_length=MAX_BATCH)
+
+
+class BatchOutcome(Answer):
+    request_id: str
+    state: RequestState | None = Field(description="the request's state once approved; null "
+                                                   "when this approval was refused")
+    approvals: list[str]
+    error: str = Field(description="why this approval was refused ('' if it was not)")
+    message: str
+
+
+class BatchApproveResponse(Answer):
+    batch_id: str
+    results: list[BatchOutcome]
 
 
 class DenyRequest(Message):
@@ -247,6 +287,112 @@ class DecisionResponse(Answer):
 class ShareExportRequest(Message):
     cluster_id: SwarmId
     ephemeral_public_key: B64
+
+
+# -- maintenance windows ------------------------------------------------------------------
+
+WINDOW_ID_PATTERN = r"^w-[a-z0-9]{20}$"
+WindowId = Annotated[str, Field(pattern=WINDOW_ID_PATTERN)]
+MAX_WINDOW_NODES = 64
+MAX_WINDOW_RESTARTS = 100
+# The one spelling of escrow.core.timestamps.timestamp: a window's expiry is signed as text, so
+# it must be the text the escrow compares (a second spelling of one moment would be another
+# payload).
+Moment = Annotated[str, Field(
+    pattern=r"^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}\.[0-9]{3}\+00:00$")]
+WindowStateName = Literal["open", "expired", "used", "closed"]
+
+if set(get_args(WindowStateName)) != {member.value for member in states.WindowState}:
+    raise RuntimeError("the protocol and escrow.core.states disagree on WindowState")
+
+
+def _distinct(nodes: list[str]) -> list[str]:
+    if len(set(nodes)) != len(nodes):
+        raise ValueError("a node is named twice")
+    return nodes
+
+
+class WindowOpenRequest(Message):
+    """A custodian's pre-approval of restarts of named nodes: the client makes the id and the
+    absolute expiry, so every co-signer signs exactly these facts."""
+
+    window_id: WindowId
+    cluster_id: SwarmId
+    nodes: Annotated[list[SwarmId], Field(min_length=1, max_length=MAX_WINDOW_NODES),
+                     AfterValidator(_distinct)]
+    restarts: Annotated[int, Field(ge=1, le=MAX_WINDOW_RESTARTS)]
+    expires_at: Moment
+    reason: Reason
+    signature: B64 = Field(description="custodian's signature over window_payload(...)")
+
+
+class WindowSignRequest(Message):
+    signature: B64 = Field(description="co-signer's signature over window_payload(...) of the "
+                                       "window as shown")
+
+
+class WindowCloseRequest(Message):
+    pass
+
+
+class WindowView(Answer):
+    window_id: str
+    cluster_id: str
+    nodes: list[str] = Field(description="node ids, sorted")
+    restarts: int
+    used: int
+    expires_at: str
+    reason: str = Field(description="as the opening custodian wrote it: untrusted text")
+    created_at: str
+    closed_at: str
+    closed_by: str
+    signers: list[str] = Field(description="each counts as one approval, in signing order")
+    state: WindowStateName
+
+
+# The share drill (escrow.core.drill): a custodian proves their paper share matches the
+# escrow's copy without sending it.
+MAX_DRILL_PROOFS = 64
+
+
+class DrillSlot(Answer):
+    version: Int63
+    version_created_at: str
+    slot: Int63
+    custodian: str
+    last_ok_at: str | None = Field(description="the last successful drill; null: never")
+
+
+class ShareDrills(Answer):
+    cluster_id: str
+    custodian: str = Field(description="the calling custodian: the slots named so are theirs")
+    newest: Int63 = Field(description="the cluster's newest key version")
+    slots: list[DrillSlot] = Field(description="every custodian slot of every retained "
+                                               "version, newest first")
+
+
+class ShareProof(Message):
+    version: Int63
+    slot: Int63
+    proof: B64 = Field(description="HMAC-SHA256 of escrow.core.drill.proof, 32 bytes")
+
+
+class ShareVerifyRequest(Message):
+    cluster_id: SwarmId
+    nonce: B64 = Field(description="a fresh nonce from POST /v1/nonce, used once")
+    proofs: list[ShareProof] = Field(min_length=1, max_length=MAX_DRILL_PROOFS)
+
+
+class DrillResult(Answer):
+    version: Int63
+    slot: Int63
+    match: bool
+
+
+class ShareVerifyResponse(Answer):
+    cluster_id: str
+    newest: Int63 = Field(description="the cluster's newest key version")
+    results: list[DrillResult]
 
 
 def _encodable(value: object) -> object:
@@ -305,6 +451,15 @@ def approval_payload(decision: str, request: PendingRequest, reason: str = "") -
     return encode("swarm-unseal/v2/approval", decision, request.request_id, request.cluster_id,
                   request.node_id, request.hostname, request.boot_id, request.source,
                   request.cert_sha256, request.ephemeral_public_key, request.expires_at, reason)
+
+
+def window_payload(window_id: str, cluster_id: str, nodes: list[str] | tuple[str, ...],
+                   restarts: int, expires_at: str, reason: str) -> bytes:
+    """What a custodian signs to open or co-sign a maintenance window: each signature is that
+    custodian's approval of up to ``restarts`` requests of these nodes until ``expires_at``."""
+    ordered = sorted(nodes)
+    return encode("swarm-unseal/v2/window", window_id, cluster_id, len(ordered), *ordered,
+                  restarts, expires_at, reason)
 
 
 def custodian_http_payload(method: str, path: str, date: str, nonce: str,

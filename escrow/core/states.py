@@ -73,3 +73,13 @@ class Outcome(StrEnum):
     UNLOCKED = "unlocked"
     INVALID_KEY = "invalid_key"
     FAILED = "failed"
+
+
+class WindowState(StrEnum):
+    """A maintenance window's state, derived from its record and the time: closed by a
+    custodian, used (every restart it allowed was taken), expired, or open."""
+
+    OPEN = "open"
+    EXPIRED = "expired"
+    USED = "used"
+    CLOSED = "closed"

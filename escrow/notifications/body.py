@@ -62,8 +62,13 @@ def text(event: Event) -> str:
 
 
 def _requested(event: Event, manager: str) -> str:
-    return (f"Swarm manager {manager} is locked and waits for {event.details['needed']} "
+    text = (f"Swarm manager {manager} is locked and waits for {event.details['needed']} "
             f"custodian approval(s): escrow approve {plain(event.request_id)}")
+    by_default = event.details.get("approves_by_default_at")
+    if by_default:
+        text += (f"; it will be approved by default at {chat_code(by_default)} unless a "
+                 f"custodian denies it: escrow deny {plain(event.request_id)} --reason ...")
+    return text
 
 
 def _approved(event: Event, manager: str) -> str:

@@ -74,10 +74,15 @@ def _window(now: datetime) -> int:
     return int(now.timestamp()) // REPEAT_SECONDS
 
 
-def requested(request: RequestRecord, needed: int, now: datetime) -> Event:
+def requested(request: RequestRecord, needed: int, now: datetime,
+              approves_by_default_at: str = "") -> Event:
+    """``approves_by_default_at``: when the cluster's deny window lets the request proceed
+    unless a custodian denies it ('' without one, and the field is left out)."""
+    details: dict[str, Any] = {"needed": needed, "expires_at": request.expires_at}
+    if approves_by_default_at:
+        details["approves_by_default_at"] = approves_by_default_at
     return Event(EventKind.REQUESTED, now, request.cluster_id, (request.request_id,),
-                 request.node_id, request.hostname, request.request_id,
-                 {"needed": needed, "expires_at": request.expires_at})
+                 request.node_id, request.hostname, request.request_id, details)
 
 
 def decided(request: RequestRecord, decision: Decision, custodian: str, reason: str,

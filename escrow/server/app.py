@@ -10,6 +10,7 @@ import json
 import logging
 import math
 import os
+import re
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -42,6 +43,7 @@ from escrow.core.hsm import Pin
 from escrow.core.plaintext import PlainLogArgs
 from escrow.core.protocol import (
     ApproveRequest,
+    BatchApproveRequest,
     DecisionResponse,
     DepositRequest,
     DepositResponse,
@@ -55,7 +57,11 @@ from escrow.core.protocol import (
     ResultReport,
     ResultResponse,
     ShareExportRequest,
+    ShareVerifyRequest,
     UnsealRequest,
+    WindowCloseRequest,
+    WindowOpenRequest,
+    WindowSignRequest,
 )
 from escrow.core.states import Decision
 from escrow.core.timestamps import timestamp
@@ -85,14 +91,20 @@ M = TypeVar("M", bound=BaseModel)
 T = TypeVar("T")
 # Where a full disk gives the reserve's space away: the paths that release shares.
 RELEASE_PATHS = frozenset({"/v1/unseal", "/v1/unseal/{request_id}",
-                           "/v1/unseal/{request_id}/result", "/v1/requests/{request_id}/approve"})
+                           "/v1/unseal/{request_id}/result", "/v1/requests/{request_id}/approve",
+                           "/v1/requests/approve"})
+_SWARM_ID = re.compile(r"[a-z0-9]{25}")
 UNLIMITED = frozenset({"/v1/openapi.json", "/v1/info", "/status/static/{name}"})
 # The action a refused body counts under, as the service names it.
 ACTIONS = {"/v1/enroll": "enroll", "/v1/deposit": "deposit", "/v1/unseal": "unseal",
            "/v1/heartbeat": "heartbeat",
+           "/v1/windows": "custodian", "/v1/windows/{window_id}/sign": "custodian",
+           "/v1/windows/{window_id}/close": "custodian",
            "/v1/unseal/{request_id}/result": "unseal.result",
            "/v1/requests/{request_id}/approve": "custodian",
-           "/v1/requests/{request_id}/deny": "custodian", "/v1/shares/export": "custodian"}
+           "/v1/requests/{request_id}/deny": "custodian", "/v1/requests/approve": "custodian",
+           "/v1/shares/export": "custodian", "/v1/shares/verify": "custodian",
+           "/v1/shares/drills": "custodian"}
 
 
 def _status_of(error: EscrowError) -> int:
@@ -219,7 +231,14 @@ class EscrowServer:
         app.router.add_get("/v1/requests", self.requests)
         app.router.add_post("/v1/requests/{request_id}/approve", self.approve)
         app.router.add_post("/v1/requests/{request_id}/deny", self.deny)
+        app.router.add_post("/v1/requests/approve", self.approve_batch)
         app.router.add_post("/v1/shares/export", self.export)
+        app.router.add_post("/v1/shares/verify", self.verify_share)
+        app.router.add_get("/v1/shares/drills", self.share_drills)
+        app.router.add_get("/v1/windows", self.windows)
+        app.router.add_post("/v1/windows", self.open_window)
+        app.router.add_post("/v1/windows/{window_id}/sign", self.sign_window)
+        app.router.add_post("/v1/windows/{window_id}/close", self.close_window)
         app.router.add_get("/v1/status", self.status)
         self._page.add_routes(app)
         return app
@@ -415,11 +434,12 @@ class EscrowServer:
             raise _bad("bad_wait", "wait must be a number of seconds") from None
         escrow = await self._ready()
         # A held request (another boot of the node may be alive) is looked at again when its
-        # hold ends, so an unclean reboot waits no longer than the hold.
-        held = await self.run(lambda: escrow.held_for(request_id))
+        # hold ends, so an unclean reboot waits no longer than the hold; one of a cluster with
+        # a deny window, when the window passes.
+        due = await self.run(lambda: escrow.due_in(request_id))
         return _json(await self._waiters.poll(
             request_id, lambda: self.run(lambda: escrow.status(request_id)),
-            min(wait, held + 0.05) if held else wait))
+            min(wait, due + 0.05) if due else wait))
 
     async def result(self, request: web.Request) -> web.Response:
         request_id = request.match_info["request_id"]
@@ -472,6 +492,46 @@ class EscrowServer:
     async def deny(self, request: web.Request) -> web.Response:
         return await self._decide(request, Decision.DENY)
 
+    async def approve_batch(self, request: web.Request) -> web.Response:
+        body, raw = await self._body(request, BatchApproveRequest)
+        custodian = await self._custodian(request, raw)
+        escrow = await self._ready()
+        answer = await self.run(lambda: escrow.approve_batch(custodian, body))
+        for result in answer.results:
+            if not result.error:
+                self._waiters.wake(result.request_id)
+        return _json(answer)
+
+    async def windows(self, request: web.Request) -> web.Response:
+        custodian = await self._custodian(request, await request.read())
+        cluster_id = request.query.get("cluster_id", "")
+        if cluster_id and not _SWARM_ID.fullmatch(cluster_id):
+            raise _bad("bad_cluster_id", "cluster_id must be a swarm cluster id (25 lower-case "
+                       "letters or digits)")
+        escrow = await self._ready()
+        return _json(await self.run(lambda: escrow.windows.list(custodian, cluster_id)))
+
+    async def open_window(self, request: web.Request) -> web.Response:
+        body, raw = await self._body(request, WindowOpenRequest)
+        custodian = await self._custodian(request, raw)
+        escrow = await self._ready()
+        return _json(await self.run(lambda: escrow.windows.open(custodian, body)), 201)
+
+    async def sign_window(self, request: web.Request) -> web.Response:
+        window_id = request.match_info["window_id"]
+        body, raw = await self._body(request, WindowSignRequest)
+        custodian = await self._custodian(request, raw)
+        escrow = await self._ready()
+        return _json(await self.run(lambda: escrow.windows.sign(custodian, window_id,
+                                                                body.signature)))
+
+    async def close_window(self, request: web.Request) -> web.Response:
+        window_id = request.match_info["window_id"]
+        _, raw = await self._body(request, WindowCloseRequest)
+        custodian = await self._custodian(request, raw)
+        escrow = await self._ready()
+        return _json(await self.run(lambda: escrow.windows.close(custodian, window_id)))
+
     async def export(self, request: web.Request) -> web.Response:
         body, raw = await self._body(request, ShareExportRequest)
         custodian = await self._custodian(request, raw)
@@ -479,6 +539,21 @@ class EscrowServer:
         share = await self.run(lambda: escrow.export_share(custodian, body.cluster_id,
                                                            body.ephemeral_public_key))
         return _json(share)
+
+    async def verify_share(self, request: web.Request) -> web.Response:
+        body, raw = await self._body(request, ShareVerifyRequest)
+        custodian = await self._custodian(request, raw)
+        escrow = await self._ready()
+        return _json(await self.run(lambda: escrow.verify_share(custodian, body)))
+
+    async def share_drills(self, request: web.Request) -> web.Response:
+        custodian = await self._custodian(request, await request.read())
+        cluster_id = request.query.get("cluster_id", "")
+        if not _SWARM_ID.fullmatch(cluster_id):
+            raise _bad("bad_cluster_id", "cluster_id must be a swarm cluster id (25 lower-case "
+                       "letters or digits)")
+        escrow = await self._ready()
+        return _json(await self.run(lambda: escrow.share_drills(custodian, cluster_id)))
 
 
 def _body_deadline(seconds: float) -> Middleware:

@@ -52,6 +52,12 @@ def _op(summary: str, response: type[BaseModel] | None, body: type[BaseModel] | 
 
 _REQUEST_ID = {"name": "request_id", "in": "path", "required": True,
                "schema": {"type": "string", "pattern": "^r-[a-z0-9]{20}$"}}
+_CLUSTER_ID = {"name": "cluster_id", "in": "query", "required": True,
+               "schema": {"type": "string", "pattern": "^[a-z0-9]{25}$"}}
+_WINDOW_ID = {"name": "window_id", "in": "path", "required": True,
+              "schema": {"type": "string", "pattern": p.WINDOW_ID_PATTERN}}
+_OF_CLUSTER = {"name": "cluster_id", "in": "query", "required": False,
+               "schema": {"type": "string", "pattern": "^[a-z0-9]{25}$"}}
 _WAIT = {"name": "wait", "in": "query", "required": False,
          "schema": {"type": "number", "minimum": 0, "maximum": 60}}
 
@@ -62,8 +68,10 @@ def openapi_document() -> dict[str, Any]:
         p.NonceResponse, p.HealthResponse, p.InfoResponse, p.EnrollRequest, p.EnrollResponse,
         p.DepositRequest, p.DepositResponse, p.UnsealRequest, p.RequestStatus, p.ReleasedShare,
         p.ResultReport, p.ResultResponse, p.HeartbeatRequest, p.HeartbeatResponse, p.PendingRequest,
-        p.ApproveRequest, p.DenyRequest,
-        p.DecisionResponse, p.ShareExportRequest, p.ErrorResponse, FleetStatus]
+        p.ApproveRequest, p.BatchApproveRequest, p.BatchApproveResponse, p.DenyRequest,
+        p.DecisionResponse, p.ShareExportRequest, p.ShareVerifyRequest, p.ShareVerifyResponse,
+        p.ShareDrills, p.ErrorResponse, FleetStatus,
+        p.WindowOpenRequest, p.WindowSignRequest, p.WindowCloseRequest, p.WindowView]
     _, schemas = models_json_schema([(m, "validation") for m in models],
                                     ref_template="#/components/schemas/{model}")
     return {
@@ -94,12 +102,37 @@ def openapi_document() -> dict[str, Any]:
             "/v1/requests/{request_id}/approve": {"post": _op(
                 "Approve a request", p.DecisionResponse, p.ApproveRequest, custodian=True,
                 params=[_REQUEST_ID])},
+            "/v1/requests/approve": {"post": _op(
+                "Approve several requests of one cluster at once (a power cut), each signed "
+                "over its own request's facts; one refused leaves the others approved",
+                p.BatchApproveResponse, p.BatchApproveRequest, custodian=True)},
             "/v1/requests/{request_id}/deny": {"post": _op(
                 "Deny a request", p.DecisionResponse, p.DenyRequest, custodian=True,
                 params=[_REQUEST_ID])},
             "/v1/shares/export": {"post": _op("Export one's own share for paper backup",
                                               p.ReleasedShare, p.ShareExportRequest,
                                               custodian=True)},
+            "/v1/shares/verify": {"post": _op(
+                "Prove one's paper share matches the escrow's copy, without sending it: an "
+                "HMAC over a fresh nonce keyed from the share (escrow/core/drill.py), per "
+                "version", p.ShareVerifyResponse, p.ShareVerifyRequest, custodian=True)},
+            "/v1/shares/drills": {"get": _op(
+                "Every custodian slot of a cluster's retained versions and its last "
+                "successful drill (for a custodian holding one)", p.ShareDrills,
+                custodian=True, params=[_CLUSTER_ID])},
+            "/v1/windows": {
+                "get": _op("Maintenance windows of the clusters where one holds a slot, newest "
+                           "first", p.WindowView, custodian=True, array=True,
+                           params=[_OF_CLUSTER]),
+                "post": _op("Open a maintenance window: the signer's approval of up to N "
+                            "restarts of the named nodes until it expires (window_payload)",
+                            p.WindowView, p.WindowOpenRequest, status="201", custodian=True)},
+            "/v1/windows/{window_id}/sign": {"post": _op(
+                "Co-sign a window as it is shown: one more approval of its requests",
+                p.WindowView, p.WindowSignRequest, custodian=True, params=[_WINDOW_ID])},
+            "/v1/windows/{window_id}/close": {"post": _op(
+                "Close a window: it approves nothing more", p.WindowView, p.WindowCloseRequest,
+                custodian=True, params=[_WINDOW_ID])},
             "/v1/status": {"get": _op("The fleet: every manager's state, the requests waiting "
                                       "for custodians, the escrow's health (for viewers; "
                                       "answers while the HSM is down)", FleetStatus,

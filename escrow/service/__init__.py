@@ -13,6 +13,9 @@ responsibility:
 - :mod:`~escrow.service.heartbeats` and :mod:`~escrow.service.liveness` (pure): which nodes
   are up, and which look cloned;
 - :mod:`~escrow.service.custodians`: what custodians see and decide;
+- :mod:`~escrow.service.windows` (pure) and :mod:`~escrow.service.maintenance`:
+  maintenance windows, custodians' approvals given ahead of time;
+- :mod:`~escrow.service.drills`: custodians proving their paper shares match, unsent;
 - :mod:`~escrow.service.overdue` (pure): what time alone brings about (expiries, silent
   nodes), for the notifications;
 - :mod:`~escrow.service.readings`: what the store alone tells (live requests, what they may
@@ -21,14 +24,19 @@ responsibility:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import secrets
+from collections.abc import Callable, Mapping
 from datetime import datetime
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from escrow.audit import AuditEvent
 from escrow.config import ServerSettings
+from escrow.core.errors import Conflict, DiskFull, NotFound, Refusal, reason_of
 from escrow.core.protocol import (
+    BatchApproveRequest,
+    BatchApproveResponse,
+    BatchOutcome,
     DepositRequest,
     EnrollRequest,
     EnrollResponse,
@@ -37,6 +45,9 @@ from escrow.core.protocol import (
     ReleasedShare,
     RequestStatus,
     ResultReport,
+    ShareDrills,
+    ShareVerifyRequest,
+    ShareVerifyResponse,
     UnsealRequest,
 )
 from escrow.core.states import Decision, RequestState
@@ -47,6 +58,7 @@ from escrow.service import overdue
 from escrow.service.authentication import Authenticator
 from escrow.service.context import Context, Hooks
 from escrow.service.custodians import Custodians
+from escrow.service.drills import Drills
 from escrow.service.enrollment import Enrollment
 from escrow.service.heartbeats import Heartbeats
 from escrow.service.refusals import Refusals, Unidentified
@@ -83,7 +95,9 @@ class Escrow:
         self.enrollment = Enrollment(context, deposit_key)
         self.heartbeats = Heartbeats(context)
         self.unseals = Unseals(context, self.heartbeats)
+        self.windows = self.unseals.windows  # maintenance windows (escrow.service.maintenance)
         self.custodians = Custodians(context, self.auth)
+        self.drills = Drills(context, self.auth)
 
     @property
     def deposit_public_key(self) -> bytes:
@@ -125,8 +139,8 @@ class Escrow:
     def status(self, request_id: str) -> RequestStatus:
         return self.unseals.status(request_id)
 
-    def held_for(self, request_id: str) -> float:
-        return self.unseals.held_for(request_id)
+    def due_in(self, request_id: str) -> float:
+        return self.unseals.due_in(request_id)
 
     def report(self, request_id: str, body: ResultReport, source: str) -> None:
         with self.refusals.counted("unseal.result", source):
@@ -149,17 +163,49 @@ class Escrow:
         return self.custodians.pending(custodian)
 
     def decide(self, custodian: str, request_id: str, decision: Decision, signature: str,
-               reason: str = "") -> RequestStatus:
-        request = self.custodians.decide(custodian, request_id, decision, signature, reason)
+               reason: str = "", batch: Mapping[str, object] | None = None,
+               cluster_id: str = "") -> RequestStatus:
+        request = self.custodians.decide(custodian, request_id, decision, signature, reason,
+                                         batch, cluster_id)
         status = self.unseals.status(request.request_id)
         self.context.hooks.on_event(events.decided(
             request, decision, custodian, reason, len(status.approvals), status.needed,
             self.context.now()))
         return status
 
+    def approve_batch(self, custodian: str, body: BatchApproveRequest
+                      ) -> BatchApproveResponse:
+        """Approve the requests of one cluster at once (a power cut), each as a single
+        approval would be; one refused (expired, decided, of another cluster) leaves the
+        others approved and is named in the answer."""
+        batch_id = "b-" + secrets.token_hex(10)
+        batch = {"batch_id": batch_id, "batch_size": len(body.approvals)}
+        results = []
+        for item in body.approvals:
+            try:
+                status = self.decide(custodian, item.request_id, Decision.APPROVE,
+                                     item.signature, "", batch, body.cluster_id)
+            except DiskFull:
+                raise
+            except (Refusal, Conflict, NotFound) as exc:  # about this request: the rest go on
+                results.append(BatchOutcome(request_id=item.request_id, state=None,
+                                            approvals=[], error=reason_of(exc),
+                                            message=exc.message))
+                continue
+            results.append(BatchOutcome(request_id=item.request_id,
+                                        state=status.state,
+                                        approvals=status.approvals, error="", message=""))
+        return self.custodians.record_batch(custodian, body.cluster_id, batch_id, results)
+
     def export_share(self, custodian: str, cluster_id: str,
                      ephemeral_b64: str) -> ReleasedShare:
         return self.custodians.export_share(custodian, cluster_id, ephemeral_b64)
+
+    def share_drills(self, custodian: str, cluster_id: str) -> ShareDrills:
+        return self.drills.listing(custodian, cluster_id)
+
+    def verify_share(self, custodian: str, body: ShareVerifyRequest) -> ShareVerifyResponse:
+        return self.drills.verify(custodian, body)
 
     # -- notifications ----------------------------------------------------------------------
 

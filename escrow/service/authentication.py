@@ -233,6 +233,13 @@ class Authenticator:
             raise IdentityError("bad_signature", "the approval signature does not cover "
                                 "this request", "fetch the request again and re-sign", 401)
 
+    def use_nonce(self, nonce_b64: str) -> bytes:
+        """A fresh server nonce, used up now: an identified custodian's proof over it (the
+        share drill) is then good once, at any replica."""
+        nonce, expires = self._fresh(nonce_b64)
+        self._use_once(nonce, expires)
+        return nonce
+
     # -- the parts --------------------------------------------------------------------------
 
     def _fresh(self, nonce_b64: str) -> tuple[bytes, datetime]:

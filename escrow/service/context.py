@@ -3,15 +3,17 @@ and the hooks into the server (metrics, disk reserve, alerts and notifications).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from datetime import datetime
 
 from escrow.audit import AuditEvent
 from escrow.config import ServerSettings
+from escrow.core.states import Decision
+from escrow.core.timestamps import timestamp
 from escrow.notifications.events import Event
-from escrow.service import readings
-from escrow.service.plan import Plan, approvers
+from escrow.service import readings, windows
+from escrow.service.plan import Plan, approvers, default_approval_at
 from escrow.service.refusals import Refusals
 from escrow.store import RequestRecord, Store
 from escrow.vault import Vault
@@ -42,9 +44,24 @@ class Context:
     def now(self) -> datetime:
         return self.vault.clock()
 
-    def plan(self, request: RequestRecord) -> Plan:
-        """Which shares ``request`` may have now (escrow.service.plan)."""
-        return readings.plan_of(self.store, request, self.settings.max_versions)
+    def plan(self, request: RequestRecord, also_approved: Collection[str] = ()) -> Plan:
+        """Which shares ``request`` may have now (escrow.service.plan), counting the
+        approvals of ``also_approved`` (a window's signers, before they are written)."""
+        return readings.plan_of(self.store, request, self.settings.max_versions, self.now(),
+                                also_approved)
 
     def approvers(self, request_id: str) -> list[str]:
         return approvers(self.store.list_approvals(request_id))
+
+    def approves_by_default_at(self, request: RequestRecord) -> str:
+        """When the cluster's deny window approves ``request`` unless a custodian denies it
+        ('' without one, or once denied)."""
+        at = default_approval_at(
+            request, self.store.get_cluster(request.cluster_id).approve_after_seconds)
+        denied = any(a.decision == Decision.DENY
+                     for a in self.store.list_approvals(request.request_id))
+        return timestamp(at) if at is not None and not denied else ""
+
+    def window_approvals(self, request: RequestRecord) -> dict[str, str]:
+        """Custodian -> id of the maintenance window that approved ``request`` for them."""
+        return dict(windows.window_approvals(self.store.list_approvals(request.request_id)))

@@ -4,6 +4,7 @@ their approvals and denials, and the export of their own share."""
 from __future__ import annotations
 
 import hmac
+from collections.abc import Mapping, Sequence
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -12,7 +13,13 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
 from escrow.audit import AuditEvent
 from escrow.core import protocol
 from escrow.core.errors import IdentityError, RequestError
-from escrow.core.protocol import HPKE, PendingRequest, ReleasedShare
+from escrow.core.protocol import (
+    HPKE,
+    BatchApproveResponse,
+    BatchOutcome,
+    PendingRequest,
+    ReleasedShare,
+)
 from escrow.core.states import Decision, RequestState
 from escrow.core.timestamps import timestamp
 from escrow.service import fields, readings
@@ -46,8 +53,13 @@ class Custodians:
             approvals=self.context.approvers(request.request_id), threshold=plan.threshold,
             needed=plan.needed, cert_not_after=cert.not_valid_after_utc.isoformat(),
             cert_sha256=protocol.sha256_hex(cert.public_bytes(serialization.Encoding.DER)),
+            cert_serial=str(cert.serial_number),
             ephemeral_public_key=protocol.b64e(request.ephemeral_key),
-            eligible=plan.eligible(custodian))
+            eligible=plan.eligible(custodian),
+            approves_by_default_at=self.context.approves_by_default_at(request),
+            window_approvals=self.context.window_approvals(request),
+            decided=any(a.custodian == custodian
+                        for a in self.store.list_approvals(request.request_id)))
 
     def pending(self, custodian: str) -> list[PendingRequest]:
         """Live requests of the clusters where ``custodian`` holds a slot: what a node sent
@@ -62,13 +74,21 @@ class Custodians:
         return views
 
     def decide(self, custodian: str, request_id: str, decision: Decision, signature: str,
-               reason: str) -> RequestRecord:
-        """Record an approval or denial; refusals are audited."""
+               reason: str, batch: Mapping[str, object] | None = None,
+               cluster_id: str = "") -> RequestRecord:
+        """Record an approval or denial; refusals are audited. ``batch`` (its id and size)
+        goes into the audit record of an approval given with others at once, all of whose
+        requests must be of ``cluster_id``."""
         request = self.store.get_request(request_id)
         if request is None:
             raise RequestError("unknown_request", f"no request {request_id}", status=404)
         with self.context.refusals.audited(f"custodian.{decision}", request.cluster_id,
-                                           request_id=request_id, custodian=custodian):
+                                           request_id=request_id, custodian=custodian,
+                                           **(batch or {})):
+            if cluster_id and request.cluster_id != cluster_id:
+                raise RequestError("other_cluster", f"request {request_id} is of cluster "
+                                   f"{request.cluster_id}, not {cluster_id}",
+                                   "a batch approves the requests of one cluster", 409)
             # Eligibility first: the request's state is none of a non-holder's business.
             view = self._view(request, custodian)
             if not view.eligible:
@@ -78,6 +98,10 @@ class Custodians:
             if state != RequestState.PENDING:
                 raise RequestError("not_pending", f"request {request_id} is {state}",
                                    "only pending requests can be decided", 409)
+            if view.decided:  # the store refuses it too; here it is audited
+                raise RequestError("already_decided", f"{custodian} has already decided on "
+                                   f"{request_id}", "each custodian decides once per request: "
+                                   "a second approval counts for nothing", 409)
             self.authenticator.verify_decision(custodian, decision, view, reason, signature)
         self.context.hooks.for_release()
         self.store.add_approval(
@@ -85,8 +109,18 @@ class Custodians:
                            timestamp(self.context.now())),
             AuditEvent(f"custodian.{decision}", f"custodian:{custodian}", request.cluster_id,
                        {"request_id": request_id, "node_id": request.node_id,
-                        "signature": signature, "reason": reason}))
+                        "signature": signature, "reason": reason, **(batch or {})}))
         return request
+
+    def record_batch(self, custodian: str, cluster_id: str, batch_id: str,
+                     results: Sequence[BatchOutcome]) -> BatchApproveResponse:
+        """Audit a batch of approvals (after a power cut) once, with what was refused; each
+        approval's own record names the batch too."""
+        self.store.append_audit(AuditEvent(
+            "custodian.approve_batch", f"custodian:{custodian}", cluster_id,
+            {"batch_id": batch_id, "approved": [r.request_id for r in results if not r.error],
+             "refused": {r.request_id: r.error for r in results if r.error}}))
+        return BatchApproveResponse(batch_id=batch_id, results=list(results))
 
     def export_share(self, custodian: str, cluster_id: str,
                      ephemeral_b64: str) -> ReleasedShare:

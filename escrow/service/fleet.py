@@ -10,8 +10,9 @@ from datetime import datetime
 
 from escrow.core.fleet import FleetCluster, FleetKeyVersion, FleetNode, FleetRequest
 from escrow.core.states import Liveness, NodeState, NodeStatus, RequestState
+from escrow.core.timestamps import timestamp
 from escrow.service import liveness
-from escrow.service.plan import approvers, plan, state_at
+from escrow.service.plan import approved_by_default, approvers, default_approval_at, plan, state_at
 from escrow.store import (
     ApprovalRecord,
     ClusterRecord,
@@ -61,7 +62,7 @@ def _cluster(records: FleetRecords, cluster: ClusterRecord, now: datetime,
              max_versions: int) -> FleetCluster:
     cluster_id = cluster.cluster_id
     versions = records.versions.get(cluster_id, ())
-    live = [_request(records, request, versions, max_versions)
+    live = [_request(records, request, versions, max_versions, cluster, now)
             for request in records.pending
             if request.cluster_id == cluster_id and state_at(request, now) == RequestState.PENDING]
     waiting = [request for request in live if request.needed > 0]
@@ -79,17 +80,23 @@ def _cluster(records: FleetRecords, cluster: ClusterRecord, now: datetime,
 
 
 def _request(records: FleetRecords, request: RequestRecord,
-             versions: Sequence[KeyVersionRecord], max_versions: int) -> FleetRequest:
-    approved = approvers(records.approvals.get(request.request_id, ()))
+             versions: Sequence[KeyVersionRecord], max_versions: int, cluster: ClusterRecord,
+             now: datetime) -> FleetRequest:
+    decisions = records.approvals.get(request.request_id, ())
+    approved = approvers(decisions)
     planned = plan(versions, {v.version: records.shares.get((request.cluster_id, v.version), ())
-                              for v in versions}, set(approved), max_versions)
+                              for v in versions}, set(approved), max_versions,
+                   by_default=approved_by_default(request, decisions,
+                                                  cluster.approve_after_seconds, now))
+    by_default = default_approval_at(request, cluster.approve_after_seconds)
     holders = sorted({slot for v in versions for slot in v.policy.custodians})
     return FleetRequest(
         request_id=request.request_id, node_id=request.node_id, hostname=request.hostname,
         created_at=request.created_at, expires_at=request.expires_at,
         held_until=request.held_until, threshold=planned.threshold, needed=planned.needed,
         approved_by=approved,
-        could_approve=[c for c in holders if c not in approved and planned.eligible(c)])
+        could_approve=[c for c in holders if c not in approved and planned.eligible(c)],
+        approves_by_default_at=timestamp(by_default) if by_default else "")
 
 
 def _node(node: NodeRecord, beat: HeartbeatRecord | None, unlock: Unlock | None,

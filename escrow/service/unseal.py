@@ -4,10 +4,12 @@ report of what unlocked it."""
 from __future__ import annotations
 
 import secrets
+from dataclasses import replace
 from datetime import datetime, timedelta
 
 from escrow.audit import AuditEvent
-from escrow.core.errors import RequestError
+from escrow.core.durations import describe
+from escrow.core.errors import RequestError, WindowTaken
 from escrow.core.protocol import ReleasedShare, RequestStatus, ResultReport, UnsealRequest
 from escrow.core.states import Outcome, RequestState
 from escrow.core.timestamps import parse_timestamp, timestamp
@@ -16,9 +18,10 @@ from escrow.service.authentication import VerifiedReport, VerifiedUnseal
 from escrow.service.context import Context
 from escrow.service.heartbeats import Heartbeats
 from escrow.service.liveness import is_held
+from escrow.service.maintenance import MaintenanceWindows
 from escrow.service.plan import Plan, state_at
 from escrow.service.release import Releases
-from escrow.store import RequestRecord
+from escrow.store import RequestRecord, WindowClaim
 
 _ID_ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789"
 # All requests of a node in the window, unlocked or not, may be this many times the limit on
@@ -31,6 +34,10 @@ def _release_event(request: RequestRecord) -> AuditEvent:
                       {"request_id": request.request_id, "node_id": request.node_id})
 
 
+def _approvers(claim: WindowClaim | None) -> list[str]:
+    return [approval.custodian for approval, _ in claim.approvals] if claim else []
+
+
 class Unseals:
     def __init__(self, context: Context, heartbeats: Heartbeats) -> None:
         self.context = context
@@ -39,6 +46,7 @@ class Unseals:
         self.settings = context.settings
         self.hooks = context.hooks
         self.releases = Releases(context.vault.unwrap_share)
+        self.windows = MaintenanceWindows(context)
 
     def open(self, verified: VerifiedUnseal, body: UnsealRequest, source: str) -> RequestStatus:
         """Record a new request from an admitted node, within its rate limit; held while
@@ -54,31 +62,59 @@ class Unseals:
             body.node_cert, verified.ephemeral, body.kek_version, timestamp(now),
             timestamp(now + timedelta(seconds=self.settings.request_ttl_seconds)),
             RequestState.PENDING, held_until=held_until)
-        # What an automatic policy releases at once is written with the request, in one
-        # transaction: one commit (and fsync) per unseal instead of two.
-        plan = self.context.plan(record)
-        held = is_held(record, now)
-        released, fresh = ([], []) if held else self.releases.encrypt_to(record, plan)
+        alone = self.context.plan(record)
+        claim = None
+        if alone.needed > 0:
+            record = self._deny_window(record, now)
+            # A window's restart is taken only by a request that needs its approvals.
+            claim = self.windows.claim_for(record, now)
+        event = AuditEvent(
+            "unseal.request", f"node:{body.node_id}", body.cluster_id,
+            {"request_id": request_id, "node_id": body.node_id, "hostname": body.hostname,
+             "boot_id": body.boot_id, "source": source, "kek_version": body.kek_version,
+             "cert_serial": str(verified.cert.serial_number), "held_until": held_until})
         try:
-            self.store.create_request(
-                record, AuditEvent(
-                    "unseal.request", f"node:{body.node_id}", body.cluster_id,
-                    {"request_id": request_id, "node_id": body.node_id,
-                     "hostname": body.hostname, "boot_id": body.boot_id, "source": source,
-                     "kek_version": body.kek_version,
-                     "cert_serial": str(verified.cert.serial_number),
-                     "held_until": held_until}),
-                [(r.version, r.slot, r.holder) for r in fresh], _release_event(record))
-        except BaseException:
-            self.releases.forget(request_id)
-            raise
+            plan, released, fresh = self._create(record, event, claim, now, alone)
+        except WindowTaken:
+            # Another request took the window's last restart (or it was closed) meanwhile:
+            # this one waits for custodians like any other.
+            claim = None
+            plan, released, fresh = self._create(record, event, claim, now, alone)
         if fresh:
             self.hooks.on_release(len(fresh))
         if plan.needed > 0:
-            self.hooks.on_event(events.requested(record, plan.needed, now))
-        ready = not held and plan.needed == 0
+            self.hooks.on_event(events.requested(
+                record, plan.needed, now, self.context.approves_by_default_at(record)))
+        ready = not is_held(record, now) and plan.needed == 0
         return self._answer(record, RequestState.READY if ready else RequestState.PENDING,
-                            plan, released, [])
+                            plan, released, _approvers(claim))
+
+    def _create(self, record: RequestRecord, event: AuditEvent, claim: WindowClaim | None,
+                now: datetime, alone: Plan) -> tuple[Plan, list[ReleasedShare],
+                                                     list[ReleasedShare]]:
+        """Write the request with what an automatic policy (and the window it claims, if any)
+        releases at once, in one transaction: one commit (and fsync) per unseal, not two.
+        ``alone``: the request's plan without the window."""
+        plan = self.context.plan(record, _approvers(claim)) if claim else alone
+        held = is_held(record, now)
+        released, fresh = ([], []) if held else self.releases.encrypt_to(record, plan)
+        try:
+            self.store.create_request(record, event, [(r.version, r.slot, r.holder)
+                                                      for r in fresh],
+                                      _release_event(record), claim)
+        except BaseException:
+            self.releases.forget(record.request_id)
+            raise
+        return plan, released, fresh
+
+    def _deny_window(self, record: RequestRecord, now: datetime) -> RequestRecord:
+        """A request of a cluster with a deny window expires that much later, so it is not
+        gone before it may proceed."""
+        delay = self.store.get_cluster(record.cluster_id).approve_after_seconds
+        if not delay:
+            return record
+        return replace(record, expires_at=timestamp(
+            now + timedelta(seconds=delay + self.settings.request_ttl_seconds)))
 
     def _within_limits(self, body: UnsealRequest, now: datetime) -> None:
         """Requests that did not end in a reported unlock are limited, so a manager whose
@@ -119,13 +155,31 @@ class Unseals:
             released, fresh = self.releases.encrypt_to(request, plan)
             if fresh:
                 self.hooks.for_release()
-                self.hooks.on_release(self.store.record_releases(
+                by_default = self._by_default(request, plan, fresh)
+                count = self.store.record_releases(
                     request_id, [(r.version, r.slot, r.holder) for r in fresh],
-                    _release_event(request)))
+                    by_default or _release_event(request))
+                self.hooks.on_release(count)
+                if by_default and count:  # on-call hears of an unseal no human approved
+                    self.hooks.on_alert(by_default)
             if plan.needed == 0:
                 state = RequestState.READY
         return self._answer(request, state, plan, released,
                             self.context.approvers(request_id))
+
+    def _by_default(self, request: RequestRecord, plan: Plan,
+                    fresh: list[ReleasedShare]) -> AuditEvent | None:
+        """The release's audit record when the deny window gives shares no custodian
+        approved: written once, with the releases, in their transaction."""
+        holders = sorted({r.holder for r in fresh} & plan.by_default)
+        if not holders:
+            return None
+        delay = self.store.get_cluster(request.cluster_id).approve_after_seconds
+        return AuditEvent("unseal.approved_by_default", "escrow", request.cluster_id,
+                          {"request_id": request.request_id, "node_id": request.node_id,
+                           "message": f"approved by default after {describe(delay)}: no "
+                                      "custodian denied it",
+                           "approve_after_seconds": delay, "in_place_of": holders})
 
     def _answer(self, request: RequestRecord, state: RequestState, plan: Plan,
                 released: list[ReleasedShare], approvals: list[str]) -> RequestStatus:
@@ -139,12 +193,16 @@ class Unseals:
                                                         RequestState.REVOKED) else ""),
             releases=released)
 
-    def held_for(self, request_id: str) -> float:
-        """Seconds until ``request_id`` may have shares, if it is held (else 0)."""
+    def due_in(self, request_id: str) -> float:
+        """Seconds until time alone may give ``request_id`` shares: its hold ends, or its
+        cluster's deny window passes (0: nothing is due)."""
         request = self.store.get_request(request_id)
-        if request is None or not is_held(request, self.context.now()):
+        now = self.context.now()
+        if request is None or state_at(request, now) != RequestState.PENDING:
             return 0.0
-        return (parse_timestamp(request.held_until) - self.context.now()).total_seconds()
+        moments = [request.held_until, self.context.approves_by_default_at(request)]
+        ahead = [(parse_timestamp(m) - now).total_seconds() for m in moments if m]
+        return min((s for s in ahead if s > 0), default=0.0)
 
     def report(self, verified: VerifiedReport, body: ResultReport) -> None:
         """One outcome per version, and only about shares this request was given: a replayed

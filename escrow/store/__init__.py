@@ -156,6 +156,17 @@ class WindowRecord:
 
 
 @dataclass(frozen=True)
+class WindowClaim:
+    """One restart of a window, taken in the transaction that writes the request it approves:
+    ``approvals`` (each with its audit event) are written only if, at ``now``, the window is
+    still open with a restart left; otherwise the whole write fails with WindowTaken."""
+
+    window_id: str
+    now: str
+    approvals: Sequence[tuple[ApprovalRecord, AuditEvent]]
+
+
+@dataclass(frozen=True)
 class DrillRecord:
     """The last time a custodian proved their paper share of one key version matches."""
 
@@ -196,6 +207,9 @@ class Store(Protocol):
 
     def add_cluster(self, record: ClusterRecord, event: AuditEvent) -> None: ...
     def set_policy(self, cluster_id: str, policy: Policy, event: AuditEvent) -> None: ...
+    def set_approve_after(self, cluster_id: str, seconds: int, event: AuditEvent) -> None:
+        """Set the cluster's deny window (0: off)."""
+        ...
     def get_cluster(self, cluster_id: str) -> ClusterRecord: ...
     def list_clusters(self) -> list[ClusterRecord]: ...
 
@@ -214,7 +228,18 @@ class Store(Protocol):
     def get_shares(self, cluster_id: str, version: int) -> list[ShareRecord]: ...
     def delete_key_versions(
         self, cluster_id: str, versions: Sequence[int], event: AuditEvent
-    ) -> None: ...
+    ) -> None:
+        """Delete the versions, their shares and their drills."""
+        ...
+
+    def record_drill(self, record: DrillRecord, event: AuditEvent) -> None:
+        """Keep ``record`` as its slot's last successful drill, with ``event``, in one
+        transaction."""
+        ...
+
+    def list_drills(self, cluster_id: str) -> list[DrillRecord]:
+        """The last successful drill of every slot drilled, newest version first."""
+        ...
 
     def rewrap(self, share: Callable[[ShareRecord], bytes],
                meta: Mapping[str, Callable[[bytes], bytes]], event: AuditEvent) -> int: ...
@@ -236,10 +261,12 @@ class Store(Protocol):
 
     def create_request(self, record: RequestRecord, event: AuditEvent,
                        released: Sequence[tuple[int, int, str]] = (),
-                       release_event: AuditEvent | None = None) -> list[str]:
+                       release_event: AuditEvent | None = None,
+                       window: WindowClaim | None = None) -> list[str]:
         """Insert a request, superseding the node's other pending ones (returned), with the
         shares released to it at once, if any, as record_releases notes them, in the same
-        transaction."""
+        transaction; with ``window``, one of its restarts and its approvals too, or nothing
+        at all (WindowTaken) when it has none left."""
         ...
 
     def count_requests_since(self, cluster_id: str, node_id: str, since: str, *,
@@ -269,6 +296,28 @@ class Store(Protocol):
                           event: AuditEvent) -> None: ...
     def add_approval(self, record: ApprovalRecord, event: AuditEvent) -> None: ...
     def list_approvals(self, request_id: str) -> list[ApprovalRecord]: ...
+    def open_window(self, record: WindowRecord, event: AuditEvent) -> None:
+        """Insert a window with its signatures (Conflict if its id is taken)."""
+        ...
+
+    def sign_window(self, window_id: str, custodian: str, signature: str, created_at: str,
+                    event: AuditEvent) -> None:
+        """Add a co-signature (Conflict if the custodian signed already or the window was
+        closed meanwhile)."""
+        ...
+
+    def get_window(self, window_id: str) -> WindowRecord | None: ...
+    def list_windows(self, cluster_id: str | None = None, *,
+                     open_at: str | None = None) -> list[WindowRecord]:
+        """Newest first; with ``open_at``, only those not closed, with a restart left and
+        expiring after that moment."""
+        ...
+
+    def close_window(self, window_id: str, closed_by: str, closed_at: str,
+                     event: AuditEvent) -> None:
+        """Close a window for good (Conflict if it was closed already)."""
+        ...
+
     def list_releases(self, request_id: str) -> list[tuple[int, int, str]]:
         """(version, slot, holder) of every share released to the request."""
         ...

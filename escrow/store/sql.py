@@ -14,13 +14,14 @@ from typing import Any, Protocol
 
 from escrow import audit, audit_journal
 from escrow.audit import AuditEvent, AuditRecord
-from escrow.core.errors import Conflict, NotFound, StoreError
+from escrow.core.errors import Conflict, NotFound, StoreError, WindowTaken
 from escrow.core.states import Decision, LockState, NodeStatus, Outcome, RequestState
 from escrow.policy import Policy
 from escrow.store import (
     ApprovalRecord,
     ClusterRecord,
     CustodianRecord,
+    DrillRecord,
     HeartbeatRecord,
     KeyVersionRecord,
     MakeShares,
@@ -30,6 +31,8 @@ from escrow.store import (
     StoreKind,
     Unlock,
     ViewerRecord,
+    WindowClaim,
+    WindowRecord,
 )
 
 
@@ -73,6 +76,11 @@ _SELECT_HEARTBEATS = ("SELECT cluster_id, node_id, boot_id, first_at, last_at, l
 HEARTBEAT_BOOTS = 4  # boots of a node whose last beats are kept
 _SELECT_APPROVALS = ("SELECT request_id, custodian, decision, signature, reason, created_at,"
                      " window_id FROM approvals")
+_SELECT_WINDOWS = ("SELECT window_id, cluster_id, nodes, restarts, used, expires_at, reason,"
+                   " created_at, closed_at, closed_by FROM windows")
+_SELECT_SIGNATURES = ("SELECT window_id, custodian, signature FROM window_signatures WHERE"
+                      " window_id IN (SELECT window_id FROM windows")
+_SIGNING_ORDER = ") ORDER BY created_at, custodian"
 AUDIT_BATCH = 500  # records fetched at a time while streaming the audit log
 PRUNE_EVERY = 256
 
@@ -254,6 +262,14 @@ class SqlStore:
                 raise _no_cluster(cluster_id)
             self._append(db, event)
 
+    def set_approve_after(self, cluster_id: str, seconds: int, event: AuditEvent) -> None:
+        with self._write() as db:
+            cursor = db.execute("UPDATE clusters SET approve_after_seconds = ? WHERE"
+                                " cluster_id = ?", (seconds, cluster_id))
+            if cursor.rowcount == 0:
+                raise _no_cluster(cluster_id)
+            self._append(db, event)
+
     def get_cluster(self, cluster_id: str) -> ClusterRecord:
         row = self._db.execute(_SELECT_CLUSTERS + " WHERE cluster_id = ?",
                                (cluster_id,)).fetchone()
@@ -329,7 +345,34 @@ class SqlStore:
             for version in versions:
                 db.execute("DELETE FROM key_versions WHERE cluster_id = ? AND version = ?",
                            (cluster_id, version))
+                # No foreign key holds drills to their version: a drill of a destroyed share
+                # would otherwise stay listed, and count in the metric.
+                db.execute("DELETE FROM share_drills WHERE cluster_id = ? AND version = ?",
+                           (cluster_id, version))
             self._append(db, event)
+
+    def record_drill(self, record: DrillRecord, event: AuditEvent) -> None:
+        with self._write() as db:
+            # Pruned since the drill began (another replica, `escrow key prune`): audited all
+            # the same, but no row for a share that is gone.
+            if db.execute("SELECT 1 FROM key_versions WHERE cluster_id = ? AND version = ?",
+                          (record.cluster_id, record.version)).fetchone() is None:
+                self._append(db, event)
+                return
+            db.execute("INSERT INTO share_drills (cluster_id, version, slot, custodian,"
+                       " last_ok_at) VALUES (?, ?, ?, ?, ?) ON CONFLICT (cluster_id, version,"
+                       " slot) DO UPDATE SET custodian = excluded.custodian,"
+                       " last_ok_at = excluded.last_ok_at",
+                       (record.cluster_id, record.version, record.slot, record.custodian,
+                        record.last_ok_at))
+            self._append(db, event)
+
+    def list_drills(self, cluster_id: str) -> list[DrillRecord]:
+        rows = self._db.execute("SELECT cluster_id, version, slot, custodian, last_ok_at FROM"
+                                " share_drills WHERE cluster_id = ? ORDER BY version DESC, slot",
+                                (cluster_id,))
+        return [DrillRecord(str(r[0]), int(r[1]), int(r[2]), str(r[3]), str(r[4]))
+                for r in rows]
 
     def rewrap(self, share: Callable[[ShareRecord], bytes],
                meta: Mapping[str, Callable[[bytes], bytes]], event: AuditEvent) -> int:
@@ -400,7 +443,8 @@ class SqlStore:
 
     def create_request(self, record: RequestRecord, event: AuditEvent,
                        released: Sequence[tuple[int, int, str]] = (),
-                       release_event: AuditEvent | None = None) -> list[str]:
+                       release_event: AuditEvent | None = None,
+                       window: WindowClaim | None = None) -> list[str]:
         with self._write() as db:
             superseded = [row[0] for row in db.execute(
                 "SELECT request_id FROM requests WHERE cluster_id = ? AND node_id = ?"
@@ -418,9 +462,29 @@ class SqlStore:
                         record.reason, record.held_until))
             self._append(db, replace(event, details={**event.details,
                                                      "superseded": superseded}))
+            if window is not None:
+                self._claim_window(db, window)
             if released and release_event is not None:
                 self._record_releases(db, record.request_id, released, release_event)
             return superseded
+
+    def _claim_window(self, db: Db, claim: WindowClaim) -> None:
+        """Take one restart, unless another request (of any replica) took the last one, or the
+        window was closed or expired meanwhile: the condition is checked by the UPDATE itself,
+        so two writers can never both take it."""
+        taken = db.execute("UPDATE windows SET used = used + 1 WHERE window_id = ? AND"
+                           " used < restarts AND closed_at = '' AND expires_at > ?",
+                           (claim.window_id, claim.now)).rowcount
+        if taken != 1:
+            raise WindowTaken(f"window {claim.window_id} has no restart left",
+                              "the request is made without it")
+        for approval, event in claim.approvals:
+            db.execute("INSERT INTO approvals (request_id, custodian, decision, signature,"
+                       " reason, created_at, window_id) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                       (approval.request_id, approval.custodian, approval.decision,
+                        approval.signature, approval.reason, approval.created_at,
+                        approval.window_id))
+            self._append(db, event)
 
     def count_requests_since(self, cluster_id: str, node_id: str, since: str, *,
                              unconfirmed: bool = False) -> int:
@@ -512,6 +576,86 @@ class SqlStore:
                                reason=row["reason"], created_at=row["created_at"],
                                window_id=row["window_id"])
                 for row in rows]
+
+    # -- maintenance windows ----------------------------------------------------------------
+
+    def open_window(self, record: WindowRecord, event: AuditEvent) -> None:
+        with self._write() as db:
+            if db.execute("SELECT 1 FROM windows WHERE window_id = ?",
+                          (record.window_id,)).fetchone():
+                raise Conflict(f"window {record.window_id} exists already",
+                               "open a window under a new id (the CLI makes a random one)")
+            db.execute("INSERT INTO windows (window_id, cluster_id, nodes, restarts, used,"
+                       " expires_at, reason, created_at, closed_at, closed_by)"
+                       " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                       (record.window_id, record.cluster_id, json.dumps(list(record.nodes)),
+                        record.restarts, record.used, record.expires_at, record.reason,
+                        record.created_at, record.closed_at, record.closed_by))
+            db.executemany("INSERT INTO window_signatures (window_id, custodian, signature,"
+                           " created_at) VALUES (?, ?, ?, ?)",
+                           [(record.window_id, custodian, signature, record.created_at)
+                            for custodian, signature in record.signatures.items()])
+            self._append(db, event)
+
+    def sign_window(self, window_id: str, custodian: str, signature: str, created_at: str,
+                    event: AuditEvent) -> None:
+        with self._write() as db:
+            row = db.execute("SELECT closed_at FROM windows WHERE window_id = ?",
+                             (window_id,)).fetchone()
+            if row is None:
+                raise NotFound(f"no window {window_id}", "see `escrow window list`")
+            if row[0]:
+                raise Conflict(f"window {window_id} was closed", "open a new window")
+            if db.execute("SELECT 1 FROM window_signatures WHERE window_id = ? AND"
+                          " custodian = ?", (window_id, custodian)).fetchone():
+                raise Conflict(f"{custodian} has signed window {window_id} already",
+                               "each custodian signs a window once")
+            db.execute("INSERT INTO window_signatures (window_id, custodian, signature,"
+                       " created_at) VALUES (?, ?, ?, ?)",
+                       (window_id, custodian, signature, created_at))
+            self._append(db, event)
+
+    def get_window(self, window_id: str) -> WindowRecord | None:
+        windows = self._windows(" WHERE window_id = ?", (window_id,))
+        return windows[0] if windows else None
+
+    def list_windows(self, cluster_id: str | None = None, *,
+                     open_at: str | None = None) -> list[WindowRecord]:
+        where, params = " WHERE (? = '' OR cluster_id = ?)", [cluster_id or "", cluster_id or ""]
+        if open_at is not None:
+            where += " AND closed_at = '' AND used < restarts AND expires_at > ?"
+            params.append(open_at)
+        return self._windows(where, params)
+
+    def _windows(self, where: str, params: Sequence[object]) -> list[WindowRecord]:
+        rows = self._named(_SELECT_WINDOWS + where + " ORDER BY created_at DESC, window_id",
+                           params)
+        signed: dict[str, dict[str, str]] = {row["window_id"]: {} for row in rows}
+        if signed:
+            # In signing order, so the opener comes first.
+            for row in self._named(_SELECT_SIGNATURES + where + _SIGNING_ORDER, params):
+                signed[row["window_id"]][row["custodian"]] = row["signature"]
+        return [WindowRecord(window_id=row["window_id"], cluster_id=row["cluster_id"],
+                             nodes=tuple(json.loads(row["nodes"])), restarts=int(row["restarts"]),
+                             used=int(row["used"]), expires_at=row["expires_at"],
+                             reason=row["reason"], created_at=row["created_at"],
+                             closed_at=row["closed_at"], closed_by=row["closed_by"],
+                             signatures=signed[row["window_id"]])
+                for row in rows]
+
+    def close_window(self, window_id: str, closed_by: str, closed_at: str,
+                     event: AuditEvent) -> None:
+        with self._write() as db:
+            row = db.execute("SELECT closed_by FROM windows WHERE window_id = ?",
+                             (window_id,)).fetchone()
+            if row is None:
+                raise NotFound(f"no window {window_id}", "see `escrow window list`")
+            if db.execute("UPDATE windows SET closed_at = ?, closed_by = ? WHERE"
+                          " window_id = ? AND closed_at = ''",
+                          (closed_at, closed_by, window_id)).rowcount != 1:
+                raise Conflict(f"window {window_id} was closed already by {row[0]}",
+                               "a closed window approves nothing more")
+            self._append(db, event)
 
     def list_releases(self, request_id: str) -> list[tuple[int, int, str]]:
         rows = self._db.execute("SELECT version, slot, holder FROM releases WHERE"

@@ -9,7 +9,6 @@ requests would leave them.
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import json
 import os
@@ -35,6 +34,7 @@ from escrow.core.timestamps import timestamp
 from escrow.lock import DataDirLock
 from escrow.store import sqlite as sqlite_store
 from escrow.store.sqlite import SqliteStore
+from lab import faketime
 from lab.commands import REPO, run_escrow
 from tests.conftest import fails, ok
 
@@ -47,9 +47,7 @@ NOW = datetime.now(UTC)
 
 def days_ago(days: float) -> dict[str, str]:
     """Environment that runs the escrow with its clock ``days`` in the past (libfaketime)."""
-    libraries = glob.glob("/usr/lib/*/faketime/libfaketime.so.1")
-    assert libraries, "libfaketime is missing: scripts/setup installs the faketime package"
-    return {"LD_PRELOAD": libraries[0], "FAKETIME": f"-{days}d", "DONT_FAKE_MONOTONIC": "1"}
+    return faketime.moved(f"-{days}d")
 
 
 def seed(db_path: Path, times: Iterable[datetime]) -> int:

@@ -24,12 +24,11 @@ from cryptography.hazmat.primitives.asymmetric.utils import (
 
 from agent.errors import EscrowRejected
 from agent.release import candidate_keys
-from escrow import custodian_keys
 from escrow.core import protocol
 from escrow.core.unlockkey import UnlockKey
 from lab.api import client, deposit, enroll, enrolled, run
 from lab.receiver import collector, receiving
-from lab.server import PASSPHRASE, EscrowProcess, Node, make_escrow
+from lab.server import EscrowProcess, Node, make_escrow
 
 pytestmark = pytest.mark.slow
 BOOT_ID = "6a1f3c2e-4b5d-4e6f-8a7b-9c0d1e2f3a4b"
@@ -121,7 +120,7 @@ def test_a_source_over_its_rate_is_told_to_retry_after(tmp_path: Path) -> None:
 
 def custodian_headers(escrow: EscrowProcess, name: str, method: str, path: str,
                       body: bytes = b"") -> tuple[dict[str, str], ec.EllipticCurvePrivateKey]:
-    key = custodian_keys.load_private((escrow.base / name).read_bytes(), PASSPHRASE.encode())
+    key = escrow.custodian_key(name)
     date, nonce = str(int(time.time())), secrets.token_hex(16)
     payload = protocol.custodian_http_payload(method, path, date, nonce, body)
     # A signature whose DER length leaves base64 padding, so a second spelling exists.

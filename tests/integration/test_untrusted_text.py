@@ -26,8 +26,6 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from pydantic import TypeAdapter
 
-from escrow import custodian_keys
-from escrow.api_client import CustodianClient
 from escrow.audit import AuditEvent
 from escrow.core import protocol
 from escrow.core.errors import EscrowError
@@ -37,7 +35,7 @@ from escrow.store import NodeRecord
 from escrow.store.sqlite import SqliteStore
 from lab.api import client, enrolled, run
 from lab.receiver import receiving
-from lab.server import PASSPHRASE, EscrowProcess, Node, make_escrow, swarm_id
+from lab.server import EscrowProcess, Node, make_escrow, swarm_id
 
 pytestmark = pytest.mark.slow
 ESC = "\x1b"
@@ -187,13 +185,12 @@ def test_terminal_escapes_in_a_deny_reason_do_not_reach_the_terminal(
     assert no_raw_controls(denied.stderr)
 
     # A custodian's own client that skips the CLI's check meets the escrow's.
-    key = custodian_keys.load_private((escrow.base / "bob").read_bytes(), PASSPHRASE.encode())
-    custodian = CustodianClient(escrow.url, str(escrow.ca), key)
+    custodian = escrow.api_as("bob")
     pending = custodian.call("GET", "/v1/requests", TypeAdapter(list[protocol.PendingRequest]))
     view = next(p for p in pending if p.request_id == request_id)
     body = protocol.DenyRequest.model_construct(
-        reason=reason, signature=protocol.sign(key, protocol.approval_payload("deny", view,
-                                                                              reason)))
+        reason=reason, signature=protocol.sign(
+            custodian.key, protocol.approval_payload("deny", view, reason)))
     with pytest.raises(EscrowError) as caught:
         custodian.call("POST", f"/v1/requests/{request_id}/deny", protocol.DecisionResponse,
                        body)

@@ -6,13 +6,13 @@ minutes) unsealing works; beyond them every refusal names the clocks.
 
 from __future__ import annotations
 
-import glob
 import os
 import re
 from pathlib import Path
 
 import pytest
 
+from lab import faketime
 from lab.agent import enrolled_manager
 from lab.commands import run_escrow
 from lab.dockerd import Dockerd
@@ -21,18 +21,11 @@ from lab.server import EscrowProcess
 pytestmark = pytest.mark.slow
 
 
-def skewed(offset: str) -> dict[str, str]:
-    """Environment that runs a process with its wall clock moved by offset ("-10m")."""
-    libraries = glob.glob("/usr/lib/*/faketime/libfaketime.so.1")
-    assert libraries, "libfaketime is missing: scripts/setup installs the faketime package"
-    return {"LD_PRELOAD": libraries[0], "FAKETIME": offset, "DONT_FAKE_MONOTONIC": "1"}
-
-
 @pytest.mark.parametrize("offset", ["-10m", "+10m"])
 def test_an_agent_whose_clock_is_minutes_off_still_unseals_and_reports_the_offset(
         dockerd: Dockerd, escrow: EscrowProcess, tmp_path: Path, offset: str) -> None:
     node = enrolled_manager(dockerd, escrow, tmp_path / "node", "auto,auto,alice,bob",
-                            env=skewed(offset))
+                            env=faketime.moved(offset))
     shown = node.command("status")
     sign = "+" if offset.startswith("-") else "-"  # the escrow's clock relative to the agent's
     assert re.search(rf"escrow \{sign}(599|600|601) s from this host", shown.stdout), shown.stdout
@@ -52,7 +45,7 @@ def test_an_agent_whose_clock_is_minutes_off_still_unseals_and_reports_the_offse
 def test_clocks_off_beyond_the_tolerances_are_refused_with_a_message_naming_the_clocks(
         dockerd: Dockerd, escrow: EscrowProcess, tmp_path: Path) -> None:
     node = enrolled_manager(dockerd, escrow, tmp_path / "node", "auto,auto,alice,bob")
-    node.env.update(skewed("-3h"))
+    node.env.update(faketime.moved("-3h"))
     shown = node.command("status")
     assert shown.returncode == 1
     assert (f"the TLS certificate of the escrow at {escrow.url} is not valid yet by this "
@@ -63,7 +56,7 @@ def test_clocks_off_beyond_the_tolerances_are_refused_with_a_message_naming_the_
     listed = run_escrow("requests", "--url", escrow.url, "--ca", str(escrow.ca),
                         "--key", str(escrow.base / "alice"),
                         "--passphrase-file", str(escrow.base / "pass"),
-                        env={**skewed("+10m"), "ESCROW_DATA_DIR": os.devnull})
+                        env={**faketime.moved("+10m"), "ESCROW_DATA_DIR": os.devnull})
     assert listed.returncode == 1
     assert re.search(r"your clock is (599|600|601) s off the escrow's", listed.stderr)
     assert "synchronise it (NTP)" in listed.stderr
