@@ -4,7 +4,6 @@ and ``share export``. Each request is signed with the custodian's own key."""
 from __future__ import annotations
 
 from collections.abc import Callable
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -15,7 +14,7 @@ from pydantic import TypeAdapter
 
 from escrow import custodian_keys
 from escrow.api_client import CustodianClient
-from escrow.cli.context import checked_text, json_option, print_json, read_file, table
+from escrow.cli.context import age_of, checked_text, json_option, print_json, read_file, table
 from escrow.cli.custodian import read_passphrase
 from escrow.core import bursts, protocol
 from escrow.core.errors import EscrowError, InputError
@@ -54,18 +53,12 @@ def connection_options(func: F) -> F:
     return func
 
 
-def _client(url: str, ca: Path, key: Path, passphrase_file: Path | None) -> CustodianClient:
+def custodian_client(url: str, ca: Path, key: Path, passphrase_file: Path | None
+                     ) -> CustodianClient:
+    """The escrow, as the custodian whose key file this is (passphrase prompted)."""
     private = custodian_keys.load_private(read_file(key, "private key"),
                                           read_passphrase(passphrase_file, confirm=False))
     return CustodianClient(url, str(ca), private)
-
-
-def _age(created_at: str) -> str:
-    try:
-        seconds = int((datetime.now(UTC) - datetime.fromisoformat(created_at)).total_seconds())
-    except (ValueError, TypeError):  # not what this escrow writes: show the row all the same
-        return "?"
-    return f"{seconds // 60}m{seconds % 60:02d}s"
 
 
 def _approvals(p: PendingRequest) -> str:
@@ -88,7 +81,7 @@ def requests(url: str, ca: Path, key: Path, passphrase_file: Path | None,
              as_json: bool) -> None:
     """Pending unseal requests, by cluster; says when several managers of one cluster locked
     together (a power cut), which `escrow approve --cluster C --all` approves at once."""
-    pending = _client(url, ca, key, passphrase_file).call("GET", "/v1/requests", _PENDING)
+    pending = custodian_client(url, ca, key, passphrase_file).call("GET", "/v1/requests", _PENDING)
     if as_json:
         print_json([p.model_dump() for p in pending])
         return
@@ -99,7 +92,7 @@ def requests(url: str, ca: Path, key: Path, passphrase_file: Path | None,
         table(f"Cluster {group.cluster_id}: {len(group.requests)} pending",
               ["request", "node", "hostname", "source", "age", "approvals", "cert expiry",
                "yours"],
-              [[p.request_id, p.node_id, p.hostname, p.source, _age(p.created_at),
+              [[p.request_id, p.node_id, p.hostname, p.source, age_of(p.created_at),
                 _approvals(p), p.cert_not_after[:10], "yes" if p.eligible else "no"]
                for p in group.requests])
         if group.locked_together:
@@ -157,7 +150,7 @@ def _approve_cluster(client: CustodianClient, cluster_id: str, yes: bool) -> Non
     table(f"About to approve {len(mine)} request(s) of cluster {cluster_id}",
           ["request", "node", "hostname", "boot id", "age", "source", "cert serial",
            "approvals"],
-          [[p.request_id, p.node_id, p.hostname, p.boot_id, _age(p.created_at), p.source,
+          [[p.request_id, p.node_id, p.hostname, p.boot_id, age_of(p.created_at), p.source,
             p.cert_serial, _approvals(p)] for p in mine])
     if not yes and not click.confirm(f"Approve all {len(mine)} of them?", default=False):
         raise click.Abort
@@ -196,7 +189,7 @@ def approve(url: str, ca: Path, key: Path, passphrase_file: Path | None,
     if request_id is None and not (cluster_id and every):
         raise click.UsageError("give REQUEST_ID, or --cluster C --all for every pending "
                                "request of cluster C")
-    client = _client(url, ca, key, passphrase_file)
+    client = custodian_client(url, ca, key, passphrase_file)
     if request_id is not None:
         _approve_one(client, request_id, yes)
     elif cluster_id:
@@ -212,7 +205,7 @@ def deny(url: str, ca: Path, key: Path, passphrase_file: Path | None, request_id
          reason: str, yes: bool) -> None:
     """Deny REQUEST_ID: the node gets nothing more for this request."""
     reason = checked_text(reason, "--reason", 500)
-    client = _client(url, ca, key, passphrase_file)
+    client = custodian_client(url, ca, key, passphrase_file)
     view = _find(client, request_id)
     _confirm(view, "deny", yes)
     signature = protocol.sign(client.key, protocol.approval_payload(Decision.DENY, view, reason))
@@ -231,7 +224,7 @@ def share() -> None:
 @click.option("--cluster", "cluster_id", required=True, help="Swarm cluster id.")
 def export(url: str, ca: Path, key: Path, passphrase_file: Path | None, cluster_id: str) -> None:
     """Print your share of the newest key version as a SLIP-39 mnemonic: write it on paper."""
-    client = _client(url, ca, key, passphrase_file)
+    client = custodian_client(url, ca, key, passphrase_file)
     ephemeral = X25519PrivateKey.generate()
     released = client.call("POST", "/v1/shares/export", ReleasedShare, ShareExportRequest(
         cluster_id=cluster_id,

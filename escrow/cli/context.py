@@ -22,7 +22,7 @@ from escrow import config
 from escrow.config import Settings
 from escrow.core import plaintext
 from escrow.core.errors import InputError
-from escrow.core.timestamps import timestamp
+from escrow.core.timestamps import parse_timestamp, timestamp
 from escrow.store import opening
 from escrow.store.sql import SqlStore
 from escrow.vault import Vault
@@ -159,3 +159,28 @@ def console() -> Console:
 
 def print_json(value: Any) -> None:
     click.echo(json.dumps(value, indent=2, sort_keys=True))
+
+
+def seconds_since(moment: str, now: datetime) -> float | None:
+    """Seconds from ``moment`` (an escrow timestamp) to ``now``; None for what this escrow
+    does not write, so the row is shown all the same."""
+    try:
+        return (now - parse_timestamp(moment)).total_seconds()
+    except (ValueError, TypeError):
+        return None
+
+
+def age(seconds: float) -> str:
+    """An age as on-call reads it: 4m05s, 2h10m, 3d04h."""
+    whole = max(0, int(seconds))
+    if whole >= 86400:
+        return f"{whole // 86400}d{whole % 86400 // 3600:02d}h"
+    if whole >= 3600:
+        return f"{whole // 3600}h{whole % 3600 // 60:02d}m"
+    return f"{whole // 60}m{whole % 60:02d}s"
+
+
+def age_of(moment: str) -> str:
+    """How long ago ``moment`` was, or "?"."""
+    seconds = seconds_since(moment, datetime.now(UTC))
+    return "?" if seconds is None else age(seconds)

@@ -15,8 +15,8 @@ from typing import Any
 import click
 from shamir_mnemonic import Share
 
-from escrow.cli.approvals import _client, connection_options
-from escrow.cli.context import json_option, print_json, table
+from escrow.cli.approvals import connection_options, custodian_client
+from escrow.cli.context import age, json_option, print_json, seconds_since, table
 from escrow.core import drill, protocol, shares
 from escrow.core.errors import DrillMismatch, InputError, RecoveryError
 from escrow.core.plaintext import plain
@@ -28,7 +28,6 @@ from escrow.core.protocol import (
     ShareVerifyRequest,
     ShareVerifyResponse,
 )
-from escrow.core.timestamps import parse_timestamp
 from escrow.core.unlockkey import KEK_BYTES
 
 _CLUSTER_ID = re.compile(r"[a-z0-9]{25}")
@@ -130,7 +129,7 @@ def verify(url: str, ca: Path, key: Path, passphrase_file: Path | None, cluster_
     Type the share at the prompt (no echo), or pipe it in."""
     path = drills_path(cluster_id)
     share = parse_paper(read_mnemonic())  # a typo is told before anything is sent
-    client = _client(url, ca, key, passphrase_file)
+    client = custodian_client(url, ca, key, passphrase_file)
     listing = client.call("GET", path, ShareDrills)
     slots = mine(listing, version)
 
@@ -150,22 +149,6 @@ def verify(url: str, ca: Path, key: Path, passphrase_file: Path | None, cluster_
     click.echo(plain(verdict(answer, version)))
 
 
-def _age(seconds: float) -> str:
-    whole = max(0, int(seconds))
-    if whole >= 86400:
-        return f"{whole // 86400}d{whole % 86400 // 3600:02d}h"
-    if whole >= 3600:
-        return f"{whole // 3600}h{whole % 3600 // 60:02d}m"
-    return f"{whole // 60}m{whole % 60:02d}s"
-
-
-def _since(moment: str, now: datetime) -> float | None:
-    try:
-        return (now - parse_timestamp(moment)).total_seconds()
-    except (ValueError, TypeError):  # not what this escrow writes: show the row all the same
-        return None
-
-
 @click.command()
 @connection_options
 @click.option("--cluster", "cluster_id", required=True, help="Swarm cluster id.")
@@ -174,16 +157,16 @@ def drills(url: str, ca: Path, key: Path, passphrase_file: Path | None, cluster_
            as_json: bool) -> None:
     """Each custodian's last successful share drill, per retained key version."""
     path = drills_path(cluster_id)
-    listing = _client(url, ca, key, passphrase_file).call("GET", path, ShareDrills)
+    listing = custodian_client(url, ca, key, passphrase_file).call("GET", path, ShareDrills)
     now = datetime.now(UTC)
     rows: list[dict[str, Any]] = []
     for slot in listing.slots:
         # A slot never drilled ages from its version's creation, as the metric counts it.
-        age = _since(slot.last_ok_at or slot.version_created_at, now)
+        elapsed = seconds_since(slot.last_ok_at or slot.version_created_at, now)
         rows.append({"version": slot.version, "slot": slot.slot, "custodian": slot.custodian,
                      "version_created_at": slot.version_created_at,
                      "last_ok_at": slot.last_ok_at,
-                     "age_seconds": None if age is None else int(age),
+                     "age_seconds": None if elapsed is None else int(elapsed),
                      "yours": slot.custodian == listing.custodian})
     if as_json:
         print_json(rows)
@@ -192,5 +175,5 @@ def drills(url: str, ca: Path, key: Path, passphrase_file: Path | None, cluster_
           ["version", "slot", "custodian", "last drill", "age", "yours"],
           [[r["version"], r["slot"], r["custodian"], r["last_ok_at"] or "never",
             "?" if r["age_seconds"] is None
-            else _age(r["age_seconds"]) + ("" if r["last_ok_at"] else " (since made)"),
+            else age(r["age_seconds"]) + ("" if r["last_ok_at"] else " (since made)"),
             "yes" if r["yours"] else "no"] for r in rows])

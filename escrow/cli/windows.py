@@ -13,7 +13,7 @@ import click
 from pydantic import TypeAdapter
 
 from escrow.api_client import CustodianClient
-from escrow.cli.approvals import _client, connection_options
+from escrow.cli.approvals import connection_options, custodian_client
 from escrow.cli.context import checked_text, json_option, print_json, table
 from escrow.core import protocol
 from escrow.core.durations import describe, parse_duration
@@ -94,7 +94,7 @@ def open_(url: str, ca: Path, key: Path, passphrase_file: Path | None, cluster_i
     _facts(f"About to sign window {window_id} (for {describe(seconds)})", window_id,
            cluster_id, list(nodes), restarts, expires_at, reason, [])
     _ask("Each restart of these nodes until then counts as your approval. Sign?", yes)
-    client = _client(url, ca, key, passphrase_file)
+    client = custodian_client(url, ca, key, passphrase_file)
     signature = protocol.sign(client.key, protocol.window_payload(
         window_id, cluster_id, nodes, restarts, expires_at, reason))
     opened = client.call("POST", "/v1/windows", WindowView, WindowOpenRequest(
@@ -112,7 +112,7 @@ def open_(url: str, ca: Path, key: Path, passphrase_file: Path | None, cluster_i
 def sign(url: str, ca: Path, key: Path, passphrase_file: Path | None, window_id: str,
          yes: bool) -> None:
     """Co-sign WINDOW_ID as it is shown: one more approval of each request it approves."""
-    client = _client(url, ca, key, passphrase_file)
+    client = custodian_client(url, ca, key, passphrase_file)
     shown = _find(client, window_id)
     _facts(f"About to co-sign window {shown.window_id} ({shown.state}, "
            f"{shown.used} of {shown.restarts} restart(s) used)", shown.window_id,
@@ -137,7 +137,7 @@ def list_(url: str, ca: Path, key: Path, passphrase_file: Path | None, cluster_i
     if cluster_id:
         validate_cluster_id(cluster_id)
     path = f"/v1/windows?cluster_id={cluster_id}" if cluster_id else "/v1/windows"
-    shown = _client(url, ca, key, passphrase_file).call("GET", path, _WINDOWS)
+    shown = custodian_client(url, ca, key, passphrase_file).call("GET", path, _WINDOWS)
     if as_json:
         print_json([w.model_dump() for w in shown])
         return
@@ -157,7 +157,7 @@ def list_(url: str, ca: Path, key: Path, passphrase_file: Path | None, cluster_i
 def close(url: str, ca: Path, key: Path, passphrase_file: Path | None, window_id: str,
           yes: bool) -> None:
     """Close WINDOW_ID: it approves nothing more."""
-    client = _client(url, ca, key, passphrase_file)
+    client = custodian_client(url, ca, key, passphrase_file)
     shown = _find(client, window_id)
     _facts(f"About to close window {shown.window_id} ({shown.state}, {shown.used} of "
            f"{shown.restarts} restart(s) used)", shown.window_id, shown.cluster_id,
