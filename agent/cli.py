@@ -22,6 +22,7 @@ from agent.enroll import enroll as do_enroll
 from agent.rotate import rotate as do_rotate
 from escrow.core.errors import EscrowError
 from escrow.core.plaintext import plain
+from escrow.core.version import VERSION
 
 EX_CONFIG = 78
 
@@ -36,6 +37,7 @@ class AgentGroup(click.Group):
 
 
 @click.group(cls=AgentGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(VERSION, prog_name="unseal-agent")
 def cli() -> None:
     """Auto-unseal agent for a Docker Swarm manager with autolock."""
 

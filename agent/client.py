@@ -29,6 +29,7 @@ from cryptography.x509 import load_pem_x509_certificate
 from pydantic import BaseModel, ValidationError
 
 from agent import deposit_key
+from agent.config import CA_SETTING
 from agent.errors import AgentError, EscrowRejected, EscrowUnavailable
 from agent.https import CONNECT_TIMEOUT, HttpError, NotSent, Origin, Response
 from escrow.core import failover, protocol
@@ -129,7 +130,7 @@ class EscrowClient:
                  connect_timeout: float = CONNECT_TIMEOUT) -> None:
         self._replicas = failover.Replicas([url.rstrip("/")
                                             for url in failover.parse_urls(urls)])
-        context = ca if isinstance(ca, ssl.SSLContext) else client_context(ca)
+        context = ca if isinstance(ca, ssl.SSLContext) else client_context(ca, CA_SETTING)
         self._origins = [Origin(url, context, connections=connections, keepalive=keepalive,
                                 connect_timeout=min(timeout, connect_timeout))
                          for url in self._replicas.urls]

@@ -49,6 +49,8 @@ from agent.errors import AgentError
 from escrow.core import failover, tomlfile
 
 DEFAULT_CONFIG = Path("/etc/unseal-agent/config.toml")
+# Where an agent's user gives the escrow's CA, for the errors that name it.
+CA_SETTING = "escrow_ca in the agent's config, or --escrow-ca"
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ import signal
 
 from agent.backoff import Backoff
 from agent.client import EscrowClient
-from agent.config import AgentConfig
+from agent.config import CA_SETTING, AgentConfig
 from agent.docker_state import Docker
 from agent.errors import AgentError
 from agent.heartbeat import Heartbeat
@@ -84,7 +84,7 @@ class Agent:
 
 def check_startup(config: AgentConfig) -> None:
     """Fail at start on what no retry can fix: an unreadable escrow CA."""
-    client_context(config.escrow_ca)
+    client_context(config.escrow_ca, CA_SETTING)
 
 
 async def run(config: AgentConfig, log: logging.Logger) -> None:

@@ -28,6 +28,7 @@ from escrow.cli import (
     windows,
 )
 from escrow.core.errors import EscrowError
+from escrow.core.version import VERSION
 
 
 class EscrowGroup(click.Group):
@@ -40,6 +41,7 @@ class EscrowGroup(click.Group):
 
 
 @click.group(cls=EscrowGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(VERSION, prog_name="escrow")
 def cli() -> None:
     """Unlock-key escrow for Docker Swarm managers with autolock."""
 

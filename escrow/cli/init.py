@@ -167,6 +167,9 @@ def init(data_dir: Path, hsm_module: str | None, hsm_token: str | None,
     config and TLS certificate, the same store and wrapping key.
     """
     data_dir = data_dir.absolute()
+    if data_dir.exists() and not data_dir.is_dir():
+        raise ConfigError(f"--data-dir {data_dir} exists and is not a directory",
+                          "give a new path or an existing directory for the escrow's data")
     if (data_dir / config.CONFIG_NAME).exists():
         if exist_ok:
             if not (data_dir / "tls" / "ca.pem").exists():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
 import signal
@@ -32,6 +33,21 @@ def parse_listen(listen: str) -> tuple[str, int]:
         raise ConfigError(f"listen address {listen!r} is not HOST:PORT",
                           "for example 127.0.0.1:8443 or 0.0.0.0:8443")
     return host.strip("[]") or "0.0.0.0", int(port)  # noqa: S104 - explicit operator choice
+
+
+def cannot_listen(listen: str, error: OSError) -> ConfigError:
+    """What to do when the listening socket cannot be had (pure)."""
+    hints = {
+        errno.EADDRINUSE: "another process listens there (`ss -ltnp` names it): stop it, or "
+                          "choose another port with --listen or server.listen",
+        errno.EADDRNOTAVAIL: "that address is not one of this host's (`ip -brief addr`): "
+                             "listen on one of them, 127.0.0.1, or 0.0.0.0 for all",
+        errno.EACCES: "ports below 1024 need CAP_NET_BIND_SERVICE: choose a port above 1023 "
+                      "(8443, say) or grant the capability to the service",
+    }
+    return ConfigError(f"cannot listen on {listen}: {error.strerror or error}",
+                       hints.get(error.errno or 0, "check server.listen (HOST:PORT) and "
+                                                    "that nothing else holds the port"))
 
 
 @click.command()
@@ -86,7 +102,10 @@ async def _serve(server: EscrowServer, host: str, port: int, context: ssl.SSLCon
     listener: asyncio.Server | None = None
     shrink_tls_buffers()
     try:
-        listener = await loop.create_server(gate, host, port, backlog=BACKLOG)
+        try:
+            listener = await loop.create_server(gate, host, port, backlog=BACKLOG)
+        except OSError as exc:
+            raise cannot_listen(listen, exc) from None
         click.echo(f"escrow serving https://{listen} from {server.settings.data_dir}", err=True)
         notifier.ready(f"serving https://{listen}")
         stop = asyncio.Event()

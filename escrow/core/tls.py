@@ -122,12 +122,13 @@ def server_context(cert: Path, key: Path) -> ssl.SSLContext:
     return context
 
 
-def client_context(ca: Path) -> ssl.SSLContext:
-    """Trust only the pinned CA, TLS 1.2 (AEAD suites only) or 1.3, host names checked."""
+def client_context(ca: Path, setting: str = "--ca / ESCROW_CA") -> ssl.SSLContext:
+    """Trust only the pinned CA, TLS 1.2 (AEAD suites only) or 1.3, host names checked;
+    ``setting`` is where the caller's user gives the CA, for the hint."""
     context = _harden(ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT))
     try:
         context.load_verify_locations(cafile=str(ca))
     except (OSError, ssl.SSLError) as exc:
         raise ConfigError(f"cannot load the escrow CA {ca}: {exc}",
-                          "give --ca / ESCROW_CA: the escrow's tls/ca.pem") from None
+                          f"give {setting}: the escrow's tls/ca.pem") from None
     return context

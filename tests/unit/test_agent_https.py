@@ -18,9 +18,11 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from agent import client as agent_client
 from agent import deposit_key
 from agent.client import EscrowClient
+from agent.config import CA_SETTING
 from agent.errors import EscrowRejected, EscrowUnavailable
 from agent.https import MAX_BODY, HttpError, NotSent, Origin
 from escrow.core import protocol
+from escrow.core.errors import ConfigError
 from escrow.core.protocol import HealthResponse
 from escrow.core.tls import client_context, make_quickstart_tls
 from escrow.core.unlockkey import UnlockKey
@@ -364,3 +366,10 @@ def test_a_long_poll_moved_on_asks_the_next_url_to_wait_only_as_long_as_the_call
             # 2.5 s of 3.5 went to the first URL: the second is asked to wait 0.5 s.
             assert answering.heads[0].startswith(b"GET /v1/unseal/r-1?wait=0.")
     asyncio.run(main())
+
+
+def test_an_unreadable_escrow_ca_is_told_in_the_agent_s_own_words(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as told:
+        client_context(tmp_path / "nope.pem", CA_SETTING)
+    assert "--escrow-ca" in told.value.hint
+    assert "ESCROW_CA" not in told.value.hint

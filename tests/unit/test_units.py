@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,7 @@ from agent.cli import EX_CONFIG
 from lab.commands import REPO
 
 UNITS = REPO / "systemd"
-BIN = REPO / ".venv" / "bin"
+BIN = Path(sys.executable).parent  # where this environment installed escrow and unseal-agent
 
 
 def settings(unit: str) -> dict[str, list[str]]:
