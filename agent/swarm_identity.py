@@ -2,7 +2,8 @@
 swarm node key. Pure functions over bytes, plus one reader of the certificate directory.
 
 While a manager is locked, swarm-node.crt and swarm-root-ca.crt are plain PEM but
-swarm-node.key is PKCS#8 encrypted under the unlock key (DESIGN section 2), with PEM headers
+swarm-node.key is PKCS#8 encrypted under the unlock key (docs/threat-model.md, "What autolock
+protects"), with PEM headers
 `kek-version:` and `raft-dek:` that `cryptography` does not accept, so they are stripped first.
 """
 

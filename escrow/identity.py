@@ -128,7 +128,8 @@ def check_claims(cert: x509.Certificate, cluster_id: str, node_id: str, now: dat
 
 def check_node_cert(cert_pem: bytes, root_ca_pem: bytes, cluster_id: str, node_id: str,
                     now: datetime) -> x509.Certificate:
-    """Check a swarm node certificate as DESIGN section 4 requires, or raise IdentityError."""
+    """Check a swarm node certificate as docs/threat-model.md ("Trust boundaries and checks")
+    says, or raise IdentityError."""
     cert = parse_node_cert(cert_pem)
     check_issuer(cert, root_ca_pem, cluster_id)
     check_claims(cert, cluster_id, node_id, now)

@@ -1,7 +1,8 @@
 """Shamir policy of a cluster: threshold t over n share slots (pure).
 
 A slot belongs to a named custodian (released when that custodian approves) or to the escrow's
-``auto`` policy (released when the requesting node's identity checks pass). DESIGN section 4.
+``auto`` policy (released when the requesting node's identity checks pass):
+docs/threat-model.md, "Trust boundaries and checks".
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The vault: deposits, key history and pruning, over a Store and a token (DESIGN sections 4-5).
+"""The vault: deposits, key history and pruning, over a Store and a token.
 
 The vault splits a key and wraps each share; it never combines shares. Time and the token come
 in as parameters, so the rules here are tested with a fixed clock.

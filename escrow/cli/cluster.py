@@ -18,6 +18,7 @@ from escrow.cli.context import (
     table,
 )
 from escrow.core.durations import describe, parse_duration
+from escrow.core.timestamps import timestamp
 from escrow.policy import parse_slots
 from escrow.store import ClusterRecord
 
@@ -45,7 +46,7 @@ def _describe(record: ClusterRecord) -> dict[str, Any]:
         "slots": list(record.policy.slots),
         "paper_recoverable": record.policy.paper_recoverable,
         "root_ca_subject": root.subject.rfc4514_string(),
-        "root_ca_not_after": root.not_valid_after_utc.isoformat(),
+        "root_ca_not_after": timestamp(root.not_valid_after_utc),
         "created_at": record.created_at,
         "approve_after_seconds": record.approve_after_seconds,
     }

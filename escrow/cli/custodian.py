@@ -53,9 +53,18 @@ def _write_new(path: Path, data: bytes, mode: int) -> None:
 @click.option("--out", required=True, type=click.Path(path_type=Path),
               help="Private key file to write (FILE.pub gets the public key).")
 @click.option("--passphrase-file", type=click.Path(path_type=Path),
-              help="File holding the passphrase (default: prompt without echo).")
+              help="File holding the passphrase, at least "
+                   f"{custodian_keys.MIN_PASSPHRASE} characters (default: prompt without "
+                   "echo).")
 def keygen(out: Path, passphrase_file: Path | None) -> None:
-    """Make a custodian signing key pair (run by the custodian, on their own machine)."""
+    """Make a custodian signing key pair (run by the custodian, on their own machine).
+
+    The private key is written encrypted under a passphrase of at least 12 characters.
+
+    \b
+    Example:
+      escrow custodian keygen --out ~/alice.key    # then send ~/alice.key.pub to the admin
+    """
     public_path = out.with_name(out.name + ".pub")
     if public_path.exists():
         raise InputError(f"{public_path} already exists", "choose another --out")

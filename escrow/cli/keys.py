@@ -17,6 +17,7 @@ from escrow.cli.context import (
 )
 from escrow.core import unlockkey
 from escrow.core.errors import InputError
+from escrow.core.timestamps import timestamp
 
 _cluster = click.option("--cluster", "cluster_id", required=True, help="Swarm cluster id.")
 
@@ -61,8 +62,8 @@ def list_(data_dir: Path, as_json: bool, cluster_id: str) -> None:
         "fingerprint": info.fingerprint_prefix,
         "threshold": info.record.policy.threshold,
         "slots": list(info.record.policy.slots),
-        "superseded_at": info.superseded_at.isoformat() if info.superseded_at else None,
-        "destroy_after": info.destroy_after.isoformat() if info.destroy_after else None,
+        "superseded_at": timestamp(info.superseded_at) if info.superseded_at else None,
+        "destroy_after": timestamp(info.destroy_after) if info.destroy_after else None,
     } for info in history]
     if as_json:
         print_json(rows)
@@ -72,7 +73,7 @@ def list_(data_dir: Path, as_json: bool, cluster_id: str) -> None:
           [[info.record.version, info.record.created_at, info.fingerprint_prefix,
             info.record.policy.describe(),
             "current" if info.destroy_after is None
-            else f"superseded, destroyable after {info.destroy_after.isoformat()}"]
+            else f"superseded, destroyable after {timestamp(info.destroy_after)}"]
            for info in history])
 
 

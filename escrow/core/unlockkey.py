@@ -1,7 +1,8 @@
 """Swarm unlock keys: parsing, formatting and fingerprints (pure).
 
 A Swarm unlock key is ``SWMKEY-1-`` followed by the unpadded standard base64 of the 32-byte
-key-encryption key (KEK) that protects the manager's Raft log and TLS key (DESIGN section 2).
+key-encryption key (KEK) that protects the manager's Raft log and TLS key
+(docs/threat-model.md, "What autolock protects").
 """
 
 from __future__ import annotations

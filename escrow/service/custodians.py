@@ -51,7 +51,7 @@ class Custodians:
             node_id=request.node_id, hostname=request.hostname, boot_id=request.boot_id,
             source=request.source, created_at=request.created_at, expires_at=request.expires_at,
             approvals=self.context.approvers(request.request_id), threshold=plan.threshold,
-            needed=plan.needed, cert_not_after=cert.not_valid_after_utc.isoformat(),
+            needed=plan.needed, cert_not_after=timestamp(cert.not_valid_after_utc),
             cert_sha256=protocol.sha256_hex(cert.public_bytes(serialization.Encoding.DER)),
             cert_serial=str(cert.serial_number),
             ephemeral_public_key=protocol.b64e(request.ephemeral_key),

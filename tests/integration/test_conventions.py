@@ -3,19 +3,25 @@
 
 from __future__ import annotations
 
+import json
+import re
 import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 
+from escrow.cli import cli
 from escrow.core.version import VERSION
+from escrow.custodian_keys import MIN_PASSPHRASE
 from lab.commands import REPO, run_escrow
 from lab.server import make_escrow
 from tests.conftest import fails, ok
 
 pytestmark = pytest.mark.slow
+MOMENT = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}\+00:00")
 
 
 def test_serve_on_a_port_in_use_or_an_address_not_of_this_host_says_what_to_do(
@@ -48,3 +54,17 @@ def test_both_commands_say_their_version(module: str, name: str) -> None:
     said = subprocess.run([sys.executable, "-m", module, "--version"], capture_output=True,
                           text=True, cwd=REPO, check=False, timeout=60)
     assert ok(said).strip() == f"{name}, version {VERSION}"
+
+
+def test_listings_spell_every_moment_one_way_with_milliseconds(tmp_path: Path) -> None:
+    escrow = make_escrow(tmp_path / "escrow")
+    cluster = escrow.cluster(2, "auto,auto", "--allow-no-paper-recovery")
+    shown = json.loads(ok(escrow.cli("cluster", "show", cluster.cluster_id, "--json")))
+    for field in ("root_ca_not_after", "created_at"):
+        assert MOMENT.fullmatch(shown[field]), (field, shown[field])
+
+
+def test_keygen_help_says_the_passphrase_minimum() -> None:
+    said = CliRunner().invoke(cli, ["custodian", "keygen", "--help"])
+    assert said.exit_code == 0
+    assert f"at least {MIN_PASSPHRASE} characters" in " ".join(said.output.split())
