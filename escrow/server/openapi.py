@@ -62,6 +62,26 @@ _WAIT = {"name": "wait", "in": "query", "required": False,
          "schema": {"type": "number", "minimum": 0, "maximum": 60}}
 
 
+# Who calls each path, for the document's tags; custodians' and viewers' paths are told by
+# their security.
+_NODE_PATHS = ("/v1/nonce", "/v1/enroll", "/v1/deposit", "/v1/unseal", "/v1/heartbeat")
+
+
+def _named(document: dict[str, Any]) -> dict[str, Any]:
+    """Every operation gets a stable operationId from its method and path
+    (``postV1RequestsRequestIdApprove``) and a tag naming who calls it."""
+    for path, operations in document["paths"].items():
+        words = [w.strip("{}") for w in path.strip("/").replace(".", "_").split("/")]
+        for method, operation in operations.items():
+            operation["operationId"] = method + "".join(
+                part.capitalize() for word in words for part in word.split("_"))
+            security = operation.get("security")
+            operation["tags"] = ["custodian" if security == _CUSTODIAN else
+                                 "viewer" if security == _VIEWER else
+                                 "node" if path.startswith(_NODE_PATHS) else "operations"]
+    return document
+
+
 @cache
 def openapi_document() -> dict[str, Any]:
     models: list[type[BaseModel]] = [
@@ -74,7 +94,7 @@ def openapi_document() -> dict[str, Any]:
         p.WindowOpenRequest, p.WindowSignRequest, p.WindowCloseRequest, p.WindowView]
     _, schemas = models_json_schema([(m, "validation") for m in models],
                                     ref_template="#/components/schemas/{model}")
-    return {
+    return _named({
         "openapi": "3.1.0",
         "info": {"title": "swarm-unseal escrow", "version": p.API_VERSION,
                  "description": "Unlock-key escrow for Docker Swarm managers. Signatures cover "
@@ -82,6 +102,16 @@ def openapi_document() -> dict[str, Any]:
         "paths": {
             "/healthz": {"get": _op("HSM reachable and the database writable (503 if not)",
                                     p.HealthResponse)},
+            "/metrics": {"get": {
+                "summary": "Prometheus metrics (OpenMetrics text when asked for it); served "
+                           "while the HSM or the store is down",
+                "responses": {"200": {"description": "success", "content": {
+                    "text/plain": {"schema": {"type": "string"}},
+                    "application/openmetrics-text": {"schema": {"type": "string"}}}}}}},
+            "/v1/openapi.json": {"get": {
+                "summary": "This document",
+                "responses": {"200": {"description": "success", "content": {
+                    "application/json": {"schema": {"type": "object"}}}}}}},
             "/v1/info": {"get": _op("Server facts and the deposit key", p.InfoResponse)},
             "/v1/nonce": {"post": _op("A fresh single-use nonce", p.NonceResponse)},
             "/v1/enroll": {"post": _op("Enroll a manager's agent", p.EnrollResponse,
@@ -151,4 +181,4 @@ def openapi_document() -> dict[str, Any]:
                     "type": "http", "scheme": "bearer",
                     "description": "a viewer's token, from `escrow viewer add`"}},
         },
-    }
+    })

@@ -18,7 +18,7 @@ from agent.errors import EscrowRejected
 from agent.release import candidate_keys
 from escrow.core import protocol
 from escrow.core.unlockkey import UnlockKey
-from lab.api import client, deposit, enroll, enrolled, run
+from lab.api import client, deposit, enroll, enrolled, run, unseal
 from lab.receiver import collector, receiving
 from lab.server import BOOT_ID, Cluster, EscrowProcess, Node, make_escrow
 
@@ -309,6 +309,9 @@ def test_only_tls_12_or_newer_is_served(escrow: EscrowProcess) -> None:
 
 
 def test_health_metrics_and_openapi_are_served(escrow: EscrowProcess) -> None:
+    _, node, _ = enrolled(escrow)  # one unseal of its own, whatever ran before
+    assert run(unseal(escrow, node))
+
     async def fetch() -> tuple[str, dict[str, object]]:
         context = ssl.create_default_context(cafile=str(escrow.ca))
         async with aiohttp.ClientSession() as session:
