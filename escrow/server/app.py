@@ -271,6 +271,8 @@ class EscrowServer:
                 response = await handler(request)
             except web.HTTPException as exc:
                 response = _error(exc.status, exc.reason.lower().replace(" ", "_"), exc.reason)
+                if "Allow" in exc.headers:  # a 405 says which methods the path takes
+                    response.headers["Allow"] = exc.headers["Allow"]
             except EscrowError as exc:
                 if isinstance(exc, DiskFull) and endpoint in RELEASE_PATHS:
                     self._reserve.release()  # so the next release finds room

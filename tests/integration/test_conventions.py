@@ -6,8 +6,11 @@ from __future__ import annotations
 import json
 import re
 import socket
+import ssl
 import subprocess
 import sys
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -68,3 +71,18 @@ def test_keygen_help_says_the_passphrase_minimum() -> None:
     said = CliRunner().invoke(cli, ["custodian", "keygen", "--help"])
     assert said.exit_code == 0
     assert f"at least {MIN_PASSPHRASE} characters" in " ".join(said.output.split())
+
+
+def test_a_method_the_path_does_not_take_is_answered_405_with_allow(tmp_path: Path) -> None:
+    escrow = make_escrow(tmp_path / "escrow")
+    escrow.start()
+    try:
+        context = ssl.create_default_context(cafile=str(escrow.ca))
+        request = urllib.request.Request(escrow.url + "/v1/unseal", method="GET")  # noqa: S310
+        with pytest.raises(urllib.error.HTTPError) as answer:
+            urllib.request.urlopen(request, context=context, timeout=30)  # noqa: S310 - https
+        assert answer.value.code == 405
+        assert answer.value.headers["Allow"] == "POST"
+        assert json.loads(answer.value.read())["error"] == "method_not_allowed"
+    finally:
+        assert escrow.stop() == 0
