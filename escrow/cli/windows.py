@@ -50,6 +50,13 @@ def _facts(title: str, window_id: str, cluster_id: str, nodes: list[str], restar
     ])
 
 
+def _shown(verb: str, shown: WindowView) -> None:
+    """A stored window's facts, before a custodian acts on it."""
+    _facts(f"About to {verb} window {shown.window_id} ({shown.state}, {shown.used} of "
+           f"{shown.restarts} restart(s) used)", shown.window_id, shown.cluster_id,
+           shown.nodes, shown.restarts, shown.expires_at, shown.reason, shown.signers)
+
+
 def _ask(question: str, yes: bool) -> None:
     if not yes and not click.confirm(question, default=False):
         raise click.Abort
@@ -114,10 +121,7 @@ def sign(url: str, ca: Path, key: Path, passphrase_file: Path | None, window_id:
     """Co-sign WINDOW_ID as it is shown: one more approval of each request it approves."""
     client = custodian_client(url, ca, key, passphrase_file)
     shown = _find(client, window_id)
-    _facts(f"About to co-sign window {shown.window_id} ({shown.state}, "
-           f"{shown.used} of {shown.restarts} restart(s) used)", shown.window_id,
-           shown.cluster_id, shown.nodes, shown.restarts, shown.expires_at, shown.reason,
-           shown.signers)
+    _shown("co-sign", shown)
     _ask("Each restart of these nodes until then counts as your approval. Sign?", yes)
     signature = protocol.sign(client.key, protocol.window_payload(
         shown.window_id, shown.cluster_id, shown.nodes, shown.restarts, shown.expires_at,
@@ -159,9 +163,7 @@ def close(url: str, ca: Path, key: Path, passphrase_file: Path | None, window_id
     """Close WINDOW_ID: it approves nothing more."""
     client = custodian_client(url, ca, key, passphrase_file)
     shown = _find(client, window_id)
-    _facts(f"About to close window {shown.window_id} ({shown.state}, {shown.used} of "
-           f"{shown.restarts} restart(s) used)", shown.window_id, shown.cluster_id,
-           shown.nodes, shown.restarts, shown.expires_at, shown.reason, shown.signers)
+    _shown("close", shown)
     _ask("Close it?", yes)
     closed = client.call("POST", f"/v1/windows/{shown.window_id}/close", WindowView,
                          WindowCloseRequest())

@@ -12,7 +12,7 @@ from escrow.config import ServerSettings
 from escrow.core.states import Decision
 from escrow.core.timestamps import timestamp
 from escrow.notifications.events import Event
-from escrow.service import readings, windows
+from escrow.service import readings
 from escrow.service.plan import Plan, approvers, default_approval_at
 from escrow.service.refusals import Refusals
 from escrow.store import RequestRecord, Store
@@ -61,7 +61,3 @@ class Context:
         denied = any(a.decision == Decision.DENY
                      for a in self.store.list_approvals(request.request_id))
         return timestamp(at) if at is not None and not denied else ""
-
-    def window_approvals(self, request: RequestRecord) -> dict[str, str]:
-        """Custodian -> id of the maintenance window that approved ``request`` for them."""
-        return dict(windows.window_approvals(self.store.list_approvals(request.request_id)))

@@ -22,10 +22,10 @@ from escrow.core.protocol import (
 )
 from escrow.core.states import Decision, RequestState
 from escrow.core.timestamps import timestamp
-from escrow.service import fields, readings
+from escrow.service import fields, readings, windows
 from escrow.service.authentication import Authenticator
 from escrow.service.context import Context
-from escrow.service.plan import state_at
+from escrow.service.plan import approvers, state_at
 from escrow.store import ApprovalRecord, RequestRecord
 
 
@@ -46,20 +46,20 @@ class Custodians:
     def _view(self, request: RequestRecord, custodian: str) -> PendingRequest:
         cert = x509.load_pem_x509_certificate(request.cert_pem.encode("ascii"))
         plan = self.context.plan(request)
+        decisions = self.store.list_approvals(request.request_id)
         return PendingRequest(
             request_id=request.request_id, cluster_id=request.cluster_id,
             node_id=request.node_id, hostname=request.hostname, boot_id=request.boot_id,
             source=request.source, created_at=request.created_at, expires_at=request.expires_at,
-            approvals=self.context.approvers(request.request_id), threshold=plan.threshold,
+            approvals=approvers(decisions), threshold=plan.threshold,
             needed=plan.needed, cert_not_after=timestamp(cert.not_valid_after_utc),
             cert_sha256=protocol.sha256_hex(cert.public_bytes(serialization.Encoding.DER)),
             cert_serial=str(cert.serial_number),
             ephemeral_public_key=protocol.b64e(request.ephemeral_key),
             eligible=plan.eligible(custodian),
             approves_by_default_at=self.context.approves_by_default_at(request),
-            window_approvals=self.context.window_approvals(request),
-            decided=any(a.custodian == custodian
-                        for a in self.store.list_approvals(request.request_id)))
+            window_approvals=dict(windows.window_approvals(decisions)),
+            decided=any(a.custodian == custodian for a in decisions))
 
     def pending(self, custodian: str) -> list[PendingRequest]:
         """Live requests of the clusters where ``custodian`` holds a slot: what a node sent
