@@ -43,28 +43,43 @@ def cli() -> None:
 
 
 def config_options(command: Callable[..., Any]) -> Callable[..., Any]:
-    """--config plus one flag per setting of the config file."""
+    """--config plus one flag per setting of the config file, each also an environment
+    variable (UNSEAL_AGENT_CONFIG, UNSEAL_AGENT_ESCROW_URL, ...): a flag wins over the variable,
+    the variable over the file."""
     options = [click.option("--config", type=click.Path(path_type=Path),
+                            envvar=agent_config.env_name("config"), show_envvar=True,
                             help=f"Config file (default {agent_config.DEFAULT_CONFIG}).")]
-    for name, kind in (("escrow_url", str), ("escrow_ca", str), ("docker_host", str),
-                       ("docker_root", str), ("state_dir", str),
-                       ("docker_poll_seconds", float), ("key_check_seconds", float),
-                       ("approval_wait_seconds", float), ("retry_max_seconds", float),
-                       ("refused_retry_seconds", float), ("heartbeat_seconds", float),
-                       ("escrow_deposit_key_sha256", str)):
+    for name in agent_config.SETTINGS:
         several = " (several: comma-separated)" if name == "escrow_url" else ""
-        options.append(click.option("--" + name.replace("_", "-"), name, type=kind,
-                                    help=f"Overrides {name} of the config file{several}."))
+        options.append(click.option(
+            agent_config.flag_name(name), name,
+            type=float if name in agent_config.SECONDS else str,
+            envvar=agent_config.env_name(name), show_envvar=True,
+            help=f"Overrides {name} of the config file{several}."))
     for option in reversed(options):
         command = option(command)
     return command
 
 
+def load_settings(config: Path | None, flags: dict[str, Any]) -> agent_config.AgentConfig:
+    """The agent's settings, each error naming where the wrong value came from."""
+    context = click.get_current_context()
+    from_environment = {name for name in flags if context.get_parameter_source(name)
+                        == click.core.ParameterSource.ENVIRONMENT}
+    return agent_config.load(config, flags, from_environment)
+
+
 @cli.command()
 @config_options
 def enroll(config: Path | None, **flags: Any) -> None:
-    """Enroll this unlocked manager and escrow its current unlock key if needed."""
-    result = asyncio.run(do_enroll(agent_config.load(config, flags)))
+    """Enroll this unlocked manager and escrow its current unlock key if needed.
+
+    \b
+    Example:
+      unseal-agent enroll                         # on an unlocked manager, as root
+      unseal-agent enroll --escrow-deposit-key-sha256 FINGERPRINT   # after `escrow init` anew
+    """
+    result = asyncio.run(do_enroll(load_settings(config, flags)))
     click.echo(f"enrolled node {result.node_id} of cluster {result.cluster_id}")
     if result.deposited:
         click.echo(f"deposited the current unlock key as version {result.version}")
@@ -78,10 +93,15 @@ def enroll(config: Path | None, **flags: Any) -> None:
 @cli.command()
 @config_options
 def run(config: Path | None, **flags: Any) -> None:
-    """Watch this manager and unlock it from the escrow whenever it is locked (the daemon)."""
+    """Watch this manager and unlock it from the escrow whenever it is locked (the daemon).
+
+    \b
+    Example:
+      unseal-agent run --config /etc/unseal-agent/config.toml   # what the systemd unit starts
+    """
     logger = log.setup()
     try:
-        settings = agent_config.load(config, flags)
+        settings = load_settings(config, flags)
         # Checked before READY=1, so a wrong path fails the start instead of every unlock.
         daemon.check_startup(settings)
     except EscrowError as exc:
@@ -95,9 +115,14 @@ def run(config: Path | None, **flags: Any) -> None:
 @cli.command()
 @config_options
 def rotate(config: Path | None, **flags: Any) -> None:
-    """Rotate the swarm's unlock key and escrow the new one (fails loudly if it cannot)."""
+    """Rotate the swarm's unlock key and escrow the new one (fails loudly if it cannot).
+
+    \b
+    Example:
+      unseal-agent rotate                         # new unlock key, escrowed in the same step
+    """
     logger = log.setup(journal_too=True)
-    result = asyncio.run(do_rotate(agent_config.load(config, flags), logger))
+    result = asyncio.run(do_rotate(load_settings(config, flags), logger))
     click.echo(f"rotated the unlock key of cluster {result.cluster_id}: the escrow holds the "
                f"new key as version {result.new_version} (old: version {result.old_version})")
 
@@ -107,8 +132,13 @@ def rotate(config: Path | None, **flags: Any) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def status_command(config: Path | None, as_json: bool, **flags: Any) -> None:
     """Show node, cluster, lock state, enrollment, escrow reachability and key versions.
-    Exits 1 if anything needs attention."""
-    report = asyncio.run(status.gather(agent_config.load(config, flags)))
+    Exits 1 if anything needs attention.
+
+    \b
+    Example:
+      unseal-agent status --json
+    """
+    report = asyncio.run(status.gather(load_settings(config, flags)))
     if as_json:
         click.echo(json.dumps(asdict(report), indent=2))
     else:

@@ -13,7 +13,6 @@ deposit goes only to a replica whose deposit key was checked just before.
 from __future__ import annotations
 
 import asyncio
-import json
 import ssl
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -31,10 +30,10 @@ from pydantic import BaseModel, ValidationError
 from agent import deposit_key
 from agent.config import CA_SETTING
 from agent.errors import AgentError, EscrowRejected, EscrowUnavailable
-from agent.https import CONNECT_TIMEOUT, HttpError, NotSent, Origin, Response
-from escrow.core import failover, protocol
-from escrow.core.failover import Failure
-from escrow.core.plaintext import plain
+from escrow.core import answers, failover, protocol
+from escrow.core.answers import Kind
+from escrow.core.errors import EscrowError
+from escrow.core.failover import Failure, MovesOn, failed
 from escrow.core.protocol import (
     HPKE,
     DepositResponse,
@@ -48,6 +47,7 @@ from escrow.core.protocol import (
 )
 from escrow.core.tls import client_context
 from escrow.core.unlockkey import UnlockKey
+from escrow.https import CONNECT_TIMEOUT, HttpError, NotSent, Origin, Response
 
 M = TypeVar("M", bound=BaseModel)
 T = TypeVar("T")
@@ -55,6 +55,7 @@ T = TypeVar("T")
 # How much longer than the wait it asks for a long poll may take to be answered.
 POLL_SLACK = 30.0
 UNREACHABLE_HINT = "check the escrow service and the network"
+RETRY_HINT = "the agent retries by itself once the escrow recovers"
 
 
 def _cert_der(cert_pem: str) -> bytes:
@@ -67,18 +68,13 @@ def parse_answer(status: int, text: str, model: type[M], url: str = "") -> M:
     escrow (or a proxy in between) sent, nothing else is raised; what an error quotes of it
     is plain text (escrow.core.plaintext.plain), for the journal and the operator's terminal.
     ``url``, if given, is named as the escrow that answered."""
-    if status >= 500:
-        where = f" at {url}" if url else ""
-        raise EscrowUnavailable(plain(f"the escrow{where} cannot serve now ({status}): "
-                                      f"{_error_message(text)}"),
-                                "the agent retries by itself once the escrow recovers")
-    if status >= 400:
-        try:
-            error = json.loads(text)
-            raise EscrowRejected(status, plain(error.get("error", "")),
-                                 plain(error.get("message", "")), plain(error.get("hint", "")))
-        except (ValueError, AttributeError, RecursionError):
-            raise EscrowRejected(status, "unknown", plain(text[:200])) from None
+    seen = answers.kind(status)
+    if seen is Kind.UNAVAILABLE:
+        raise EscrowUnavailable(answers.cannot_serve(url, status, answers.error_body(text)),
+                                RETRY_HINT)
+    if seen is not Kind.ANSWER:  # a rate limit among them: agent/decision.py tells it apart
+        body = answers.error_body(text)
+        raise EscrowRejected(status, body.reason, body.message, body.hint)
     try:
         return model.model_validate_json(text)
     except ValidationError:
@@ -93,14 +89,6 @@ class Offer:
     url: str
     info: InfoResponse
     key: bytes  # the raw X25519 public key
-
-
-class _MovesOn(Exception):
-    """An attempt failed at one URL in a way that lets the call go on at the next one."""
-
-    def __init__(self, error: EscrowUnavailable) -> None:
-        super().__init__(error.message)
-        self.error = error
 
 
 @dataclass(frozen=True)
@@ -164,14 +152,14 @@ class EscrowClient:
         seconds = self._call_timeout if seconds is None else seconds
         deadline = asyncio.get_running_loop().time() + seconds
         order = self._replicas.order()
-        failures: list[EscrowUnavailable] = []
+        failures: list[EscrowError] = []
         for index in order:
             at = _At(index, self._replicas.urls[index], deadline)
             if at.left() <= 0:
                 break
             try:
                 result = await call(at)
-            except _MovesOn as moved:
+            except MovesOn as moved:
                 failures.append(moved.error)
                 continue
             except AgentError:
@@ -188,7 +176,7 @@ class EscrowClient:
     async def _attempt(self, at: _At, method: str, path: str, model: type[M],
                        body: BaseModel | None = None, *, timeout: float | None = None,
                        repeatable: bool | None = None) -> M:
-        """One request at ``at``: the answer as ``model``; _MovesOn if it failed in a way that
+        """One request at ``at``: the answer as ``model``; MovesOn if it failed in a way that
         lets the call go on at the next URL, AgentError otherwise. ``repeatable`` (GETs by
         default): sending the request twice does no more than sending it once."""
         seconds = max(0.0, min(self._timeout if timeout is None else timeout, at.left()))
@@ -197,17 +185,17 @@ class EscrowClient:
         try:
             answer = await self._send(at.index, method, path, data, seconds)
         except NotSent as exc:
-            raise _failed(_unreachable(at.url, exc.__cause__ or exc, seconds),
-                          Failure.NOT_SENT, again) from None
+            raise failed(_unreachable(at.url, exc.__cause__ or exc, seconds),
+                         Failure.NOT_SENT, repeatable=again) from None
         except (HttpError, OSError) as exc:
-            raise _failed(_unreachable(at.url, exc, seconds), Failure.NO_ANSWER,
-                          again) from None
+            raise failed(_unreachable(at.url, exc, seconds), Failure.NO_ANSWER,
+                         repeatable=again) from None
         try:
             return parse_answer(answer.status, answer.body.decode("utf-8", "replace"), model,
                                 at.url)
         except EscrowUnavailable as exc:
             if answer.status == failover.UNAVAILABLE_STATUS:
-                raise _failed(exc, Failure.UNAVAILABLE, again) from None
+                raise failed(exc, Failure.UNAVAILABLE, repeatable=again) from None
             raise
 
     async def _send(self, index: int, method: str, target: str, data: bytes | None,
@@ -334,43 +322,8 @@ class EscrowClient:
         await self._round(at_one, within)
 
 
-def _failed(error: EscrowUnavailable, failure: Failure, repeatable: bool) -> Exception:
-    """What an attempt that failed so raises: the error, or _MovesOn carrying it."""
-    return _MovesOn(error) if failover.moves_on(failure, repeatable=repeatable) else error
-
-
 def _unreachable(url: str, exc: BaseException, seconds: float) -> EscrowUnavailable:
     """Why the escrow at ``url`` gave no answer within ``seconds``."""
-    if isinstance(exc, ssl.SSLCertVerificationError):
-        return _certificate_problem(url, exc)
-    if isinstance(exc, TimeoutError) and exc.errno is None:  # ours, not the kernel's ETIMEDOUT
-        return EscrowUnavailable(f"the escrow at {url} did not answer within "
-                                 f"{round(seconds, 2):g} s", UNREACHABLE_HINT)
-    return EscrowUnavailable(plain(f"the escrow at {url} is unreachable: "
-                                   f"{type(exc).__name__}: {exc}"), UNREACHABLE_HINT)
-
-
-def _error_message(text: str) -> str:
-    """The message of the escrow's JSON error body, or the start of whatever came instead
-    (a proxy's HTML page, say), as plain text."""
-    try:
-        error = json.loads(text)
-        return plain(f"{error['error']}: {error['message']}")
-    except (ValueError, TypeError, KeyError, RecursionError):
-        return plain(text[:200])
-
-
-# OpenSSL's X509_V_ERR_CERT_NOT_YET_VALID and X509_V_ERR_CERT_HAS_EXPIRED
-_CLOCK_ERRORS = {9: "is not valid yet", 10: "has expired"}
-
-
-def _certificate_problem(url: str, exc: ssl.SSLCertVerificationError) -> EscrowUnavailable:
-    code = exc.verify_code
-    if code in _CLOCK_ERRORS:
-        return EscrowUnavailable(
-            f"the TLS certificate of the escrow at {url} {_CLOCK_ERRORS[code]} by this host's "
-            f"clock ({datetime.now(UTC):%Y-%m-%d %H:%M:%S} UTC): this clock or the escrow's is "
-            "wrong", "compare both clocks (`timedatectl`) and synchronise them (NTP)")
-    return EscrowUnavailable(plain(f"the escrow at {url} presented a certificate this agent "
-                                   f"does not trust: {exc.verify_message}"),
-                             "check escrow_ca in the agent's config")
+    return EscrowUnavailable(*answers.no_answer(
+        url, exc, seconds, client="this agent", ca_setting=CA_SETTING, hint=UNREACHABLE_HINT,
+        now=datetime.now(UTC)))

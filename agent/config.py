@@ -1,4 +1,6 @@
-"""The agent's settings: /etc/unseal-agent/config.toml, each key also a command-line flag.
+"""The agent's settings: /etc/unseal-agent/config.toml, each key also a command-line flag
+(--escrow-url) and an environment variable (UNSEAL_AGENT_ESCROW_URL); a flag wins over the
+variable, the variable over the file.
 
     escrow_url              https://escrow.example:8443  (required); several replicas of the
                             escrow in order of preference: a list in the file
@@ -40,7 +42,7 @@ from __future__ import annotations
 import os
 import pwd
 import stat
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -49,6 +51,7 @@ from agent.errors import AgentError
 from escrow.core import failover, tomlfile
 
 DEFAULT_CONFIG = Path("/etc/unseal-agent/config.toml")
+ENV_PREFIX = "UNSEAL_AGENT_"
 # Where an agent's user gives the escrow's CA, for the errors that name it.
 CA_SETTING = "escrow_ca in the agent's config, or --escrow-ca"
 
@@ -82,7 +85,16 @@ class AgentConfig:
 
 
 _KNOWN = {f.name: f for f in fields(AgentConfig)}
-_SECONDS = {name for name in _KNOWN if name.endswith("_seconds")}
+SETTINGS = tuple(_KNOWN)
+SECONDS = frozenset(name for name in _KNOWN if name.endswith("_seconds"))
+
+
+def flag_name(setting: str) -> str:
+    return "--" + setting.replace("_", "-")
+
+
+def env_name(setting: str) -> str:
+    return ENV_PREFIX + setting.upper()
 # The server holds a long poll for at most 60 s; anything longer is a typo, not a choice. A
 # heartbeat's interval is bounded by what the escrow accepts (HeartbeatRequest).
 _LIMITS = {"docker_poll_seconds": (0.05, 10.0), "key_check_seconds": (1.0, 3600.0),
@@ -103,7 +115,7 @@ def _check(source: str, key: str, value: Any) -> Any:
     if key not in _KNOWN:
         raise AgentError(f"{source}: unknown setting {key!r}",
                          f"known settings: {', '.join(_KNOWN)}")
-    if key in _SECONDS:
+    if key in SECONDS:
         low, high = _LIMITS[key]
         if isinstance(value, bool) or not isinstance(value, int | float) or not (
                 low <= value <= high):
@@ -188,8 +200,10 @@ def check_file(path: Path, what: str, file_mode: str) -> None:
                          f"chown root:root {place}; chmod go-w {place}")
 
 
-def load(path: Path | None, overrides: Mapping[str, Any]) -> AgentConfig:
-    """Read the file (if it exists, or fail if it was named explicitly) and apply flags."""
+def load(path: Path | None, overrides: Mapping[str, Any],
+         from_environment: Collection[str] = ()) -> AgentConfig:
+    """Read the file (if it exists, or fail if it was named explicitly) and apply flags (or
+    environment variables: those named in ``from_environment``, for the errors)."""
     values: dict[str, Any] = {}
     source = path or DEFAULT_CONFIG
     document = tomlfile.read(source, "the config file", "it must be a regular file the agent "
@@ -200,12 +214,14 @@ def load(path: Path | None, overrides: Mapping[str, Any]) -> AgentConfig:
     if document is not None:
         check_file(source, "the config file", "0600")
         values = {key: _check(str(source), key, value) for key, value in document.items()}
-    values.update({key: _check("--" + key.replace("_", "-"), key, value)
+    values.update({key: _check(env_name(key) if key in from_environment else flag_name(key),
+                               key, value)
                    for key, value in overrides.items() if value is not None})
     for required in ("escrow_url", "escrow_ca"):
         if required not in values:
             raise AgentError(f"{required} is not set",
-                             f"set it in {source} or pass --{required.replace('_', '-')}")
+                             f"set it in {source}, pass {flag_name(required)} or set "
+                             f"{env_name(required)}")
     if values.get("agent_key_pkcs11_module") and not values.get("agent_key_pkcs11_token"):
         raise AgentError("agent_key_pkcs11_module is set but agent_key_pkcs11_token is not",
                          "name the token that holds (or will hold) the agent key")

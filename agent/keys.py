@@ -11,6 +11,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from agent.config import AgentConfig
 from agent.errors import AgentError
+from escrow.core.files import write_atomic
 from escrow.core.hsm import HsmSettings, Pin, credential_pin, read_pin_file
 
 PIN_CREDENTIAL = "agent-key-pin"
@@ -77,9 +78,9 @@ def load_file(path: Path) -> ec.EllipticCurvePrivateKey:
 def _create_file(path: Path) -> ec.EllipticCurvePrivateKey:
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     key = ec.generate_private_key(ec.SECP256R1())
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(key.private_bytes(serialization.Encoding.PEM,
-                                       serialization.PrivateFormat.PKCS8,
-                                       serialization.NoEncryption()))
+    # Unencrypted: the agent starts unattended; the file's mode and the unit's sandbox guard it
+    # (docs/threat-model.md), or a token holds the key instead.
+    write_atomic(path, key.private_bytes(serialization.Encoding.PEM,
+                                         serialization.PrivateFormat.PKCS8,
+                                         serialization.NoEncryption()), new=True)
     return key

@@ -1,6 +1,6 @@
 """A booted Debian box with a real systemd as PID 1, to prove our units where operators run them.
 
-The recipe is DESIGN section 6, "A real systemd for tests": a debootstrap image cached as a
+The recipe is docs/design.md, "The lab": a debootstrap image cached as a
 tarball under /var/tmp, unpacked afresh for every box and booted with `systemd-nspawn -b` on an
 overlay root (so every boot starts from the pristine image; a box made with `rebootable=True`
 writes into its own unpacked copy instead, so that `reboot()` finds what was installed), loopback

@@ -119,7 +119,7 @@ def build_wheels(out: Path) -> Path:
 
 def binds(wheels: Path) -> dict[Path, str]:
     """What a box needs from the host for `install`."""
-    return {wheels: "/root/wheels", REPO / "systemd": "/root/systemd"}
+    return {wheels: "/root/wheels"}
 
 
 # Tests and benchmarks unlock one node far more often than the default of 10 unseal requests

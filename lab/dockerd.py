@@ -4,7 +4,7 @@ It never touches the host's network: no bridge, no iptables, no masquerading. Wi
 namespace the swarm listens on 127.0.0.1; with one (see netlab.py) the daemon runs inside it under
 a hostname of its own and the swarm listens on the namespace's address. The API socket stays on
 the host's filesystem either way. Stopping it waits for the daemon to exit; removing it also
-unmounts what it left under its directory and removes the directory (DESIGN section 6).
+unmounts what it left under its directory and removes the directory (docs/design.md, "The lab").
 """
 
 from __future__ import annotations
@@ -145,8 +145,8 @@ class Dockerd:
                                listen_addr=f"{address}:{self.swarm_port}",
                                advertise_addr=address)
             except docker.errors.APIError as error:
-                # A first join has been seen to time out (DESIGN section 6). dockerd keeps on
-                # trying in the background, so leave that attempt before making a fresh one.
+                # A first join has been seen to time out (docs/design.md, "The lab"). dockerd
+                # keeps on trying in the background, so leave that attempt before a fresh one.
                 if attempt or "Timeout was reached" not in str(error):
                     raise
                 self.leave(force=True)

@@ -3,7 +3,7 @@
 The bridge lives in the hub rather than in the host's namespace so that the host's network and
 firewall are never touched (a FORWARD policy of DROP set by some other dockerd would also cut a
 host bridge). Names carry a random suffix, so parallel runs and leftovers of killed runs never
-collide. close() leaves nothing behind and says so, or raises (DESIGN section 6).
+collide. close() leaves nothing behind and says so, or raises (docs/design.md, "The lab").
 """
 
 from __future__ import annotations

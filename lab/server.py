@@ -88,7 +88,8 @@ class EscrowProcess:
 
     def custodian(self, name: str) -> Path:
         """Make and register a custodian; return their private key path."""
-        private, public = custodian_keys.generate(PASSPHRASE.encode())
+        # One bcrypt round: a throwaway key, opened by hundreds of the suite's commands.
+        private, public = custodian_keys.generate(PASSPHRASE.encode(), kdf_rounds=1)
         key = self.base / name
         key.write_bytes(private)
         key.chmod(0o600)

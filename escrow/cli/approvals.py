@@ -80,7 +80,12 @@ def _approvers(p: PendingRequest) -> str:
 def requests(url: str, ca: Path, key: Path, passphrase_file: Path | None,
              as_json: bool) -> None:
     """Pending unseal requests, by cluster; says when several managers of one cluster locked
-    together (a power cut), which `escrow approve --cluster C --all` approves at once."""
+    together (a power cut), which `escrow approve --cluster C --all` approves at once.
+
+    \b
+    Example:
+      escrow requests --url https://escrow.example:8443 --ca ca.pem --key alice.key
+    """
     pending = custodian_client(url, ca, key, passphrase_file).call("GET", "/v1/requests", _PENDING)
     if as_json:
         print_json([p.model_dump() for p in pending])
@@ -183,7 +188,13 @@ def _approve_cluster(client: CustodianClient, cluster_id: str, yes: bool) -> Non
 def approve(url: str, ca: Path, key: Path, passphrase_file: Path | None,
             request_id: str | None, cluster_id: str | None, every: bool, yes: bool) -> None:
     """Approve REQUEST_ID, or with --cluster C --all every pending request of C: releases your
-    share of the key to those nodes."""
+    share of the key to those nodes.
+
+    \b
+    Example:
+      escrow approve r-...                        # shows the request, asks, signs, releases
+      escrow approve --cluster CLUSTER_ID --all   # after a power cut: every manager, asked once
+    """
     if request_id is not None and (cluster_id or every):
         raise click.UsageError("give REQUEST_ID or --cluster C --all, not both")
     if request_id is None and not (cluster_id and every):
@@ -203,7 +214,12 @@ def approve(url: str, ca: Path, key: Path, passphrase_file: Path | None,
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation (scripts).")
 def deny(url: str, ca: Path, key: Path, passphrase_file: Path | None, request_id: str,
          reason: str, yes: bool) -> None:
-    """Deny REQUEST_ID: the node gets nothing more for this request."""
+    """Deny REQUEST_ID: the node gets nothing more for this request.
+
+    \b
+    Example:
+      escrow deny r-... --reason "not a planned restart"
+    """
     reason = checked_text(reason, "--reason", 500)
     client = custodian_client(url, ca, key, passphrase_file)
     view = _find(client, request_id)
@@ -223,7 +239,12 @@ def share() -> None:
 @connection_options
 @click.option("--cluster", "cluster_id", required=True, help="Swarm cluster id.")
 def export(url: str, ca: Path, key: Path, passphrase_file: Path | None, cluster_id: str) -> None:
-    """Print your share of the newest key version as a SLIP-39 mnemonic: write it on paper."""
+    """Print your share of the newest key version as a SLIP-39 mnemonic: write it on paper.
+
+    \b
+    Example:
+      escrow share export --cluster CLUSTER_ID    # then clear the terminal
+    """
     client = custodian_client(url, ca, key, passphrase_file)
     ephemeral = X25519PrivateKey.generate()
     released = client.call("POST", "/v1/shares/export", ReleasedShare, ShareExportRequest(

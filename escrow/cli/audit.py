@@ -132,7 +132,13 @@ def verify(data_dir: Path, as_json: bool, archives: tuple[Path, ...]) -> None:
     """Check the whole chain; name every edited, deleted or reordered record.
 
     Once records were archived, the database's chain starts at the archive checkpoint, and
-    `--archive FILE ...` checks the archives with it."""
+    `--archive FILE ...` checks the archives with it.
+
+    \b
+    Example:
+      escrow audit verify
+      escrow audit verify --archive audit-2026-09-01.jsonl --archive audit-2026-12-01.jsonl
+    """
     store = open_store(config.load(data_dir))
     try:
         checked, read, latest = _verify(store, archives)
@@ -186,7 +192,12 @@ def verify(data_dir: Path, as_json: bool, archives: tuple[Path, ...]) -> None:
 @click.option("--limit", type=click.IntRange(min=1), default=50, show_default=True,
               help="Newest records to show.")
 def show(data_dir: Path, as_json: bool, cluster_id: str | None, limit: int) -> None:
-    """Show the newest audit records."""
+    """Show the newest audit records.
+
+    \b
+    Example:
+      escrow audit show --cluster CLUSTER_ID --limit 20
+    """
     store = open_store(config.load(data_dir))
     try:
         records = store.latest_audit(limit, cluster_id or None)
@@ -337,7 +348,12 @@ def archive(data_dir: Path, before: datetime | None, keep_days: float | None, ou
     and synced before anything is deleted; the database keeps a checkpoint so that `escrow
     audit verify` still checks its chain, and `--archive FILE` checks the archives with it.
     Records younger than 7 days are never archived; a chain that does not verify is not
-    archived. Safe while `escrow serve` runs (but not with --vacuum)."""
+    archived. Safe while `escrow serve` runs (but not with --vacuum).
+
+    \b
+    Example:
+      escrow audit archive --keep-days 90 --out audit-$(date +%F).jsonl
+    """
     cutoff = _cutoff(before, keep_days, now())
     if out.exists():
         raise InputError(f"{out} already exists", "choose a new file name")

@@ -25,6 +25,10 @@ def backup(data_dir: Path, out: Path) -> None:
     must not let anyone pass for the escrow; a restore issues a new one. For an escrow on
     PostgreSQL (store.url) the database is not included either: back it up with pg_dump
     (README). Safe while `escrow serve` runs.
+
+    \b
+    Example:
+      escrow backup --out escrow.backup           # back the token and its PIN up apart
     """
     settings = config.load(data_dir)
     store = open_store(settings)
@@ -59,6 +63,10 @@ def restore(data_dir: Path, source: Path) -> None:
     The directory must not hold an escrow yet. Every file is checked against the backup's
     manifest and the audit chain is verified before anything is written. Bring the token back
     (same module, label and PIN in escrow.toml) before `escrow serve`.
+
+    \b
+    Example:
+      escrow restore --data-dir /var/lib/escrow --from escrow.backup
     """
     manifest = backups.restore(source, data_dir.absolute(), now, actor())
     click.echo(f"restored {data_dir} from {source} (made {manifest.created_at}; audit log of "

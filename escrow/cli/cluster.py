@@ -66,7 +66,13 @@ def _deny_window(seconds: int) -> str:
 @_no_paper
 def add(data_dir: Path, cluster_id: str, root_ca: Path, threshold: int, slots: str,
         allow_no_paper_recovery: bool) -> None:
-    """Register swarm CLUSTER_ID with its root CA and policy."""
+    """Register swarm CLUSTER_ID with its root CA and policy.
+
+    \b
+    Example:
+      escrow cluster add CLUSTER_ID --root-ca /srv/swarm-root-ca.crt \\
+          --threshold 2 --slots auto,auto,alice,bob,carol   # auto unseal; any two recover
+    """
     # The id's own rule (escrow.identity) comes next; this one also refuses a trailing newline.
     checked_text(cluster_id, "CLUSTER_ID", 1000, min_length=0)
     checked_text(slots, "--slots", 4096, min_length=0)
@@ -89,6 +95,11 @@ def set_policy(data_dir: Path, cluster_id: str, threshold: int, slots: str,
     """Change the policy for key versions deposited from now on.
 
     Existing versions keep the shares they were split into: rotate the unlock key to re-split.
+
+    \b
+    Example:
+      escrow cluster set-policy CLUSTER_ID --threshold 3 --slots auto,auto,alice,bob,carol
+      unseal-agent rotate                         # on a manager: re-split under the new policy
     """
     checked_text(slots, "--slots", 4096, min_length=0)
     with open_vault(data_dir) as (_, vault):
@@ -103,7 +114,12 @@ def set_policy(data_dir: Path, cluster_id: str, threshold: int, slots: str,
 @data_dir_option
 @json_option
 def list_(data_dir: Path, as_json: bool) -> None:
-    """List registered clusters."""
+    """List registered clusters.
+
+    \b
+    Example:
+      escrow cluster list --json
+    """
     with open_vault(data_dir) as (_, vault):
         rows = [_describe(r) for r in vault.store.list_clusters()]
     if as_json:
@@ -121,7 +137,12 @@ def list_(data_dir: Path, as_json: bool) -> None:
 @json_option
 @click.argument("cluster_id")
 def show(data_dir: Path, as_json: bool, cluster_id: str) -> None:
-    """Show one cluster: policy, root CA and key versions."""
+    """Show one cluster: policy, root CA and key versions.
+
+    \b
+    Example:
+      escrow cluster show CLUSTER_ID
+    """
     with open_vault(data_dir) as (_, vault):
         info = _describe(vault.store.get_cluster(cluster_id))
         info["key_versions"] = [v.version for v in vault.store.list_key_versions(cluster_id)]
@@ -150,6 +171,10 @@ def set_(data_dir: Path, cluster_id: str, approve_after: str) -> None:
 
     With one, anyone holding a manager's identity who can wait out the delay while no
     custodian is watching unlocks it (docs/threat-model.md, "The deny window").
+
+    \b
+    Example:
+      escrow cluster set CLUSTER_ID --approve-after 15m    # 1m to 24h, or off
     """
     checked_text(cluster_id, "CLUSTER_ID", 1000, min_length=0)
     seconds = (0 if approve_after.strip().lower() == "off"

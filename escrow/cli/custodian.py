@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import getpass
-import os
 import sys
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from escrow.cli.context import (
     table,
 )
 from escrow.core.errors import InputError
+from escrow.core.files import write_atomic
 
 
 @click.group()
@@ -41,12 +41,10 @@ def read_passphrase(passphrase_file: Path | None, *, confirm: bool) -> bytes:
 
 def _write_new(path: Path, data: bytes, mode: int) -> None:
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+        write_atomic(path, data, mode, new=True)
     except FileExistsError:
         raise InputError(f"{path} already exists", "choose another --out; never overwrite a "
                          "key that may still be registered") from None
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(data)
 
 
 @custodian.command()
@@ -83,7 +81,12 @@ def keygen(out: Path, passphrase_file: Path | None) -> None:
 @click.option("--public-key", required=True, type=click.Path(path_type=Path),
               help="The custodian's FILE.pub from `escrow custodian keygen`.")
 def add(data_dir: Path, name: str, public_key: Path) -> None:
-    """Register custodian NAME with their public key."""
+    """Register custodian NAME with their public key.
+
+    \b
+    Example:
+      escrow custodian add alice --public-key alice.key.pub
+    """
     # The name's own rule (escrow.policy) comes next; this one also refuses a trailing newline.
     checked_text(name, "NAME", 1000, min_length=0)
     with open_vault(data_dir) as (_, vault):
@@ -95,7 +98,12 @@ def add(data_dir: Path, name: str, public_key: Path) -> None:
 @data_dir_option
 @json_option
 def list_(data_dir: Path, as_json: bool) -> None:
-    """List registered custodians."""
+    """List registered custodians.
+
+    \b
+    Example:
+      escrow custodian list
+    """
     with open_vault(data_dir) as (_, vault):
         records = vault.store.list_custodians()
         clusters = vault.store.list_clusters()
@@ -113,7 +121,12 @@ def list_(data_dir: Path, as_json: bool) -> None:
 @data_dir_option
 @click.argument("name")
 def remove(data_dir: Path, name: str) -> None:
-    """Remove custodian NAME (refused while a cluster's policy names them)."""
+    """Remove custodian NAME (refused while a cluster's policy names them).
+
+    \b
+    Example:
+      escrow custodian remove alice               # refused while a policy names alice
+    """
     with open_vault(data_dir) as (_, vault):
         vault.remove_custodian(name)
     click.echo(f"custodian {name!r} removed")

@@ -126,7 +126,13 @@ def verify(url: str, ca: Path, key: Path, passphrase_file: Path | None, cluster_
            version: int | None) -> None:
     """Prove that your paper share matches the escrow's copy, without sending it.
 
-    Type the share at the prompt (no echo), or pipe it in."""
+    Type the share at the prompt (no echo), or pipe it in.
+
+    \b
+    Example:
+      escrow share verify --cluster CLUSTER_ID    # type the share at the prompt (no echo)
+      escrow share verify --cluster CLUSTER_ID --version 3   # only that key version
+    """
     path = drills_path(cluster_id)
     share = parse_paper(read_mnemonic())  # a typo is told before anything is sent
     client = custodian_client(url, ca, key, passphrase_file)
@@ -155,7 +161,12 @@ def verify(url: str, ca: Path, key: Path, passphrase_file: Path | None, cluster_
 @json_option
 def drills(url: str, ca: Path, key: Path, passphrase_file: Path | None, cluster_id: str,
            as_json: bool) -> None:
-    """Each custodian's last successful share drill, per retained key version."""
+    """Each custodian's last successful share drill, per retained key version.
+
+    \b
+    Example:
+      escrow share drills --cluster CLUSTER_ID    # each custodian slot: its last drill, or never
+    """
     path = drills_path(cluster_id)
     listing = custodian_client(url, ca, key, passphrase_file).call("GET", path, ShareDrills)
     now = datetime.now(UTC)

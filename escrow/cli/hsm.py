@@ -28,7 +28,12 @@ def hsm() -> None:
 def rewrap(data_dir: Path, to_label: str) -> None:
     """Re-wrap every share under a new wrapping key, all or nothing, and make escrow.toml name
     it. The escrow must be stopped. The old key stays in the token until `escrow hsm
-    destroy-key`."""
+    destroy-key`.
+
+    \b
+    Example:
+      escrow hsm rewrap --to-label escrow-wrap-202612    # with the escrow stopped
+    """
     settings = config.load(data_dir)
     override = config.env_override("hsm", "key_label")
     if override:
@@ -66,7 +71,12 @@ def rewrap(data_dir: Path, to_label: str) -> None:
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
 def destroy_key(data_dir: Path, label: str, yes: bool) -> None:
     """Destroy a wrapping key that no share needs any more. Irreversible: backups taken before
-    the re-wrap can no longer be opened."""
+    the re-wrap can no longer be opened.
+
+    \b
+    Example:
+      escrow hsm destroy-key escrow-wrap          # the old label, after a backup of the re-wrap
+    """
     settings = config.load(data_dir)
     if label == settings.hsm.key_label:
         raise Conflict(f"{label!r} is the wrapping key the escrow uses now",

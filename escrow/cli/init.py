@@ -165,6 +165,11 @@ def init(data_dir: Path, hsm_module: str | None, hsm_token: str | None,
 
     With --join, the data directory of another replica of an escrow on PostgreSQL: its own
     config and TLS certificate, the same store and wrapping key.
+
+    \b
+    Example:
+      escrow init --data-dir ./escrow-data        # embedded SoftHSM: for trying it out
+      escrow init --hsm-module /usr/lib/your-hsm/pkcs11.so --hsm-token escrow --hsm-pin-file hsm-pin
     """
     data_dir = data_dir.absolute()
     if data_dir.exists() and not data_dir.is_dir():

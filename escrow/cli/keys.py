@@ -26,7 +26,12 @@ _cluster = click.option("--cluster", "cluster_id", required=True, help="Swarm cl
 @data_dir_option
 @_cluster
 def deposit(data_dir: Path, cluster_id: str) -> None:
-    """Escrow an unlock key read from standard input (`docker swarm unlock-key -q | ...`)."""
+    """Escrow an unlock key read from standard input (`docker swarm unlock-key -q | ...`).
+
+    \b
+    Example:
+      docker swarm unlock-key -q | escrow deposit --cluster CLUSTER_ID
+    """
     with open_vault(data_dir) as (_, vault):
         vault.store.get_cluster(cluster_id)
         try:
@@ -53,7 +58,12 @@ def key() -> None:
 @json_option
 @_cluster
 def list_(data_dir: Path, as_json: bool, cluster_id: str) -> None:
-    """Key versions of a cluster, newest first."""
+    """Key versions of a cluster, newest first.
+
+    \b
+    Example:
+      escrow key list --cluster CLUSTER_ID
+    """
     with open_vault(data_dir) as (settings, vault):
         history = vault.history(cluster_id, timedelta(days=settings.retention_days))
     rows = [{
@@ -89,6 +99,10 @@ def prune(data_dir: Path, cluster_id: str, retention_days: float | None, dry_run
     The newest version is never destroyed, nor a version that an enrolled node last unlocked
     with. A manager that was down during a rotation needs the version it was locked with: keep
     the retention longer than any planned outage.
+
+    \b
+    Example:
+      escrow key prune --cluster CLUSTER_ID --dry-run    # say what would go; destroy nothing
     """
     with open_vault(data_dir) as (settings, vault):
         days = settings.retention_days if retention_days is None else retention_days

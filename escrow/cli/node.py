@@ -32,7 +32,12 @@ def node() -> None:
 @json_option
 def list_(data_dir: Path, as_json: bool) -> None:
     """List enrolled nodes, with what their heartbeats say: unlocked, locked, or unreachable
-    (no beat for three of the node's intervals, or its agent said goodbye)."""
+    (no beat for three of the node's intervals, or its agent said goodbye).
+
+    \b
+    Example:
+      escrow node list --json
+    """
     with open_vault(data_dir) as (_, vault):
         nodes = vault.store.list_nodes()
         beats = vault.store.latest_heartbeats()
@@ -70,7 +75,12 @@ def _set(data_dir: Path, cluster_id: str, node_id: str, status: NodeStatus,
 @click.argument("node_id")
 @click.option("--reason", default="", help="Why, for the audit log.")
 def revoke(data_dir: Path, cluster_id: str, node_id: str, reason: str) -> None:
-    """Revoke NODE_ID: it gets nothing, and its pending requests end."""
+    """Revoke NODE_ID: it gets nothing, and its pending requests end.
+
+    \b
+    Example:
+      escrow node revoke --cluster CLUSTER_ID NODE_ID --reason "disk stolen"
+    """
     _set(data_dir, cluster_id, node_id, NodeStatus.REVOKED, reason)
     click.echo(f"node {plain(node_id)} revoked; rotate the unlock key if the node may be "
                "compromised")
@@ -82,6 +92,11 @@ def revoke(data_dir: Path, cluster_id: str, node_id: str, reason: str) -> None:
 @click.argument("node_id")
 @click.option("--reason", default="", help="Why, for the audit log.")
 def allow(data_dir: Path, cluster_id: str, node_id: str, reason: str) -> None:
-    """Re-admit a revoked or quarantined NODE_ID (shut a suspected copy down first)."""
+    """Re-admit a revoked or quarantined NODE_ID (shut a suspected copy down first).
+
+    \b
+    Example:
+      escrow node allow --cluster CLUSTER_ID NODE_ID --reason "the copy was shut down"
+    """
     _set(data_dir, cluster_id, node_id, NodeStatus.ACTIVE, reason)
     click.echo(f"node {plain(node_id)} re-admitted")

@@ -67,7 +67,13 @@ def _unlock(key: UnlockKey, docker_host: str) -> None:
 @click.option("--docker-host", default="unix:///var/run/docker.sock", show_default=True,
               help="dockerd's API socket, for --unlock.")
 def recover(unlock: bool, docker_host: str) -> None:
-    """Rebuild the SWMKEY-1-... key from SLIP-39 shares (offline disaster recovery)."""
+    """Rebuild the SWMKEY-1-... key from SLIP-39 shares (offline disaster recovery).
+
+    \b
+    Example:
+      escrow recover                              # prompts for shares without echo
+      escrow recover --unlock                     # on the locked manager; the key is not shown
+    """
     state = _from_terminal() if sys.stdin.isatty() else _from_stdin()
     key = shares.combine_set(state)
     if unlock:

@@ -56,7 +56,12 @@ def cannot_listen(listen: str, error: OSError) -> ConfigError:
 @click.option("--hsm-pin-file", type=click.Path(path_type=Path),
               help="File holding the token's user PIN (overrides the config).")
 def serve(data_dir: Path, listen: str | None, hsm_pin_file: Path | None) -> None:
-    """Serve the escrow API over TLS until SIGTERM or SIGINT."""
+    """Serve the escrow API over TLS until SIGTERM or SIGINT.
+
+    \b
+    Example:
+      escrow serve --listen 0.0.0.0:8443
+    """
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     for handler in logging.getLogger().handlers:
         # Every logger's quoted values, not only the server's: nothing a client sent can start

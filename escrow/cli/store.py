@@ -36,6 +36,11 @@ def copy(data_dir: Path, url: str, to_password_file: Path | None, switch: bool) 
     commits only once every table read back matches and the copied audit chain verifies,
     then a store.copied record is added. The escrow must be stopped. escrow.db is left as it
     was (its schema brought up to date first, as by any command).
+
+    \b
+    Example:
+      escrow store copy --to 'postgresql://escrow@db.example/escrow' \\
+          --to-password-file /etc/escrow/store-password --switch
     """
     # psycopg and its pool are for PostgreSQL escrows only: loaded by this command, not by
     # every `escrow` start.

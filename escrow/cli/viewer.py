@@ -38,7 +38,12 @@ def viewer() -> None:
               help="A new file to write the viewer's token to (mode 0600); give it to them "
                    "over a channel you trust.")
 def add(data_dir: Path, name: str, token_file: Path) -> None:
-    """Let viewer NAME read the status; their token goes to --token-file."""
+    """Let viewer NAME read the status; their token goes to --token-file.
+
+    \b
+    Example:
+      escrow viewer add oncall --token-file oncall.token   # give the file over a channel you trust
+    """
     checked_text(name, "NAME", 100)
     if token_file.exists():
         raise InputError(f"{token_file} already exists", "choose another --token-file; a token "
@@ -63,7 +68,12 @@ def add(data_dir: Path, name: str, token_file: Path) -> None:
 @data_dir_option
 @json_option
 def list_(data_dir: Path, as_json: bool) -> None:
-    """List the viewers (names and when they were added, never their tokens)."""
+    """List the viewers (names and when they were added, never their tokens).
+
+    \b
+    Example:
+      escrow viewer list
+    """
     with open_vault(data_dir) as (_, vault):
         rows = [{"name": v.name, "created_at": v.created_at} for v in vault.store.list_viewers()]
     if as_json:
@@ -76,7 +86,12 @@ def list_(data_dir: Path, as_json: bool) -> None:
 @data_dir_option
 @click.argument("name")
 def remove(data_dir: Path, name: str) -> None:
-    """Take viewer NAME's token back: the page and `escrow status` refuse it at once."""
+    """Take viewer NAME's token back: the page and `escrow status` refuse it at once.
+
+    \b
+    Example:
+      escrow viewer remove oncall
+    """
     with open_vault(data_dir) as (_, vault):
         vault.store.remove_viewer(name, AuditEvent("viewer.remove", actor(),
                                                    details={"name": name}))

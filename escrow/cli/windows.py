@@ -83,7 +83,13 @@ def _find(client: CustodianClient, window_id: str) -> WindowView:
 def open_(url: str, ca: Path, key: Path, passphrase_file: Path | None, cluster_id: str,
           nodes: tuple[str, ...], restarts: int, duration: str, reason: str, yes: bool) -> None:
     """Open a window: your signature approves up to RESTARTS unseal requests of these nodes
-    until it expires, as one approval of yours each."""
+    until it expires, as one approval of yours each.
+
+    \b
+    Example:
+      escrow window open --cluster CLUSTER_ID --node NODE_1 --node NODE_2 --restarts 2 --for 2h \\
+          --reason "kernel 6.18 patch night"      # shows what you sign, asks, signs
+    """
     validate_cluster_id(cluster_id)
     reason = checked_text(reason, "--reason", 500)
     if not 1 <= len(set(nodes)) == len(nodes) <= MAX_WINDOW_NODES:
@@ -118,7 +124,12 @@ def open_(url: str, ca: Path, key: Path, passphrase_file: Path | None, cluster_i
 @_yes
 def sign(url: str, ca: Path, key: Path, passphrase_file: Path | None, window_id: str,
          yes: bool) -> None:
-    """Co-sign WINDOW_ID as it is shown: one more approval of each request it approves."""
+    """Co-sign WINDOW_ID as it is shown: one more approval of each request it approves.
+
+    \b
+    Example:
+      escrow window sign w-...                    # a second custodian: one more approval
+    """
     client = custodian_client(url, ca, key, passphrase_file)
     shown = _find(client, window_id)
     _shown("co-sign", shown)
@@ -137,7 +148,12 @@ def sign(url: str, ca: Path, key: Path, passphrase_file: Path | None, window_id:
 @json_option
 def list_(url: str, ca: Path, key: Path, passphrase_file: Path | None, cluster_id: str,
           as_json: bool) -> None:
-    """Windows of the clusters where you hold a slot, newest first."""
+    """Windows of the clusters where you hold a slot, newest first.
+
+    \b
+    Example:
+      escrow window list --cluster CLUSTER_ID
+    """
     if cluster_id:
         validate_cluster_id(cluster_id)
     path = f"/v1/windows?cluster_id={cluster_id}" if cluster_id else "/v1/windows"
@@ -160,7 +176,12 @@ def list_(url: str, ca: Path, key: Path, passphrase_file: Path | None, cluster_i
 @_yes
 def close(url: str, ca: Path, key: Path, passphrase_file: Path | None, window_id: str,
           yes: bool) -> None:
-    """Close WINDOW_ID: it approves nothing more."""
+    """Close WINDOW_ID: it approves nothing more.
+
+    \b
+    Example:
+      escrow window close w-...                   # shows the window, asks, closes it
+    """
     client = custodian_client(url, ca, key, passphrase_file)
     shown = _find(client, window_id)
     _shown("close", shown)

@@ -23,6 +23,8 @@ from collections.abc import Sequence
 from enum import Enum
 from urllib.parse import urlsplit
 
+from escrow.core.errors import EscrowError
+
 # Only 503 says "not now, and nothing was done" (escrow/server/app.py answers it for an
 # unavailable token or database and while shutting down); a 500 may follow a partial change.
 UNAVAILABLE_STATUS = 503
@@ -40,6 +42,20 @@ def moves_on(failure: Failure, *, repeatable: bool) -> bool:
     """Whether the request goes on to the next URL. ``repeatable``: sending it twice does no
     more than sending it once (a GET, a fresh nonce, a result report)."""
     return failure is not Failure.NO_ANSWER or repeatable
+
+
+class MovesOn(Exception):
+    """An attempt failed at one URL in a way that lets the call go on at the next one;
+    ``error`` says how, for the call's error if no URL takes it."""
+
+    def __init__(self, error: EscrowError) -> None:
+        super().__init__(error.message)
+        self.error = error
+
+
+def failed(error: EscrowError, failure: Failure, *, repeatable: bool) -> Exception:
+    """What an attempt that failed as ``failure`` raises: ``error``, or MovesOn carrying it."""
+    return MovesOn(error) if moves_on(failure, repeatable=repeatable) else error
 
 
 class Replicas:

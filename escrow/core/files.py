@@ -54,7 +54,9 @@ def atomic_file(path: Path, mode: int = 0o600, *, new: bool = False) -> Iterator
         temporary.unlink(missing_ok=True)
 
 
-def write_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:
-    """Replace ``path`` with ``data`` as :func:`atomic_file` does."""
-    with atomic_file(path, mode) as handle:
+def write_atomic(path: Path, data: bytes, mode: int = 0o600, *, new: bool = False) -> None:
+    """Write ``data`` to ``path`` as :func:`atomic_file` does (with ``new``, never over an
+    existing file). Every key file is written so: a crash leaves the old file or the new one,
+    never half a key, and a new key never replaces one that may still be registered."""
+    with atomic_file(path, mode, new=new) as handle:
         handle.write(data)

@@ -18,6 +18,7 @@ import base64
 import binascii
 import hashlib
 from typing import Annotated, Literal, get_args
+from urllib.parse import quote
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, hpke, serialization
@@ -406,10 +407,36 @@ def _encodable(value: object) -> object:
 Text = Annotated[str, BeforeValidator(_encodable)]
 
 
+# Where the ``type`` of every problem points: under the reserved .invalid domain (RFC 6761)
+# the URI is absolute and unique per reason, as RFC 9457 asks, yet no one can ever serve
+# something else at it, and nothing resolves it by mistake (README, "The API").
+PROBLEM_TYPES = "https://swarm-unseal.invalid/problems/"
+PROBLEM_JSON = "application/problem+json"
+
+
+def problem_type(reason: str) -> str:
+    return PROBLEM_TYPES + quote(reason, safe="")
+
+
+def problem_title(reason: str) -> str:
+    """The title of a reason's problem type: the same for every occurrence (RFC 9457)."""
+    return reason.replace("_", " ").capitalize()
+
+
 class ErrorResponse(Answer):
-    error: Text
+    """Every error answer, as RFC 9457 problem details (application/problem+json): ``type``,
+    ``title``, ``status`` and ``detail``, with this escrow's ``error`` (the stable reason, the
+    last segment of ``type``), ``message`` (= ``detail``) and ``hint`` as extension members,
+    which agents and CLIs read."""
+
+    type: Text = Field(json_schema_extra={"format": "uri"},
+                       description=f"{PROBLEM_TYPES}<error>: the problem type")
+    title: Text = Field(description="the reason in words, the same for every occurrence")
+    status: int = Field(ge=400, le=599, description="the HTTP status of the answer")
+    detail: Text = Field(description="what happened this time (the same as message)")
+    error: Text = Field(description="the reason: a stable machine code")
     message: Text
-    hint: Text = ""
+    hint: Text = Field(description="what to do next (may be empty)")
 
 
 # -- what signatures cover ----------------------------------------------------------------

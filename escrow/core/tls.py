@@ -9,7 +9,6 @@ server.tls_cert / server.tls_key at certificates from its own CA.
 from __future__ import annotations
 
 import ipaddress
-import os
 import secrets
 import socket
 import ssl
@@ -22,6 +21,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from escrow.core.errors import ConfigError
+from escrow.core.files import write_atomic
 
 SERVER_DAYS = 825
 # Valid from an hour ago, as swarmkit does for node certificates: a client whose clock is
@@ -80,11 +80,9 @@ def make_quickstart_tls(directory: Path, names: list[str]) -> Path:
                            critical=False)
             .sign(ca_key, hashes.SHA256()))
     key_path = directory / "server.key"
-    fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(key.private_bytes(serialization.Encoding.PEM,
-                                       serialization.PrivateFormat.PKCS8,
-                                       serialization.NoEncryption()))
+    write_atomic(key_path, key.private_bytes(serialization.Encoding.PEM,
+                                             serialization.PrivateFormat.PKCS8,
+                                             serialization.NoEncryption()))
     (directory / "server.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     ca_path = directory / "ca.pem"
     ca_path.write_bytes(ca.public_bytes(serialization.Encoding.PEM))

@@ -118,11 +118,16 @@ def _status_of(error: EscrowError) -> int:
 
 
 def _error(status: int, code: str, message: str, hint: str = "",
-           retry_after: float | None = None) -> web.Response:
-    body = ErrorResponse(error=code, message=message, hint=hint).model_dump_json()
+           retry_after: float | None = None, title: str = "") -> web.Response:
+    """An error answer: RFC 9457 problem details, with ``code`` as the problem type's last
+    segment and as ``error``, which clients read (escrow.core.protocol.ErrorResponse)."""
+    body = ErrorResponse(type=protocol.problem_type(code),
+                         title=title or protocol.problem_title(code), status=status,
+                         detail=message, error=code, message=message, hint=hint)
     headers = {"Retry-After": str(max(1, math.ceil(retry_after)))} if retry_after else None
-    return web.Response(status=status, text=body, content_type="application/json",
-                        headers=headers)
+    # Bytes, so no charset parameter is added: application/problem+json defines none.
+    return web.Response(status=status, body=body.model_dump_json().encode(),
+                        content_type=protocol.PROBLEM_JSON, headers=headers)
 
 
 def _json(model: BaseModel | list[Any], status: int = 200) -> web.Response:
@@ -270,7 +275,8 @@ class EscrowServer:
             try:
                 response = await handler(request)
             except web.HTTPException as exc:
-                response = _error(exc.status, exc.reason.lower().replace(" ", "_"), exc.reason)
+                response = _error(exc.status, exc.reason.lower().replace(" ", "_"), exc.reason,
+                                  title=exc.reason)
                 if "Allow" in exc.headers:  # a 405 says which methods the path takes
                     response.headers["Allow"] = exc.headers["Allow"]
             except EscrowError as exc:

@@ -17,6 +17,7 @@ import pytest
 
 from escrow.core import shares
 from escrow.core.unlockkey import UnlockKey
+from escrow.custodian_keys import KDF_ROUNDS, openssh_kdf
 from lab.certs import make_node_cert, make_root_ca
 from lab.commands import REPO, run_escrow
 from tests.conftest import fails, ok
@@ -94,7 +95,8 @@ def test_keygen_writes_a_protected_key_and_never_overwrites(tmp_path: Path) -> N
             str(tmp_path / "pass"))
     ok(run_escrow(*args))
     assert stat.S_IMODE((tmp_path / "k").stat().st_mode) == 0o600
-    assert b"ENCRYPTED PRIVATE KEY" in (tmp_path / "k").read_bytes()
+    assert openssh_kdf((tmp_path / "k").read_bytes()) == (b"aes256-ctr", b"bcrypt",
+                                                          KDF_ROUNDS)
     fails(run_escrow(*args), 1, "already exists")
     (tmp_path / "short").write_text("short\n")
     fails(run_escrow("custodian", "keygen", "--out", str(tmp_path / "k2"), "--passphrase-file",
@@ -287,3 +289,4 @@ def test_recover_on_a_terminal_prompts_without_echo() -> None:
     assert key.swmkey() in text
     for mnemonic in mnemonics[:2]:
         assert " ".join(mnemonic.split()[4:8]) not in text
+

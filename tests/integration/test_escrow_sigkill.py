@@ -1,4 +1,4 @@
-"""Drill: a serving escrow SIGKILLed 50 times at random moments while agents enroll, deposit
+"""Drill: a serving escrow SIGKILLed 30 times at random moments while agents enroll, deposit
 and unseal over TLS.
 
 Every acknowledged enrollment and deposit survives, no key version is half-written, the audit
@@ -25,7 +25,7 @@ from lab.api import client, deposit, enroll, run, unseal
 from lab.server import BOOT_ID, Cluster, EscrowProcess, Node, make_escrow
 
 pytestmark = pytest.mark.slow
-KILLS = 50
+KILLS = 30
 
 
 @dataclass
@@ -89,7 +89,7 @@ def kill_repeatedly(escrow: EscrowProcess, cluster: Cluster, rng: random.Random
     return seen, downtime
 
 
-def test_an_escrow_killed_50_times_while_serving_loses_nothing_it_acknowledged(
+def test_an_escrow_killed_30_times_while_serving_loses_nothing_it_acknowledged(
         tmp_path: Path) -> None:
     # Every enrolled node deposits a key of its own: hundreds of versions in one cluster.
     escrow = make_escrow(tmp_path / "escrow", ESCROW_KEYS_MAX_VERSIONS="100000")

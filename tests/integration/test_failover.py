@@ -144,12 +144,15 @@ def test_the_custodian_cli_names_every_url_and_why_when_none_takes_the_request(
     code, _, err, bad = asyncio.run(scenario())
     assert code == 1
     assert "error: no URL of the escrow could take the request: " in err
-    assert f"cannot reach the escrow at {bad.dead}: " in err
-    assert f"cannot reach the escrow at {bad.untrusted}: " in err
-    assert "CERTIFICATE_VERIFY_FAILED" in err
+    assert f"the escrow at {bad.dead} is unreachable: " in err
+    assert (f"the escrow at {bad.untrusted} presented a certificate this command does not "
+            "trust: ") in err
     for url in bad.unavailable:
-        assert f"the escrow at {url} cannot serve now (503): the database is away" in err
-    assert "hint: check --url, --ca and that `escrow serve` runs; retry in a moment" in err
+        assert (f"the escrow at {url} cannot serve now (503): unhealthy: the database is "
+                "away") in err
+    assert ("hint: check --url, --ca and that `escrow serve` runs; check --ca / ESCROW_CA: "
+            "the escrow's tls/ca.pem, or the CA of its server.tls_cert; retry in a moment"
+            ) in err
 
 
 def test_agent_status_shows_every_url_and_the_one_that_answered(

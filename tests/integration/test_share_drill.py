@@ -9,7 +9,7 @@ import base64
 import json
 import os
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import closing
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -32,6 +32,7 @@ from escrow.core.protocol import (
 )
 from escrow.core.timestamps import timestamp
 from escrow.core.unlockkey import UnlockKey
+from escrow.https import Origin, Response
 from escrow.policy import Policy
 from escrow.store import ClusterRecord, DrillRecord, ShareRecord
 from escrow.store.sql import SqlStore
@@ -258,14 +259,14 @@ def test_the_share_never_leaves_the_custodian_s_machine(
     mnemonic = paper(escrow, "alice", cluster).strip()
     value = shares.parse_share(mnemonic, "alice").share.value
     sent: list[bytes] = []
-    exchange = api_client.ApiClient._exchange
+    send = api_client.ApiClient._send
 
-    def recorded(self: api_client.ApiClient, url: str, method: str, path: str,
-                 raw: bytes) -> tuple[int, str]:
+    async def recorded(self: api_client.ApiClient, origin: Origin, method: str, path: str,
+                       raw: bytes, headers: Sequence[tuple[str, str]]) -> Response:
         sent.append(f"{method} {path} ".encode() + raw)
-        return exchange(self, url, method, path, raw)
+        return await send(self, origin, method, path, raw, headers)
 
-    monkeypatch.setattr(api_client.ApiClient, "_exchange", recorded)
+    monkeypatch.setattr(api_client.ApiClient, "_send", recorded)
     result = CliRunner().invoke(cli, [
         "share", "verify", "--cluster", cluster.cluster_id, "--url", escrow.url, "--ca",
         str(escrow.ca), "--key", str(escrow.base / "alice"), "--passphrase-file",

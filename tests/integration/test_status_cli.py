@@ -68,7 +68,7 @@ def test_errors_exit_1_and_say_what_to_do(escrow: EscrowProcess, tmp_path: Path)
     token.chmod(0o600)
     fails(status(escrow, token, "--watch", "--json"), 1, "--watch")
     escrow.stop()
-    fails(status(escrow, token), 1, "cannot reach the escrow")
+    fails(status(escrow, token), 1, f"the escrow at {escrow.url} is unreachable: ")
 
 
 def test_watch_redraws_until_interrupted(escrow: EscrowProcess, tmp_path: Path) -> None:

@@ -1,4 +1,5 @@
-"""Our units under a real systemd 252 next to Debian's own docker.service (DESIGN section 6).
+"""Our units under a real systemd 252 next to Debian's own docker.service (docs/design.md,
+"The lab").
 
 The tests share one box and run in file order; each starts from the state it needs, and the
 last one reboots it. Debian's docker.service allows 3 starts in 60 s (StartLimitBurst=3): tests

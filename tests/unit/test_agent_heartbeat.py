@@ -26,7 +26,6 @@ from agent.config import AgentConfig
 from agent.docker_state import Docker
 from agent.errors import AgentError
 from agent.heartbeat import AGENT_VERSION, JITTER, Heartbeat, beat_request, lock_state, pause
-from agent.https import Response
 from agent.loaded_key import LoadedKey
 from agent.log import NodeLog
 from agent.parts import Parts
@@ -41,6 +40,7 @@ from escrow.core.protocol import (
     NonceResponse,
 )
 from escrow.core.states import LockState
+from escrow.https import Response
 from lab.certs import make_node_cert, make_root_ca
 
 AGENT_KEY = ec.generate_private_key(ec.SECP256R1())

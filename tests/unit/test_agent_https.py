@@ -1,8 +1,8 @@
-"""The agent's HTTPS transport (agent/https.py) and its client's failover between the escrow's
-URLs (agent/client.py) against real TLS servers on loopback that answer as the test scripts
-them (lab/stand_ins.py): kept connections, a server that drops them, oversized and broken
-answers, cancellation, a certificate this agent does not trust, requests that never left, and
-which failures move a call on to the next URL."""
+"""The agent's HTTPS transport (escrow/https.py, the CLI's too) and its client's failover
+between the escrow's URLs (agent/client.py) against real TLS servers on loopback that answer
+as the test scripts them (lab/stand_ins.py): kept connections, a server that drops them,
+oversized and broken answers, cancellation, a certificate this agent does not trust, requests
+that never left, and which failures move a call on to the next URL."""
 
 from __future__ import annotations
 
@@ -20,12 +20,12 @@ from agent import deposit_key
 from agent.client import EscrowClient
 from agent.config import CA_SETTING
 from agent.errors import EscrowRejected, EscrowUnavailable
-from agent.https import MAX_BODY, HttpError, NotSent, Origin
 from escrow.core import protocol
 from escrow.core.errors import ConfigError
 from escrow.core.protocol import HealthResponse
 from escrow.core.tls import client_context, make_quickstart_tls
 from escrow.core.unlockkey import UnlockKey
+from escrow.https import MAX_BODY, HttpError, NotSent, Origin
 from lab import stand_ins
 from lab.net import free_port
 from lab.stand_ins import UNAVAILABLE, Script, Server, always, reply
@@ -325,8 +325,9 @@ def test_when_no_url_takes_a_call_the_error_names_each_one_and_why(
         assert message.endswith(f"; the escrow at {second} cannot serve now (503): "
                                 "unhealthy: the database is away")
         assert caught.value.hint == ("check the escrow service and the network; check "
-                                     "escrow_ca in the agent's config; the agent retries by "
-                                     "itself once the escrow recovers")
+                                     f"{CA_SETTING}: the escrow's tls/ca.pem, or the CA of "
+                                     "its server.tls_cert; the agent retries by itself once "
+                                     "the escrow recovers")
     asyncio.run(main())
 
 

@@ -18,11 +18,11 @@ from agent import state as agent_state
 from agent.client import EscrowClient
 from agent.deposit import ensure_escrowed, pin_deposit_key
 from agent.errors import AgentError, DepositKeyMismatch, EscrowUnavailable
-from agent.https import Response
 from agent.state import AgentState
 from escrow.core import protocol
 from escrow.core.protocol import InfoResponse
 from escrow.core.unlockkey import UnlockKey
+from escrow.https import Response
 
 URL = "https://escrow.example:8443"
 

@@ -10,7 +10,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from escrow.api_client import CustodianClient
 from escrow.core import failover
-from escrow.core.errors import ConfigError
+from escrow.core.errors import ConfigError, EscrowError
 from escrow.core.failover import Failure, Replicas
 
 URLS = ("https://e1:8443", "https://e2:8443", "https://e3:8443")
@@ -92,3 +92,11 @@ def test_the_custodian_cli_refuses_a_wrong_url_list_before_anything_else() -> No
                         ec.generate_private_key(ec.SECP256R1()))
     assert caught.value.message == "escrow URL 'http://e2:8443' is not an https:// URL"
     assert "separated by commas" in caught.value.hint
+
+
+def test_an_attempt_that_moves_on_carries_its_error_and_one_that_stays_raises_it() -> None:
+    error = EscrowError("the escrow at https://e1:8443 did not answer within 30 s", "check")
+    moved = failover.failed(error, Failure.NOT_SENT, repeatable=False)
+    assert isinstance(moved, failover.MovesOn)
+    assert moved.error is error
+    assert failover.failed(error, Failure.NO_ANSWER, repeatable=False) is error

@@ -360,6 +360,9 @@ PKCS8_PEM = CUSTODIAN_KEY.private_bytes(serialization.Encoding.PEM,
                                         serialization.PrivateFormat.PKCS8,
                                         serialization.BestAvailableEncryption(PASSPHRASE))
 PKCS8_DER = base64.b64decode(b"".join(PKCS8_PEM.splitlines()[1:-1]))
+# What `escrow custodian keygen` writes, at one bcrypt round so that each example stays quick.
+OPENSSH_BLOB = base64.b64decode(b"".join(
+    custodian_keys.generate(PASSPHRASE, kdf_rounds=1)[0].strip().splitlines()[1:-1]))
 OTHER_PUBLIC_KEYS = [k.public_key().public_bytes(serialization.Encoding.PEM,
                                                  serialization.PublicFormat.SubjectPublicKeyInfo)
                      for k in ROOT_KEYS.values()]
@@ -388,6 +391,7 @@ OTHER_PRIVATE_KEYS = [k.private_bytes(serialization.Encoding.PEM,
                       for k in ROOT_KEYS.values()]
 PRIVATE_KEYS = st.one_of(
     pem_variants(PKCS8_DER, "ENCRYPTED PRIVATE KEY"),
+    pem_variants(OPENSSH_BLOB, "OPENSSH PRIVATE KEY"),
     st.sampled_from(OTHER_PRIVATE_KEYS),
     bit_flipped(SEC1_DER).map(lambda der: openssl_encrypted(der, PASSPHRASE)),
     st.binary(max_size=200).map(lambda der: openssl_encrypted(der, PASSPHRASE)),
@@ -822,7 +826,7 @@ def test_agent_config_loads_or_gives_agent_error_naming_the_setting(
     assert loaded.escrow_url
     assert all(url.startswith("https://") for url in loaded.escrow_url)
     assert isinstance(loaded.escrow_ca, Path)
-    for key in agent_config._SECONDS:
+    for key in agent_config.SECONDS:
         low, high = agent_config._LIMITS[key]
         assert low <= getattr(loaded, key) <= high
 

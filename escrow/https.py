@@ -1,7 +1,10 @@
-"""HTTP/1.1 over TLS to one origin, on asyncio streams, with h11 speaking the protocol.
+"""HTTP/1.1 over TLS to one origin, on asyncio streams, with h11 speaking the protocol: the
+project's one HTTP client, under the node agent's client of the escrow API (agent/client.py)
+and the custodian and viewer CLI's (escrow/api_client.py, which runs it with asyncio.run).
 
 The resident agent keeps this open all its life, so it is chosen for what it costs an idle
-process: h11 and the standard library add about 0.2 MiB where aiohttp's client added 10.
+process: h11 and the standard library add about 0.2 MiB where aiohttp's client added 10 (so it
+imports nothing of the escrow but its core, which the agent may import).
 h11 does all the parsing and framing (sans-I/O); this module only moves bytes, keeps a few
 connections warm between requests, and bounds every request in time and size.
 """
@@ -11,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ssl
+from collections.abc import Sequence
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -43,6 +47,12 @@ class NotSent(HttpError):
 class Response:
     status: int
     body: bytes
+    headers: tuple[tuple[str, str], ...] = ()
+
+    def header(self, name: str) -> str | None:
+        """The value of the first header ``name`` (any case), or None."""
+        wanted = name.lower()
+        return next((value for key, value in self.headers if key.lower() == wanted), None)
 
 
 @dataclass
@@ -63,7 +73,8 @@ class _Connection:
 class Origin:
     """Requests to the one origin of ``url`` (``https://host[:port][/prefix]``), at most
     ``connections`` at a time, each connection kept ``keepalive`` seconds after its last
-    answer for the next request."""
+    answer for the next request. A request's target is the API's path, sent under
+    ``prefix``: an escrow behind a reverse proxy that serves it under a path of its own."""
 
     def __init__(self, url: str, context: ssl.SSLContext, *, connections: int,
                  keepalive: float, connect_timeout: float = CONNECT_TIMEOUT) -> None:
@@ -80,11 +91,12 @@ class Origin:
         self._slots = asyncio.Semaphore(connections)
         self._idle: list[_Connection] = []
 
-    async def request(self, method: str, target: str, body: bytes | None,
-                      timeout: float) -> Response:
-        """One request, answered in full within ``timeout`` seconds. Raises NotSent (from
-        the OSError or TimeoutError that kept the request in), or, once the request may have
-        gone out, HttpError, TimeoutError, or OSError."""
+    async def request(self, method: str, target: str, body: bytes | None, timeout: float,
+                      headers: Sequence[tuple[str, str]] = ()) -> Response:
+        """One request, answered in full within ``timeout`` seconds, with ``headers`` besides
+        Host, Content-Type and Content-Length (JSON) and Accept. Raises NotSent (from the
+        OSError or TimeoutError that kept the request in), or, once the request may have gone
+        out, HttpError, TimeoutError, or OSError."""
         sent = False
         try:
             async with self._slots, asyncio.timeout(timeout):
@@ -92,7 +104,7 @@ class Origin:
                 if connection is not None:
                     try:
                         sent = True
-                        return await self._exchange(connection, method, target, body)
+                        return await self._exchange(connection, method, target, body, headers)
                     except (ClosedBeforeAnswer, ConnectionError):
                         # The origin closed a kept connection as this request went out (its
                         # own keep-alive ran out), so it was never processed: once more on a
@@ -100,7 +112,7 @@ class Origin:
                         sent = False
                 connection = await self._open()
                 sent = True
-                return await self._exchange(connection, method, target, body)
+                return await self._exchange(connection, method, target, body, headers)
         except OSError as exc:  # TimeoutError and ssl.SSLError among them
             if sent:
                 raise
@@ -133,11 +145,12 @@ class Origin:
         return _Connection(reader, writer, h11.Connection(h11.CLIENT))
 
     async def _exchange(self, connection: _Connection, method: str, target: str,
-                        body: bytes | None) -> Response:
+                        body: bytes | None, headers: Sequence[tuple[str, str]]) -> Response:
         # Closed unless the answer ends cleanly: a cancelled, timed-out or broken exchange
         # leaves a connection in an unknown state.
         try:
-            response = await self._send_and_read(connection, method, target, body or b"")
+            response = await self._send_and_read(connection, method, target, body or b"",
+                                                 headers)
         except BaseException:
             connection.close()
             raise
@@ -151,10 +164,10 @@ class Origin:
         return response
 
     async def _send_and_read(self, connection: _Connection, method: str, target: str,
-                             body: bytes) -> Response:
+                             body: bytes, extra: Sequence[tuple[str, str]]) -> Response:
         protocol = connection.protocol
         headers = [("Host", self.authority), ("Content-Type", "application/json"),
-                   ("Content-Length", str(len(body))), ("Accept", "application/json")]
+                   ("Content-Length", str(len(body))), ("Accept", "application/json"), *extra]
         try:
             data = protocol.send(h11.Request(method=method, target=self.prefix + target,
                                              headers=headers))
@@ -165,6 +178,7 @@ class Origin:
         connection.writer.write(data)
         await connection.writer.drain()
         status = 0
+        answered: tuple[tuple[str, str], ...] = ()
         received = bytearray()
         while True:
             try:
@@ -179,12 +193,14 @@ class Origin:
                 protocol.receive_data(chunk)
             elif isinstance(event, h11.Response):
                 status = event.status_code
+                answered = tuple((name.decode("latin-1"), value.decode("latin-1"))
+                                 for name, value in event.headers)
             elif isinstance(event, h11.Data):
                 received += event.data
                 if len(received) > MAX_BODY:
                     raise HttpError(f"the answer is over {MAX_BODY} bytes")
             elif isinstance(event, h11.EndOfMessage):
-                return Response(status, bytes(received))
+                return Response(status, bytes(received), answered)
             elif isinstance(event, h11.ConnectionClosed):
                 raise HttpError("the connection closed in the middle of an answer")
             # h11.InformationalResponse (100 Continue and the like) carries nothing for us.
