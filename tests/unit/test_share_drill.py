@@ -178,8 +178,8 @@ def test_the_verdict_on_a_wrong_share_names_every_slot_it_does_not_match() -> No
 
 def test_the_drill_routes_are_in_the_openapi_document_with_every_schema_they_name() -> None:
     document = openapi_document()
-    assert document["paths"]["/v1/shares/verify"]["post"]["security"] == [
-        {"custodianSignature": []}]
+    assert document["paths"]["/v1/shares/verify"]["post"]["security"] == [{
+        "custodianKeyId": [], "custodianDate": [], "custodianNonce": [], "custodianSignature": []}]
     drills = document["paths"]["/v1/shares/drills"]["get"]
     assert [p["name"] for p in drills["parameters"]] == ["cluster_id"]
     text = json.dumps(document)
