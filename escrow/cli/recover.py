@@ -23,15 +23,16 @@ from escrow.core.unlockkey import UnlockKey
 def _from_terminal() -> shares.ShareSet:
     state = shares.ShareSet()
     number = 0
-    while state.missing:
+    click.echo("Type each share's words separated by spaces; they are not shown. An empty "
+               "share stops.", err=True)
+    while not state.complete:
         number += 1
-        wanted = f"{state.missing} more" if state.shares else "first"
-        text = getpass.getpass(f"Share {number} ({wanted}; words separated by spaces): ")
+        text = getpass.getpass(f"Share {number} ({state.missing()}): ")
         if not text.strip():
-            raise RecoveryError(f"stopped with {len(state.shares)} share(s), "
-                                f"{state.missing} more needed", "run `escrow recover` again")
+            raise RecoveryError(f"stopped with {state.count} share(s); still missing "
+                                f"{state.missing()}", "run `escrow recover` again")
         try:
-            state = state.add(shares.parse_share(text, f"share {number}"))
+            state.add(shares.parse_share(text, f"share {number}"))
         except RecoveryError as exc:
             click.echo(exc.diagnostics(), err=True)  # let the custodian retype that share
     return state
@@ -41,7 +42,7 @@ def _from_stdin() -> shares.ShareSet:
     state = shares.ShareSet()
     for number, line in enumerate(sys.stdin, start=1):
         if line.strip() and not line.lstrip().startswith("#"):
-            state = state.add(shares.parse_share(line, f"line {number}"))
+            state.add(shares.parse_share(line, f"line {number}"))
     return state
 
 
@@ -75,7 +76,7 @@ def recover(unlock: bool, docker_host: str) -> None:
       escrow recover --unlock                     # on the locked manager; the key is not shown
     """
     state = _from_terminal() if sys.stdin.isatty() else _from_stdin()
-    key = shares.combine_set(state)
+    key = state.key()
     if unlock:
         _unlock(key, docker_host)
         click.echo("the manager accepted the rebuilt key and is unlocking; rotate the key once "

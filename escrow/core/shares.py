@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import shamir_mnemonic
 from shamir_mnemonic import MnemonicError, Share
+from shamir_mnemonic.recovery import RecoveryState
 from shamir_mnemonic.wordlist import WORD_INDEX_MAP, WORDLIST
 
 from escrow.core.errors import RecoveryError
@@ -51,12 +52,6 @@ class ParsedShare:
         return (self.share.identifier, self.share.iteration_exponent)
 
     @property
-    def threshold(self) -> int:
-        if self.share.group_count > 1:
-            return int(self.share.group_threshold)
-        return int(self.share.member_threshold)
-
-    @property
     def position(self) -> tuple[int, int]:
         return (self.share.group_index, self.share.index)
 
@@ -84,32 +79,108 @@ def parse_share(text: str, source: str) -> ParsedShare:
     return ParsedShare(source, share)
 
 
-@dataclass(frozen=True)
 class ShareSet:
-    """Shares collected so far for one key, and what is still missing (pure)."""
+    """Shares collected so far for one key, and what is still missing.
 
-    shares: tuple[ParsedShare, ...] = ()
+    The bookkeeping is ``shamir_mnemonic``'s own :class:`RecoveryState`, so any valid SLIP-39
+    set is accepted: the escrow's single t-of-n group, its n one-share groups for a threshold
+    of one, or groups made by another SLIP-39 tool (a group threshold above one).
+    """
 
-    def add(self, parsed: ParsedShare) -> ShareSet:
-        if self.shares and parsed.key_id != self.shares[0].key_id:
+    def __init__(self) -> None:
+        self._state = RecoveryState()
+        self._first: ParsedShare | None = None
+        self._by_position: dict[tuple[int, int], ParsedShare] = {}
+
+    @property
+    def count(self) -> int:
+        return len(self._by_position)
+
+    def add(self, parsed: ParsedShare) -> None:
+        """Add one share; the same share typed twice adds nothing. Raises
+        :class:`RecoveryError` naming the share that does not belong with the others."""
+        first = self._first
+        if first is not None and parsed.key_id != first.key_id:
             raise RecoveryError(
-                f"{parsed.source} belongs to a different key than {self.shares[0].source}",
+                f"{parsed.source} belongs to a different key than {first.source}",
                 "all shares must come from the same key version; shares of an older or newer "
                 "key cannot be mixed",
             )
-        if any(s.position == parsed.position for s in self.shares):
-            return self  # the same share typed twice adds nothing
-        return ShareSet((*self.shares, parsed))
+        same_place = self._by_position.get(parsed.position)
+        if same_place is not None:
+            if same_place.share == parsed.share:
+                return
+            raise RecoveryError(
+                f"{parsed.source} and {same_place.source} are both share "
+                f"{parsed.share.index + 1} of group {parsed.share.group_index + 1} but differ",
+                "they come from two splits of one key version; use the shares of one split",
+            )
+        try:
+            self._state.add_share(parsed.share)
+        except MnemonicError:
+            raise RecoveryError(
+                f"{parsed.source} is of the same key as {first.source if first else 'the rest'} "
+                "but its group threshold, group count or member threshold differ",
+                "it comes from another split of that key; use the shares of one split",
+            ) from None
+        self._first = first or parsed
+        self._by_position[parsed.position] = parsed
 
     @property
-    def threshold(self) -> int:
-        return self.shares[0].threshold if self.shares else 0
+    def complete(self) -> bool:
+        return self._state.is_complete()
 
-    @property
-    def missing(self) -> int:
-        if not self.shares:
-            return 1
-        return max(0, self.threshold - len(self.shares))
+    def missing(self) -> str:
+        """What is still needed, in words ("2 more shares of group 1"); empty when complete."""
+        parameters = self._state.parameters
+        if parameters is None:
+            return "the first share"
+        if self.complete:
+            return ""
+        if parameters.group_count == 1:
+            given, needed = self._state.group_status(0)
+            return f"{_shares(needed - given)} ({given} of {needed} given)"
+        groups_left = parameters.group_threshold - self._state.groups_complete()
+        parts: list[str] = []
+        untouched: list[str] = []
+        for index in range(parameters.group_count):
+            given, needed = self._state.group_status(index)
+            if not given:
+                untouched.append(str(index + 1))
+            elif given < needed:
+                parts.append(f"{_shares(needed - given)} of group {index + 1}")
+        if untouched:
+            parts.append(f"{'group' if len(untouched) == 1 else 'groups'} "
+                         f"{', '.join(untouched)} not started")
+        return (f"{groups_left} more complete group(s) of {parameters.group_count}, "
+                f"{parameters.group_threshold} needed: {'; '.join(parts)}")
+
+    def key(self) -> UnlockKey:
+        """The unlock key these shares rebuild; raises :class:`RecoveryError` when there are
+        too few or they do not combine."""
+        if not self.count:
+            raise RecoveryError("no shares were given", "give at least the threshold of shares")
+        if not self.complete:
+            raise RecoveryError(f"too few shares; still missing {self.missing()}",
+                                "add the missing shares of the same key")
+        try:
+            secret = self._state.recover(b"")
+        except MnemonicError:
+            raise RecoveryError(
+                "the shares passed their checksums but do not combine into a key",
+                "they may come from different splits that happen to share an identifier; "
+                "use shares from one key version only",
+            ) from None
+        if len(secret) != KEK_BYTES:
+            raise RecoveryError(
+                f"the shares hold a {len(secret)}-byte secret, not a {KEK_BYTES}-byte unlock key",
+                "these are SLIP-39 shares of something else; the escrow's shares have 33 words",
+            )
+        return UnlockKey(secret)
+
+
+def _shares(count: int) -> str:
+    return f"{count} more share{'' if count == 1 else 's'}"
 
 
 def combine(mnemonics: Sequence[str]) -> UnlockKey:
@@ -117,30 +188,5 @@ def combine(mnemonics: Sequence[str]) -> UnlockKey:
     ignored. Raises :class:`RecoveryError` naming what is wrong."""
     state = ShareSet()
     for number, text in enumerate(mnemonics, start=1):
-        state = state.add(parse_share(text, f"share {number}"))
-    return combine_set(state)
-
-
-def combine_set(state: ShareSet) -> UnlockKey:
-    if not state.shares:
-        raise RecoveryError("no shares were given", "give at least the threshold of shares")
-    if state.missing:
-        raise RecoveryError(
-            f"too few shares: {len(state.shares)} given, {state.threshold} needed",
-            f"add {state.missing} more share(s) of the same key",
-        )
-    chosen = [s.mnemonic for s in state.shares[: state.threshold]]
-    try:
-        secret = shamir_mnemonic.combine_mnemonics(chosen)
-    except MnemonicError:
-        raise RecoveryError(
-            "the shares passed their checksums but do not combine into a key",
-            "they may come from different splits that happen to share an identifier; "
-            "use shares from one key version only",
-        ) from None
-    if len(secret) != KEK_BYTES:
-        raise RecoveryError(
-            f"the shares hold a {len(secret)}-byte secret, not a {KEK_BYTES}-byte unlock key",
-            "these are SLIP-39 shares of something else; the escrow's shares have 33 words",
-        )
-    return UnlockKey(secret)
+        state.add(parse_share(text, f"share {number}"))
+    return state.key()

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+import shamir_mnemonic
 
 from escrow.core import shares
 from escrow.core.unlockkey import UnlockKey
@@ -245,7 +246,8 @@ def test_recover_rebuilds_the_key_from_stdin_with_no_data_dir(tmp_path: Path) ->
 def test_recover_errors_name_the_share_and_the_word(tmp_path: Path) -> None:
     mnemonics = shares.split(new_key(), 2, 3)
     other = shares.split(new_key(), 2, 3)
-    fails(run_escrow("recover", stdin=mnemonics[0] + "\n"), 1, "too few shares: 1 given, 2 needed")
+    fails(run_escrow("recover", stdin=mnemonics[0] + "\n"), 1,
+          "too few shares; still missing 1 more share (1 of 2 given)")
     fails(run_escrow("recover", stdin=mnemonics[0] + "\n" + other[1] + "\n"), 1,
           "line 2 belongs to a different key than line 1")
     words = mnemonics[1].split()
@@ -253,6 +255,17 @@ def test_recover_errors_name_the_share_and_the_word(tmp_path: Path) -> None:
     fails(run_escrow("recover", stdin=mnemonics[0] + "\n" + " ".join(words) + "\n"), 1,
           "line 2, word 6: 'zzzzq' is not a SLIP-39 word")
     fails(run_escrow("recover", stdin=""), 1, "no shares were given")
+
+
+def test_recover_accepts_a_set_in_groups_and_says_which_group_is_short() -> None:
+    key = new_key()
+    first, second = shamir_mnemonic.generate_mnemonics(2, [(2, 3), (3, 5)], key.kek)
+    fails(run_escrow("recover", stdin="\n".join([first[0], second[1], second[2], second[4]])),
+          1, "still missing 1 more complete group(s) of 2, 2 needed: 1 more share of group 1",
+          "add the missing shares")
+    result = run_escrow("recover", stdin="\n".join([second[4], first[0], second[1], first[2],
+                                                    second[0]]))
+    assert ok(result).strip() == key.swmkey()
 
 
 def test_recover_on_a_terminal_prompts_without_echo() -> None:
@@ -277,15 +290,15 @@ def test_recover_on_a_terminal_prompts_without_echo() -> None:
             break
         transcript += chunk
         # Answer each prompt once, after it is shown: getpass flushes input typed earlier.
-        if transcript.count(b"spaces): ") > typed and transcript.endswith(b"spaces): "):
+        if transcript.count(b"): ") > typed and transcript.endswith(b"): "):
             os.write(fd, mnemonics[typed].encode() + b"\n")
             typed += 1
     if os.waitpid(pid, os.WNOHANG) == (0, 0):
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
     text = transcript.decode(errors="replace")
-    assert "Share 1 (first" in text
-    assert "Share 2 (1 more" in text
+    assert "Share 1 (the first share): " in text
+    assert "Share 2 (1 more share (1 of 2 given)): " in text
     assert key.swmkey() in text
     for mnemonic in mnemonics[:2]:
         assert " ".join(mnemonic.split()[4:8]) not in text
