@@ -30,10 +30,10 @@ from pathlib import Path
 import docker
 
 from bench.machine import Machine, invocation, preamble, this_machine
-from bench.proc import cpu_seconds, memory_mib, terminate
+from bench.proc import cpu_seconds, memory_mib
 from bench.stats import percentile
 from lab.agent import agent_env
-from lab.commands import REPO
+from lab.commands import REPO, terminate
 from lab.dockerd import Dockerd
 from lab.netlab import NetLab
 from lab.server import EscrowProcess, make_escrow

@@ -19,7 +19,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.proc import terminate
+from lab.commands import terminate
 from lab.net import free_port
 
 REPO = Path(__file__).resolve().parent.parent

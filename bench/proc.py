@@ -1,12 +1,10 @@
-"""What /proc says (a process's CPU time and memory, the network stack's drops), this
-process's open-files limit, and stopping a child process."""
+"""What /proc says (a process's CPU time and memory, the network stack's drops) and this
+process's open-files limit."""
 
 from __future__ import annotations
 
 import os
 import resource
-import signal
-import subprocess
 from pathlib import Path
 
 
@@ -44,13 +42,3 @@ def allow_open_files(needed: int) -> None:
                            "raise it (ulimit -Hn, LimitNOFILE=) or ask for fewer agents or "
                            "connections")
     resource.setrlimit(resource.RLIMIT_NOFILE, (needed, hard))
-
-
-def terminate(process: subprocess.Popen[bytes]) -> None:
-    """SIGTERM, up to 30 s to exit, then SIGKILL; returns once it is gone."""
-    process.send_signal(signal.SIGTERM)
-    try:
-        process.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()

@@ -1,9 +1,10 @@
-"""Running this checkout's own commands, as an operator would."""
+"""Running this checkout's own commands, as an operator would, and stopping them."""
 
 from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 import sys
 from collections.abc import Mapping
@@ -62,3 +63,13 @@ def run_script(script: str, cwd: Path, env: Mapping[str, str] | None = None
     return subprocess.run(["bash", "-e", "-u", "-o", "pipefail", "-c", script],
                           capture_output=True, text=True, env=full_env, timeout=300,
                           check=False, cwd=cwd)
+
+
+def terminate(process: subprocess.Popen[bytes]) -> None:
+    """SIGTERM, up to 30 s to exit, then SIGKILL; returns once it is gone."""
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()

@@ -142,7 +142,7 @@ class NetLab:
                   if (line.split()[1] + "/").startswith(roots)
                   or line.split()[1].startswith(f"/run/netns/{self.name}-")]
         found += [f"directory {daemon.root}" for daemon in self.daemons if daemon.root.exists()]
-        found += [f"process {pid}" for pid in _pids_mentioning(roots)]
+        found += [f"process {pid}" for pid in pids_mentioning(roots)]
         return found
 
     def close(self, stop_timeout: float = 30) -> None:
@@ -196,7 +196,7 @@ def _kill_namespace_pids(name: str) -> None:
     wait_for(lambda: not any(_alive(pid) for pid in pids), 10, f"processes in {name} gone")
 
 
-def _pids_mentioning(roots: tuple[str, ...]) -> list[int]:
+def pids_mentioning(roots: tuple[str, ...]) -> list[int]:
     """Live processes whose command line names a path under one of `roots` (dockerd and the
     containerd it started both do)."""
     found = []
