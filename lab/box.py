@@ -27,7 +27,7 @@ from pathlib import Path
 
 SUITE = "bookworm"
 PACKAGES = ("systemd", "systemd-sysv", "dbus", "docker.io", "python3", "python3-venv",
-            "softhsm2", "iproute2", "procps")
+            "softhsm2", "iproute2", "procps", "curl")
 # Changes to how the unpacked image is adjusted: bump to rebuild the cached tarball.
 IMAGE_REVISION = 1
 CACHE_DIR = Path("/var/tmp/swarm-unseal-box")
@@ -192,12 +192,15 @@ class Box:
         return False
 
     def run(self, argv: Sequence[str], *, check: bool = True, timeout: float = 120,
-            env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-        """Run a command inside the box as root (in all its namespaces), in /root."""
+            env: dict[str, str] | None = None, stdin: str | None = None
+            ) -> subprocess.CompletedProcess[str]:
+        """Run a command inside the box as root (in all its namespaces), in /root, with
+        `stdin` as its standard input (none otherwise)."""
         command = ["nsenter", "-t", str(self.pid1), "-a", "--", "sh", "-c",
                    'cd /root && exec "$@"', "sh", *argv]
         result = subprocess.run(
             command, capture_output=True, text=True, timeout=timeout, check=False,
+            input=stdin if stdin is not None else "",
             env={"PATH": self.PATH, "LANG": "C.UTF-8", "HOME": "/root", **(env or {})})
         if check and result.returncode != 0:
             raise BoxError(f"in box {self.name}: {' '.join(argv)} exited {result.returncode}:"

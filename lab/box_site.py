@@ -14,6 +14,7 @@ from pathlib import Path
 
 from lab.box import Box
 from lab.commands import REPO, readme_blocks
+from lab.runbook import Command
 
 ESCROW = "/opt/swarm-unseal/bin/escrow"
 AGENT = "/opt/swarm-unseal/bin/unseal-agent"
@@ -35,6 +36,11 @@ class Site:
 
     def sh(self, script: str) -> subprocess.CompletedProcess[str]:
         return self.box.sh(script)
+
+    def type(self, command: Command, *, stdin: str | None = None, check: bool = True
+             ) -> subprocess.CompletedProcess[str]:
+        """A runbook's command as the operator types it into root's shell on this host."""
+        return self.box.run(["bash", "-c", command.text], stdin=stdin, check=check)
 
     def escrow_admin(self, *args: str) -> subprocess.CompletedProcess[str]:
         """An escrow administration command, run as the escrow's own user as README says."""

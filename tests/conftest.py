@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -35,6 +36,41 @@ from escrow.wrapping import Token
 from lab import postgres as lab_postgres
 from lab.certs import make_root_ca
 from lab.server import EscrowProcess, make_escrow, make_replica
+
+# Measured figures (systemd boxes, power cuts), printed at the end of the run and quoted in
+# closing notes and runbooks. Under pytest-xdist each worker sends its own to the controller.
+FIGURES: list[tuple[str, float, str]] = []
+
+
+def record(what: str, value: float, unit: str = "s") -> None:
+    FIGURES.append((what, value, unit))
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    workeroutput = getattr(session.config, "workeroutput", None)
+    if workeroutput is not None:
+        workeroutput["figures"] = FIGURES
+
+
+class _WorkersFigures:
+    """pytest-xdist's hook, registered only where xdist runs (`-p no:xdist` has no such hook)."""
+
+    @staticmethod
+    def pytest_testnodedown(node: Any, error: object) -> None:
+        FIGURES.extend(tuple(f) for f in node.workeroutput.get("figures", []))
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if config.pluginmanager.hasplugin("xdist"):
+        config.pluginmanager.register(_WorkersFigures())
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    if FIGURES:
+        terminalreporter.section("measured figures")
+        for what, value, unit in FIGURES:
+            terminalreporter.write_line(f"{value:8.2f} {unit:2}  {what}")
+
 
 SESSION_TOKEN = "tests"
 SESSION_PIN = "test-pin-5521"

@@ -85,8 +85,13 @@ def _left_behind(demo: Running, before: tuple[set[str], set[str]]) -> list[str]:
     assert len(set(places)) >= 2, demo.output  # its own directory and dockerd's
     left = [f"directory {p}" for p in places if p.exists()]
     left += [f"process {pid}" for pid in pids_mentioning(tuple(f"{p}/" for p in places))]
-    left += [f"link {name}" for name in _links() - before[0]]
-    left += [f"namespace {name}" for name in _namespaces() - before[1]]
+    # Another lab's names (a test running beside this one) are not the demo's.
+    tag = re.search(r"network namespace swlab-(\w+)-n1", demo.output)
+    assert tag, demo.output
+    others = re.compile(rf"^(swlab-(?!{tag[1]})\w+-|sw(?!{tag[1]})\w+v\d)")
+    left += [f"link {name}" for name in _links() - before[0] if not others.match(name)]
+    left += [f"namespace {name}" for name in _namespaces() - before[1]
+             if not others.match(name)]
     return left
 
 

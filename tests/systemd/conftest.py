@@ -16,20 +16,7 @@ import pytest
 
 from lab.box import Box, booted
 from lab.box_site import Site, binds, build_wheels, install
-
-# Measured figures, printed at the end of the run (and quoted in closing notes).
-FIGURES: list[tuple[str, float, str]] = []
-
-
-def record(what: str, value: float, unit: str = "s") -> None:
-    FIGURES.append((what, value, unit))
-
-
-def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
-    if FIGURES:
-        terminalreporter.section("units under a real systemd: figures")
-        for what, value, unit in FIGURES:
-            terminalreporter.write_line(f"{value:8.2f} {unit:2}  {what}")
+from tests.conftest import record
 
 
 @pytest.fixture(scope="session")

@@ -18,7 +18,7 @@ import time
 import pytest
 
 from lab.box_site import AGENT, AGENT_CONFIG, Site
-from tests.systemd.conftest import record
+from tests.conftest import record
 
 pytestmark = [pytest.mark.slow, pytest.mark.systemd]
 

@@ -25,7 +25,8 @@ ME = os.getpid()
     (None, True, True, None, Look.WAIT),  # stale or removed pid file: docker.socket would
     (None, True, True, ME, Look.WAIT),  # start docker if asked, and nobody serves anyway
     (None, False, True, None, Look.UNTOLD),  # no pid file here ever: nothing tells
-])
+], ids=["running", "another-than-lost", "the-lost-one", "no-socket-yet", "stale-pid-file",
+        "stale-and-lost", "never-a-pid-file"])  # ids without the pid: the same in every worker
 def test_only_a_running_dockerd_other_than_the_lost_one_is_asked(
         pid: int | None, seen: bool, socket_exists: bool, lost: int | None,
         expected: Look) -> None:
