@@ -95,9 +95,11 @@ class Box:
     PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
     def __init__(self, name: str, workdir: Path, binds_ro: dict[Path, str] | None = None,
-                 *, rebootable: bool = False) -> None:
+                 *, rebootable: bool = False, netns: str | None = None) -> None:
         self.name = name
         self.rebootable = rebootable
+        # A named network namespace (a NetLab node's) instead of loopback only.
+        self.netns = netns
         self.workdir = workdir
         self.rootfs = workdir / "rootfs"
         # On the host's ext4: docker's overlay2 cannot sit on the box's overlay root.
@@ -121,6 +123,8 @@ class Box:
         self.docker_dir.mkdir()
         _run(["tar", "--numeric-owner", "-xpf", str(image()), "-C", str(self.rootfs)],
              timeout=300)
+        # debootstrap copied the build host's name; every box is a host of its own name.
+        (self.rootfs / "etc/hostname").write_text(self.name + "\n")
         self._start(timeout)
 
     def reboot(self, timeout: float = 60) -> float:
@@ -128,6 +132,24 @@ class Box:
         host's monotonic clock when the new boot began, the clock the box's systemd uses."""
         assert self.rebootable, "an overlay root forgets everything at poweroff"
         self._halt()
+        return self.power_on(timeout)
+
+    def cut_power(self) -> None:
+        """Every process of the box killed at once, as a power cut stops a host (no shutdown,
+        no goodbye); `power_on()` boots it again (a `rebootable` box only)."""
+        assert self.rebootable, "an overlay root forgets everything at poweroff"
+        for cgroup in self.cgroups:
+            if (cgroup / "cgroup.kill").exists():
+                (cgroup / "cgroup.kill").write_text("1")
+                continue
+            for procs in cgroup.rglob("cgroup.procs"):
+                for pid in procs.read_text().split():
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(int(pid), signal.SIGKILL)
+        self._halt()
+
+    def power_on(self, timeout: float = 60) -> float:
+        """Boot a box that was powered off; returns the host's monotonic clock at the start."""
         started = time.monotonic()
         self._start(timeout)
         return started
@@ -140,7 +162,9 @@ class Box:
         # there for the next box to collide with: start it in a cgroup of its own.
         enter = " ".join(f"echo $$ > {c}/cgroup.procs;" for c in self.cgroups)
         argv = ["sh", "-c", enter + ' exec "$@"', "sh", "systemd-nspawn", "-D", str(self.rootfs),
-                "-b", "-M", self.name, "--register=no", "--keep-unit", "--private-network",
+                "-b", "-M", self.name, "--register=no", "--keep-unit",
+                "--private-network" if self.netns is None
+                else f"--network-namespace-path=/run/netns/{self.netns}",
                 "--console=read-only", "--link-journal=no", "--resolv-conf=off",
                 "--timezone=off", f"--bind={self.docker_dir}:/var/lib/docker"]
         if not self.rebootable:

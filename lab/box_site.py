@@ -42,6 +42,15 @@ class Site:
         """A runbook's command as the operator types it into root's shell on this host."""
         return self.box.run(["bash", "-c", command.text], stdin=stdin, check=check)
 
+    def type_as_custodian(self, command: Command, *, stdin: str | None = None
+                          ) -> subprocess.CompletedProcess[str]:
+        """A runbook's command as a custodian types it in a terminal of their own, where
+        `escrow` is a command on the PATH (pip installed it; here the box's venv)."""
+        return self.box.run(["bash", "-c", command.text], stdin=stdin,
+                            env={"PATH": f"/opt/swarm-unseal/bin:{self.box.PATH}",
+                                 # No terminal here to type it at.
+                                 "ESCROW_PASSPHRASE_FILE": f"{CUSTODIANS}/passphrase"})
+
     def escrow_admin(self, *args: str) -> subprocess.CompletedProcess[str]:
         """An escrow administration command, run as the escrow's own user as README says."""
         return self.box.run(["runuser", "-u", "escrow", "--", ESCROW, *args])
@@ -131,16 +140,29 @@ def binds(wheels: Path) -> dict[Path, str]:
 # Tests and benchmarks unlock one node far more often than the default of 10 unseal requests
 # per node per 600 s that protects a real escrow.
 ESCROW_DROP_IN = "[Service]\nEnvironment=ESCROW_REQUESTS_RATE_LIMIT=1000\n"
+ROOT_CA = "/srv/swarm-root-ca.crt"
 
 
 def install(site: Site) -> None:
-    """README's "Install with systemd", then a registered swarm and an enrolled agent."""
-    venv, escrow, agent = readme_blocks("Install with systemd")
+    """README's "Install with systemd", then a registered swarm and an enrolled agent, all on
+    one host."""
+    install_escrow(site)
+    site.sh(f"""
+        docker swarm init --autolock --advertise-addr 127.0.0.1 >/dev/null
+        install -m 0644 /var/lib/docker/swarm/certificates/swarm-root-ca.crt {ROOT_CA}
+    """)
+    register_cluster(site, site)
+    install_agent(site, AGENT_CONFIG, site.file("/var/lib/escrow/tls/ca.pem").read_bytes())
+
+
+def install_escrow(site: Site, drop_in: str = ESCROW_DROP_IN) -> None:
+    """README's venv and escrow blocks, the test's drop-in, and custodians alice and bob."""
+    venv, escrow, _ = readme_blocks("Install with systemd")
     for line in venv + escrow:
         site.sh(line)
     site.sh(f"""
         install -d /etc/systemd/system/escrow.service.d
-        printf '{ESCROW_DROP_IN}' > /etc/systemd/system/escrow.service.d/rate-limit.conf
+        printf '{drop_in}' > /etc/systemd/system/escrow.service.d/lab.conf
         systemctl daemon-reload && systemctl restart escrow
     """)
     site.sh(f"""
@@ -151,23 +173,40 @@ def install(site: Site) -> None:
             --passphrase-file {CUSTODIANS}/passphrase >/dev/null
         done
         chmod 0644 {CUSTODIANS}/*.pub
-        docker swarm init --autolock --advertise-addr 127.0.0.1 >/dev/null
-        install -m 0644 /var/lib/docker/swarm/certificates/swarm-root-ca.crt /srv/swarm-root-ca.crt
     """)
     for name in ("alice", "bob"):
         site.escrow_admin("custodian", "add", name, "--public-key", f"{CUSTODIANS}/{name}.key.pub")
-    site.cluster_id = site.box.run(
+
+
+def register_cluster(escrow: Site, manager: Site) -> None:
+    """The manager's swarm registered on the escrow (2 of auto, auto, alice, bob), its root CA
+    carried over as an operator copies a file."""
+    if escrow is not manager:
+        escrow.file(ROOT_CA).write_bytes(
+            manager.file("/var/lib/docker/swarm/certificates/swarm-root-ca.crt").read_bytes())
+        escrow.file(ROOT_CA).chmod(0o644)
+    manager.cluster_id = manager.box.run(
         ["docker", "info", "--format", "{{.Swarm.Cluster.ID}}"]).stdout.strip()
-    site.escrow_admin("cluster", "add", site.cluster_id, "--root-ca", "/srv/swarm-root-ca.crt",
-                      "--threshold", "2", "--slots", "auto,auto,alice,bob")
-    site.remember_unlock_key()
+    escrow.cluster_id = manager.cluster_id
+    escrow.escrow_admin("cluster", "add", manager.cluster_id, "--root-ca", ROOT_CA,
+                        "--threshold", "2", "--slots", "auto,auto,alice,bob")
+    manager.remember_unlock_key()
+
+
+def install_agent(site: Site, config: str, escrow_ca: bytes) -> None:
+    """README's agent block, with config.toml and escrow-ca.pem written where it says."""
+    if site.box.run(["test", "-x", AGENT], check=False).returncode != 0:
+        venv, _, _ = readme_blocks("Install with systemd")
+        for line in venv:
+            site.sh(line)
+    _, _, agent = readme_blocks("Install with systemd")
     # README leaves writing config.toml and escrow-ca.pem to the operator, after this line.
     makes_config_dir = "install -d -m 0755 /etc/unseal-agent"
     assert agent[1].startswith(makes_config_dir), agent
     for line in agent:
         site.sh(line)
         if line.startswith(makes_config_dir):
-            site.sh(f"""
-                printf '%s' '{AGENT_CONFIG}' > /etc/unseal-agent/config.toml
-                install -m 0644 /var/lib/escrow/tls/ca.pem /etc/unseal-agent/escrow-ca.pem
-            """)
+            site.file("/etc/unseal-agent/config.toml").write_text(config)
+            site.file("/etc/unseal-agent/escrow-ca.pem").write_bytes(escrow_ca)
+            site.sh("chmod 0600 /etc/unseal-agent/config.toml && "
+                    "chmod 0644 /etc/unseal-agent/escrow-ca.pem")

@@ -51,7 +51,7 @@ def ready_managers(leader: Dockerd) -> set[str]:
             and node.get("ManagerStatus", {}).get("Reachability") == "reachable"}
 
 
-def _run_all(calls: list[Callable[[], Any]]) -> list[BaseException]:
+def run_all(calls: list[Callable[[], Any]]) -> list[BaseException]:
     """Run every call in its own thread; the errors, after all have finished."""
     errors: list[BaseException] = []
     with ThreadPoolExecutor(max_workers=max(len(calls), 1)) as pool:
@@ -151,7 +151,7 @@ class NetLab:
         if self._closed:
             return
         self._closed = True
-        errors = _run_all([functools.partial(_remove, daemon, stop_timeout)
+        errors = run_all([functools.partial(_remove, daemon, stop_timeout)
                            for daemon in self.daemons])
         for name in reversed(self._created):
             # Anything still in one of these namespaces was started by this lab (the names are

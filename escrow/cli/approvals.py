@@ -46,8 +46,10 @@ def connection_options(func: F) -> F:
                      type=click.Path(path_type=Path), help="The escrow's CA (tls/ca.pem)."),
         click.option("--key", envvar="ESCROW_KEY", required=True, show_envvar=True,
                      type=click.Path(path_type=Path), help="Your private key file."),
-        click.option("--passphrase-file", type=click.Path(path_type=Path),
-                     help="File holding your key's passphrase (default: prompt, no echo)."),
+        click.option("--passphrase-file", envvar="ESCROW_PASSPHRASE_FILE", show_envvar=True,
+                     type=click.Path(path_type=Path),
+                     help="File holding your key's passphrase (default: prompt, no echo; "
+                          "for scripts and drills, never a shared file)."),
     ]):
         func = option(func)
     return func
