@@ -42,14 +42,17 @@ class Site:
         """A runbook's command as the operator types it into root's shell on this host."""
         return self.box.run(["bash", "-c", command.text], stdin=stdin, check=check)
 
-    def type_as_custodian(self, command: Command, *, stdin: str | None = None
-                          ) -> subprocess.CompletedProcess[str]:
-        """A runbook's command as a custodian types it in a terminal of their own, where
-        `escrow` is a command on the PATH (pip installed it; here the box's venv)."""
-        return self.box.run(["bash", "-c", command.text], stdin=stdin,
-                            env={"PATH": f"/opt/swarm-unseal/bin:{self.box.PATH}",
-                                 # No terminal here to type it at.
-                                 "ESCROW_PASSPHRASE_FILE": f"{CUSTODIANS}/passphrase"})
+    def type_as_custodian(self, command: Command, *, name: str = "alice",
+                          stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+        """A runbook's command as custodian `name` types it in a terminal of their own, where
+        `escrow` is a command on the PATH (pip installed it; here the box's venv) and their
+        ESCROW_* variables are set (a page's own `export` comes first)."""
+        return self.box.run(["bash", "-c", command.text], stdin=stdin, env={
+            "PATH": f"/opt/swarm-unseal/bin:{self.box.PATH}",
+            "ESCROW_URL": "https://127.0.0.1:8443", "ESCROW_CA": "/var/lib/escrow/tls/ca.pem",
+            "ESCROW_KEY": f"{CUSTODIANS}/{name}.key",
+            # No terminal here to type it at.
+            "ESCROW_PASSPHRASE_FILE": f"{CUSTODIANS}/passphrase"})
 
     def escrow_admin(self, *args: str) -> subprocess.CompletedProcess[str]:
         """An escrow administration command, run as the escrow's own user as README says."""
@@ -60,6 +63,21 @@ class Site:
                             env={"ESCROW_URL": "https://127.0.0.1:8443",
                                  "ESCROW_CA": "/var/lib/escrow/tls/ca.pem",
                                  "ESCROW_KEY": f"{CUSTODIANS}/{name}.key"})
+
+    def restart_docker(self) -> None:
+        """`systemctl restart docker`, past docker's start limit (3 in 60 s): tests restart it
+        far more often than that limit is about."""
+        self.box.run(["systemctl", "reset-failed", "docker"])
+        self.box.run(["systemctl", "restart", "docker"])
+
+    def unlock_key(self) -> str:
+        return self.box.run(["docker", "swarm", "unlock-key", "-q"]).stdout.strip()
+
+    def audit(self, limit: int = 1000) -> list[dict[str, object]]:
+        """The escrow's newest audit records, as `escrow audit show --json` gives them."""
+        records: list[dict[str, object]] = json.loads(
+            self.escrow_admin("audit", "show", "--json", "--limit", str(limit)).stdout)
+        return records
 
     def unit(self, name: str, *props: str) -> dict[str, str]:
         shown = self.box.run(["systemctl", "show", name, *(f"--property={p}" for p in props)])

@@ -10,7 +10,6 @@ bob) unless it says otherwise.
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import replace
 
@@ -28,31 +27,16 @@ def paper_shares(site: Site, *names: str) -> str:
                    .stdout.strip() + "\n" for name in names)
 
 
-def restart_docker(site: Site) -> None:
-    site.box.run(["systemctl", "reset-failed", "docker"])
-    site.box.run(["systemctl", "restart", "docker"])
-
-
-def unlock_key(site: Site) -> str:
-    return site.box.run(["docker", "swarm", "unlock-key", "-q"]).stdout.strip()
-
-
-def audit(site: Site, limit: int = 1000) -> list[dict[str, object]]:
-    records: list[dict[str, object]] = json.loads(
-        site.escrow_admin("audit", "show", "--json", "--limit", str(limit)).stdout)
-    return records
-
-
 def test_escrow_down_paper_shares_unlock_the_manager_and_the_escrow_comes_back_in_step(
         site: Site) -> None:
     book = Runbook("escrow-down.md")
     site.wait_swarm("active")
     papers = paper_shares(site, "alice", "bob")
-    key = unlock_key(site)
-    released = sum(r["event"] == "unseal.release" for r in audit(site))
+    key = site.unlock_key()
+    released = sum(r["event"] == "unseal.release" for r in site.audit())
     # The night: the escrow host is gone, then a manager restarts.
     site.box.run(["systemctl", "stop", "escrow"])
-    restart_docker(site)
+    site.restart_docker()
     symptom = book.says("locked; escrow unreachable, retrying in")
     site.wait_unit("unseal-agent", lambda s: symptom in s["StatusText"], "StatusText")
     assert site.swarm_state() == "locked"
@@ -78,7 +62,7 @@ def test_escrow_down_paper_shares_unlock_the_manager_and_the_escrow_comes_back_i
     typed = site.type(recover, stdin=papers)
     assert key not in typed.stdout + typed.stderr
     site.wait_swarm("active", timeout=30)
-    assert unlock_key(site) == key
+    assert site.unlock_key() == key
     # The key to type elsewhere: the same shares, without --unlock.
     printed = site.type(replace(recover, text=recover.text.replace(" --unlock", "")),
                         stdin=papers)
@@ -92,8 +76,8 @@ def test_escrow_down_paper_shares_unlock_the_manager_and_the_escrow_comes_back_i
     back = site.type(check[1])
     assert "(reachable)" in back.stdout
     assert site.escrow_admin("audit", "verify").returncode == 0
-    assert sum(r["event"] == "unseal.release" for r in audit(site)) == released
+    assert sum(r["event"] == "unseal.release" for r in site.audit()) == released
     unlocks = site.unlocks()
-    restart_docker(site)
+    site.restart_docker()
     site.wait_swarm("active")
     assert site.unlocks() == unlocks + 1

@@ -197,3 +197,45 @@ def test_a_compromised_manager_revoked_while_it_asks_gets_nothing_and_the_rest_r
     assert [r["event"] for r in records if r["seq"] > revoked_at
             and r["event"] == "unseal.release" and node_id in json.dumps(r)] == []
     assert lost.swarm_state() == "locked"
+
+
+def test_a_patch_night_window_signed_the_day_before_unlocks_each_planned_restart(
+        swarm: BoxSwarm) -> None:
+    escrow, first, second = swarm.escrow, *swarm.managers[:2]  # the two left in the swarm
+    swarm.wait_ready(2)
+    ids = [site.box.run(["docker", "info", "--format", "{{.Swarm.NodeID}}"]).stdout.strip()
+           for site in (first, second)]
+    # A policy of two custodians, in force from the next version on.
+    escrow.escrow_admin("cluster", "set-policy", escrow.cluster_id, "--threshold", "2",
+                        "--slots", "alice,bob")
+    # From the manager that has rotated least: a node may add 4 versions an hour.
+    second.box.run([AGENT, "rotate"])
+    site_values = {"https://escrow.example:8443": "https://127.0.0.1:8443",
+                   "ESCROW_CA=ca.pem": "ESCROW_CA=/var/lib/escrow/tls/ca.pem",
+                   "~/alice.key": f"{CUSTODIANS}/alice.key", "CLUSTER_ID": escrow.cluster_id,
+                   "NODE_ID_1": ids[0], "NODE_ID_2": ids[1]}
+    book = Runbook("patch-night.md", site_values)
+    opened = escrow.type_as_custodian(Command("\n".join(
+        c.text for c in book.section("1. The day before: open the window (a custodian)")),
+        "", ""), stdin="y\n")
+    window = re.findall(r"\bw-\w+", opened.stdout)[0]
+    book = Runbook("patch-night.md", {**site_values, "w-...": window})
+    cosign = book.section("2. A second custodian co-signs (if the policy needs two approvals)")
+    listed = escrow.type_as_custodian(cosign[0], name="bob")
+    assert window in listed.stdout
+    escrow.type_as_custodian(cosign[1], name="bob", stdin="y\n")
+
+    for site in (first, second):  # the night: restarted one at a time, no one awake
+        unlocks = site.unlocks()
+        site.box.run(["systemctl", "reset-failed", "docker"])
+        site.box.run(["systemctl", "restart", "docker"])
+        site.wait_swarm("active", timeout=60)
+        swarm.wait_ready(2)
+        assert site.unlocks() == unlocks + 1
+    approvals = [r for r in json.loads(escrow.escrow_admin(
+        "audit", "show", "--json", "--limit", "50").stdout)
+        if r["event"] == book.says("window.approve")]
+    assert len(approvals) == 4  # two restarts, one approval per signer each
+    closed = escrow.type_as_custodian(book.command("4. Afterwards: close it", "window close"),
+                                      stdin="y\n")
+    assert closed.returncode == 0
