@@ -30,7 +30,7 @@ import click
 from lab.agent import AgentNode
 from lab.commands import REPO, terminate
 from lab.dockerd import Dockerd
-from lab.netlab import NetLab
+from lab.netlab import NetLab, wait_for
 from lab.server import EscrowProcess, make_escrow
 
 CUSTODIAN = "alice"
@@ -92,7 +92,7 @@ class Demo:
                             "--threshold", "2", "--slots", slots,
                             "--allow-no-paper-recovery"))  # a throwaway key: no paper to keep
         self.spawn("serve", escrow.command())
-        _wait_for(lambda: _healthy(escrow), 30, "escrow serve", self.base / "serve.log")
+        _wait_for(lambda: escrow.health()[0] == 200, 30, "escrow serve", self.base / "serve.log")
         policy = (f"the node's identity and custodian {CUSTODIAN} (auto,{CUSTODIAN}, 2 of 2)"
                   if custodians else "the node's identity alone (auto,auto, 2 of 2)")
         self.say(f"escrow: embedded default in {escrow.data_dir} (SQLite, a SoftHSM token), "
@@ -154,13 +154,6 @@ def _env() -> dict[str, str]:
             if k not in ("SOFTHSM2_CONF", "ESCROW_DATA_DIR", "ESCROW_HSM_PIN", "NOTIFY_SOCKET")}
 
 
-def _healthy(escrow: EscrowProcess) -> bool:
-    try:
-        return escrow.health()[0] == 200
-    except OSError:
-        return False
-
-
 def _checked(result: subprocess.CompletedProcess[str]) -> str:
     """A command's standard output; its error as the demo's when it failed."""
     if result.returncode:
@@ -170,13 +163,13 @@ def _checked(result: subprocess.CompletedProcess[str]) -> str:
 
 
 def _wait_for(predicate: Callable[[], bool], timeout: float, what: str, log: Path) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.2)
-    tail = log.read_text(errors="replace")[-2000:] if log.exists() else ""
-    raise click.ClickException(f"{what} did not come within {timeout:g} s:\n{tail}")
+    """The lab's wait, its failure told as the demo's with the log that says why."""
+    try:
+        wait_for(predicate, timeout, what)
+    except AssertionError:
+        tail = log.read_text(errors="replace")[-2000:] if log.exists() else ""
+        raise click.ClickException(f"{what} did not come within {timeout:g} s:\n{tail}"
+                                   ) from None
 
 
 @contextlib.contextmanager

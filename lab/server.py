@@ -25,6 +25,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from escrow import custodian_keys
 from escrow.api_client import CustodianClient
+from escrow.core.files import write_atomic
 from lab.certs import Issued, make_node_cert, make_root_ca
 from lab.commands import REPO, run_escrow
 from lab.net import free_port
@@ -242,7 +243,8 @@ def make_escrow(base: Path, *init: str, **env: str) -> EscrowProcess:
     escrow = EscrowProcess(base, free_port(), env)
     result = run_escrow("init", "--data-dir", str(escrow.data_dir), *init)
     assert result.returncode == 0, result.stderr
-    (base / "pass").write_text(PASSPHRASE + "\n")
+    # The custodians' passphrase file: a secret, 0600 from its first byte.
+    write_atomic(base / "pass", PASSPHRASE.encode() + b"\n")
     return escrow
 
 

@@ -66,14 +66,8 @@ def recover(site: Site, papers: str, *args: str) -> subprocess.CompletedProcess[
 
 def export_share(site: Site, name: str, command: Command) -> tuple[str, str]:
     """The runbook's `escrow share export` typed by custodian `name` in a terminal of their
-    own, set up as README says (ESCROW_URL, ESCROW_CA, ESCROW_KEY; the passphrase from the file
-    the test custodians use, there being no terminal to type it at): the share's words and
-    what the command said about them."""
-    typed = site.box.run(["bash", "-c", command.text], env={
-        "PATH": f"/opt/swarm-unseal/bin:{site.box.PATH}",
-        "ESCROW_URL": "https://127.0.0.1:8443", "ESCROW_CA": ESCROW_CA,
-        "ESCROW_KEY": f"{CUSTODIANS}/{name}.key",
-        "ESCROW_PASSPHRASE_FILE": f"{CUSTODIANS}/passphrase"})
+    own: the share's words and what the command said about them."""
+    typed = site.type_as_custodian(command, name=name)
     return typed.stdout.strip() + "\n", typed.stderr
 
 
