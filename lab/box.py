@@ -224,7 +224,7 @@ class Box:
                    'cd /root && exec "$@"', "sh", *argv]
         result = subprocess.run(
             command, capture_output=True, text=True, timeout=timeout, check=False,
-            input=stdin if stdin is not None else "",
+            input=stdin or "",
             env={"PATH": self.PATH, "LANG": "C.UTF-8", "HOME": "/root", **(env or {})})
         if check and result.returncode != 0:
             raise BoxError(f"in box {self.name}: {' '.join(argv)} exited {result.returncode}:"

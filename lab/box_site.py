@@ -48,9 +48,7 @@ class Site:
         `escrow` is a command on the PATH (pip installed it; here the box's venv) and their
         ESCROW_* variables are set (a page's own `export` comes first)."""
         return self.box.run(["bash", "-c", command.text], stdin=stdin, env={
-            "PATH": f"/opt/swarm-unseal/bin:{self.box.PATH}",
-            "ESCROW_URL": "https://127.0.0.1:8443", "ESCROW_CA": "/var/lib/escrow/tls/ca.pem",
-            "ESCROW_KEY": f"{CUSTODIANS}/{name}.key",
+            **_custodian_env(name), "PATH": f"/opt/swarm-unseal/bin:{self.box.PATH}",
             # No terminal here to type it at.
             "ESCROW_PASSPHRASE_FILE": f"{CUSTODIANS}/passphrase"})
 
@@ -60,9 +58,7 @@ class Site:
 
     def custodian(self, name: str, *args: str) -> subprocess.CompletedProcess[str]:
         return self.box.run([ESCROW, *args, "--passphrase-file", f"{CUSTODIANS}/passphrase"],
-                            env={"ESCROW_URL": "https://127.0.0.1:8443",
-                                 "ESCROW_CA": "/var/lib/escrow/tls/ca.pem",
-                                 "ESCROW_KEY": f"{CUSTODIANS}/{name}.key"})
+                            env=_custodian_env(name))
 
     def restart_docker(self) -> None:
         """`systemctl restart docker`, past docker's start limit (3 in 60 s): tests restart it
@@ -141,6 +137,12 @@ class Site:
 
     def remember_unlock_key(self) -> None:
         self.unlock_keys.add(self.box.run(["docker", "swarm", "unlock-key", "-q"]).stdout.strip())
+
+
+def _custodian_env(name: str) -> dict[str, str]:
+    """What custodian `name`'s terminal sets, as README says: the escrow on this host."""
+    return {"ESCROW_URL": "https://127.0.0.1:8443", "ESCROW_CA": "/var/lib/escrow/tls/ca.pem",
+            "ESCROW_KEY": f"{CUSTODIANS}/{name}.key"}
 
 
 def build_wheels(out: Path) -> Path:

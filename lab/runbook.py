@@ -39,9 +39,13 @@ class Runbook:
         """The commands of the `sh` blocks under the heading (without its #s) up to the next
         heading of its level or above."""
         lines = self.text.splitlines(keepends=True)
-        headings = [(index, len(line) - len(line.lstrip("#")), line.lstrip("#").strip())
-                    for index, line in enumerate(lines) if line.startswith("#")
-                    and not _in_code(lines[:index])]
+        headings: list[tuple[int, int, str]] = []
+        fenced = False  # a `#` inside a code block is a shell comment, not a heading
+        for index, line in enumerate(lines):
+            fenced ^= line.startswith("```")
+            if line.startswith("#") and not fenced:
+                headings.append((index, len(line) - len(line.lstrip("#")),
+                                 line.lstrip("#").strip()))
         starts = [(index, level) for index, level, title in headings if title == heading]
         assert len(starts) == 1, f"{self.path.name} has {len(starts)} sections {heading!r}"
         start, level = starts[0]
@@ -95,11 +99,6 @@ class Runbook:
         for example, ours in self.site.items():
             text = text.replace(example, ours)
         return text
-
-
-def _in_code(before: list[str]) -> bool:
-    """Whether the line after `before` is inside a fenced block (a `#` there is a comment)."""
-    return sum(line.startswith("```") for line in before) % 2 == 1
 
 
 def split_comment(line: str) -> tuple[str, str]:

@@ -78,10 +78,9 @@ def test_a_power_cut_of_every_host_with_the_escrow_back_last_unlocks_by_itself(
     assert all(unreachable in line for line in status_lines(swarm, book))
 
     started |= swarm.power_on([swarm.escrow])
-    up = swarm.escrow.type(book.command("1. Is the escrow up? It must come up first.",
-                                        "systemctl start escrow"))
-    assert up.stdout.split() == ["active"]
-    assert book.says("# active = listening")
+    start = book.command("1. Is the escrow up? It must come up first.", "systemctl start escrow")
+    assert start.said == "active = listening"
+    assert swarm.escrow.type(start).stdout.split() == ["active"]
     active = all_active(swarm)
     back = max(started.values())
     record("power cut, automatic policy, escrow host back last: its start -> last agent "
@@ -137,8 +136,7 @@ def test_a_compromised_manager_revoked_while_it_asks_gets_nothing_and_the_rest_r
     node_id = lost.box.run(["docker", "info", "--format", "{{.Swarm.NodeID}}"]).stdout.strip()
     book = Runbook("node-compromised.md", {"CLUSTER_ID": escrow.cluster_id, "NODE_ID": node_id})
     # The policy still needs a custodian (the test before): the lost manager's restart waits.
-    lost.box.run(["systemctl", "reset-failed", "docker"])
-    lost.box.run(["systemctl", "restart", "docker"])
+    lost.restart_docker()
     lost.wait_unit("unseal-agent", lambda s: "waiting for 1 more approval" in s["StatusText"],
                    "StatusText")
     pending = escrow.custodian("alice", "requests", "--json")
@@ -185,9 +183,8 @@ def test_a_compromised_manager_revoked_while_it_asks_gets_nothing_and_the_rest_r
     for command in book.section("5. Re-enroll the rest (only if their agent keys may be "
                                 "exposed too)"):
         other.type(command)
-    other.box.run(["systemctl", "reset-failed", "docker"])
     unlocks = other.unlocks()
-    other.box.run(["systemctl", "restart", "docker"])
+    other.restart_docker()
     other.wait_swarm("active")
     swarm.wait_ready(2)
     assert other.unlocks() == unlocks + 1
@@ -227,8 +224,7 @@ def test_a_patch_night_window_signed_the_day_before_unlocks_each_planned_restart
 
     for site in (first, second):  # the night: restarted one at a time, no one awake
         unlocks = site.unlocks()
-        site.box.run(["systemctl", "reset-failed", "docker"])
-        site.box.run(["systemctl", "restart", "docker"])
+        site.restart_docker()
         site.wait_swarm("active", timeout=60)
         swarm.wait_ready(2)
         assert site.unlocks() == unlocks + 1

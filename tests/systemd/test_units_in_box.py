@@ -32,8 +32,7 @@ def https_get(site: Site, url: str) -> str:
 
 def restart_docker_and_time_unlock(site: Site, what: str) -> None:
     unlocks = site.unlocks()
-    site.box.run(["systemctl", "reset-failed", "docker"])
-    site.box.run(["systemctl", "restart", "docker"])
+    site.restart_docker()
     active = site.wait_swarm("active")
     record(what, active - site.docker_active_since())
     assert site.unlocks() == unlocks + 1
@@ -183,8 +182,7 @@ def test_watchdog_kills_a_hung_agent_and_the_new_one_unlocks(site: Site) -> None
 def test_custodian_approval_shows_in_the_agent_status_line(site: Site) -> None:
     site.wait_swarm("active")
     set_policy_and_rotate(site, "auto,alice,bob")
-    site.box.run(["systemctl", "reset-failed", "docker"])
-    site.box.run(["systemctl", "restart", "docker"])
+    site.restart_docker()
     waiting = site.wait_unit("unseal-agent",
                              lambda s: "waiting for 1 more approval" in s["StatusText"],
                              "StatusText")["StatusText"]
