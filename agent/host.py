@@ -5,13 +5,20 @@ checked here, before anything is signed or sent, against the rules the escrow en
 
 from __future__ import annotations
 
+import os
 import socket
+import uuid
+from collections.abc import Mapping
 from pathlib import Path
 
 from agent.errors import AgentError
 from escrow.core import plaintext
 
 BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
+# The unit passes systemd's boot id (%b). In a container (systemd-nspawn, LXC) that is the
+# container's own, while the unit's sandbox mounts a fresh /proc, where the file above is the
+# host kernel's: the same for every container of the host and for every restart of one.
+BOOT_ID_VARIABLE = "UNSEAL_AGENT_BOOT_ID"
 UNKNOWN_BOOT = plaintext.UNKNOWN_BOOT_ID
 
 
@@ -32,11 +39,19 @@ def hostname() -> str:
         ) from None
 
 
-def boot_id(path: Path = BOOT_ID) -> str:
-    """The kernel's boot id (a lower-case UUID), or "unknown" where it cannot be read or is not
-    one: custodians then see that it is unknown, and the request is sent all the same."""
+def boot_id(path: Path = BOOT_ID, environ: Mapping[str, str] = os.environ) -> str:
+    """This boot's id (a lower-case UUID): systemd's where the unit gives it, else the
+    kernel's, or "unknown" where neither can be read or is one: custodians then see that it
+    is unknown, and the request is sent all the same."""
+    value = environ.get(BOOT_ID_VARIABLE)
+    if value is None:
+        try:
+            value = path.read_text(encoding="ascii")
+        except (OSError, UnicodeDecodeError):
+            return UNKNOWN_BOOT
     try:
-        value = path.read_text(encoding="ascii").strip()
-    except (OSError, UnicodeDecodeError):
+        # systemd writes it as 32 hex digits, the kernel with dashes.
+        value = str(uuid.UUID(value.strip()))
+    except ValueError:
         return UNKNOWN_BOOT
     return value if plaintext.is_uuid(value) else UNKNOWN_BOOT

@@ -27,7 +27,7 @@ from pathlib import Path
 
 SUITE = "bookworm"
 PACKAGES = ("systemd", "systemd-sysv", "dbus", "docker.io", "python3", "python3-venv",
-            "softhsm2", "iproute2", "procps", "curl")
+            "softhsm2", "iproute2", "procps", "curl", "postgresql", "faketime")
 # Changes to how the unpacked image is adjusted: bump to rebuild the cached tarball.
 IMAGE_REVISION = 1
 CACHE_DIR = Path("/var/tmp/swarm-unseal-box")
@@ -76,6 +76,8 @@ def image() -> Path:
             (rootfs / "etc/machine-id").write_text("")
             (rootfs / "etc/docker").mkdir(exist_ok=True)
             (rootfs / "etc/docker/daemon.json").write_text(json.dumps(DOCKER_DAEMON_JSON))
+            # Only the hosts a test makes database servers run PostgreSQL (they enable it).
+            (rootfs / "etc/systemd/system/multi-user.target.wants/postgresql.service").unlink()
             partial = tarball.with_suffix(".partial")
             _run(["tar", "--numeric-owner", "-C", str(rootfs), "-cf", str(partial), "."],
                  timeout=600)
@@ -125,6 +127,17 @@ class Box:
              timeout=300)
         # debootstrap copied the build host's name; every box is a host of its own name.
         (self.rootfs / "etc/hostname").write_text(self.name + "\n")
+        self._start(timeout)
+
+    def boot_copy_of(self, original: Box, timeout: float = 60) -> None:
+        """Boot a copy of another box's disk taken while it runs, as a snapshot of a virtual
+        machine's disk would be: its host name, node certificate, agent key and all."""
+        assert self.rebootable, "an overlay root forgets the copy at poweroff"
+        assert original.rebootable, "an overlay root has no disk of its own to copy"
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        for disk, copy in ((original.rootfs, self.rootfs), (original.docker_dir,
+                                                            self.docker_dir)):
+            _run(["cp", "-a", "--reflink=auto", str(disk), str(copy)], timeout=300)
         self._start(timeout)
 
     def reboot(self, timeout: float = 60) -> float:

@@ -37,10 +37,10 @@ class Site:
     def sh(self, script: str) -> subprocess.CompletedProcess[str]:
         return self.box.sh(script)
 
-    def type(self, command: Command, *, stdin: str | None = None, check: bool = True
-             ) -> subprocess.CompletedProcess[str]:
+    def type(self, command: Command, *, stdin: str | None = None, check: bool = True,
+             env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
         """A runbook's command as the operator types it into root's shell on this host."""
-        return self.box.run(["bash", "-c", command.text], stdin=stdin, check=check)
+        return self.box.run(["bash", "-c", command.text], stdin=stdin, check=check, env=env)
 
     def type_as_custodian(self, command: Command, *, name: str = "alice",
                           stdin: str | None = None) -> subprocess.CompletedProcess[str]:

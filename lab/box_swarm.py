@@ -30,8 +30,11 @@ class BoxSwarm:
     """`escrow`, a box serving the escrow on the bridge, and `managers`, boxes whose docker is a
     manager of one autolocked swarm with an enrolled agent under systemd each."""
 
-    def __init__(self, lab: NetLab, workdir: Path, wheels: Path, managers: int) -> None:
+    def __init__(self, lab: NetLab, workdir: Path, wheels: Path, managers: int,
+                 agent_settings: str = "") -> None:
         self.lab = lab
+        self.workdir = workdir
+        self.agent_settings = agent_settings
         mounts = binds(wheels)
         self.boxes = [Box(f"unseal-{lab.tag}-{role}", workdir / role, mounts, rebootable=True,
                           netns=lab.nodes[index])
@@ -61,7 +64,7 @@ class BoxSwarm:
         register_cluster(self.escrow, first)
         ca = self.escrow.file("/var/lib/escrow/tls/ca.pem").read_bytes()
         config = (f'escrow_url = "{self.escrow_url}"\n'
-                  'escrow_ca = "/etc/unseal-agent/escrow-ca.pem"\n')
+                  'escrow_ca = "/etc/unseal-agent/escrow-ca.pem"\n' + self.agent_settings)
         for site in self.managers:
             site.cluster_id = first.cluster_id
             site.unlock_keys = first.unlock_keys
@@ -80,6 +83,13 @@ class BoxSwarm:
         except AssertionError as error:
             shown = self.managers[0].box.run(["docker", "node", "ls"], check=False)
             raise AssertionError(f"{error}:\n{shown.stdout}{shown.stderr}") from None
+
+    def add_box(self, role: str) -> Box:
+        """A box of the test's own on the next free network node, powered off with the rest."""
+        box = Box(f"unseal-{self.lab.tag}-{role}", self.workdir / role, self.boxes[0].binds_ro,
+                  rebootable=True, netns=self.lab.nodes[len(self.boxes)])
+        self.boxes.append(box)
+        return box
 
     def cut_power(self, sites: Sequence[Site]) -> None:
         for error in run_all([site.box.cut_power for site in sites]):
@@ -114,11 +124,14 @@ def ready_managers(site: Site) -> set[str]:
 
 
 @contextlib.contextmanager
-def box_swarm(workdir: Path, wheels: Path, managers: int = 3) -> Iterator[BoxSwarm]:
+def box_swarm(workdir: Path, wheels: Path, managers: int = 3, *, spare: int = 0,
+              agent_settings: str = "") -> Iterator[BoxSwarm]:
     """The boxes, installed, and everything removed again however the block ends (the boxes
-    first, then the lab's namespaces, which raises if anything is left)."""
-    with NetLab(nodes=managers + 1) as lab:
-        swarm = BoxSwarm(lab, workdir, wheels, managers)
+    first, then the lab's namespaces, which raises if anything is left). `spare` network
+    nodes are left free for the test's own machines (`add_box`); `agent_settings` are lines
+    of every agent's config.toml."""
+    with NetLab(nodes=managers + 1 + spare) as lab:
+        swarm = BoxSwarm(lab, workdir, wheels, managers, agent_settings)
         try:
             swarm.install()
             yield swarm

@@ -88,6 +88,11 @@ def test_a_power_cut_of_every_host_with_the_escrow_back_last_unlocks_by_itself(
     record("power cut, automatic policy, escrow host back last: its start -> last manager "
            "active", active - back)
     assert all(line.startswith('Status: "unlocked at ') for line in status_lines(swarm, book))
+    # New boots' requests were held (those whose old boot beat "unlocked" within two
+    # intervals of asking): each manager's boot is a boot of its own.
+    book.says("holds the new boot's request for one interval")
+    asked = [r for r in swarm.escrow.audit(100) if r["event"] == "unseal.request"][-3:]
+    assert any(isinstance(r["details"], dict) and r["details"]["held_until"] for r in asked), asked
 
 
 def test_a_power_cut_under_a_custodian_policy_ends_with_one_approval_of_the_cluster(

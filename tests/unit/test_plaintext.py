@@ -225,15 +225,18 @@ def test_the_agent_refuses_to_send_a_hostname_that_is_not_a_dns_name(
     assert host.hostname() == "manager-1"
 
 
-def test_the_agent_sends_the_kernels_boot_id_or_unknown(tmp_path: Path) -> None:
+def test_the_agent_sends_systemds_boot_id_else_the_kernels_or_unknown(tmp_path: Path) -> None:
     path = tmp_path / "boot_id"
     kernel = str(uuid.uuid4())
     path.write_text(kernel + "\n")
-    assert host.boot_id(path) == kernel
+    assert host.boot_id(path, {}) == kernel
+    container = uuid.uuid4()
+    assert host.boot_id(path, {host.BOOT_ID_VARIABLE: container.hex}) == str(container)
     for content in ("[/]\n", "\x1b[2K\n", "", "\xff"):
         path.write_text(content, encoding="latin-1")
-        assert host.boot_id(path) == host.UNKNOWN_BOOT
-    assert host.boot_id(tmp_path / "missing") == host.UNKNOWN_BOOT
+        assert host.boot_id(path, {}) == host.UNKNOWN_BOOT
+        assert host.boot_id(path, {host.BOOT_ID_VARIABLE: content}) == host.UNKNOWN_BOOT
+    assert host.boot_id(tmp_path / "missing", {}) == host.UNKNOWN_BOOT
     protocol.UnsealRequest(**{**VALID_UNSEAL, "boot_id": host.UNKNOWN_BOOT})
 
 
