@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import secrets
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -35,7 +34,7 @@ from lab.box_site import (
     install_escrow,
     register_cluster,
 )
-from lab.box_swarm import PORT
+from lab.box_swarm import PORT, poweroff_all
 from lab.commands import readme_blocks
 from lab.netlab import NetLab, run_all, wait_for
 from lab.runbook import Runbook
@@ -231,21 +230,7 @@ class BoxReplicas:
 
     def close(self) -> list[str]:
         """Power every box off and clean the host; what was left behind."""
-        errors = run_all([box.poweroff for box in self.boxes])
-        left = [f"{box.name}: {item}" for box in self.boxes for item in box.leftovers()]
-        return left + [repr(error) for error in errors]
-
-
-def agent_says(site: Site, words: str, timeout: float = 90) -> str:
-    """The agent's status line once it holds `words`."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        status = site.unit("unseal-agent", "StatusText")["StatusText"]
-        if words in status:
-            return status
-        time.sleep(0.1)
-    raise AssertionError(f"the agent never said {words!r}:\n"
-                         f"{site.journal_text('unseal-agent')[-3000:]}")
+        return poweroff_all(self.boxes)
 
 
 def agent_status(site: Site) -> str:

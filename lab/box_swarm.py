@@ -109,9 +109,14 @@ class BoxSwarm:
 
     def close(self) -> list[str]:
         """Power every box off and clean the host; what was left behind."""
-        errors = run_all([box.poweroff for box in self.boxes])
-        left = [f"{box.name}: {item}" for box in self.boxes for item in box.leftovers()]
-        return left + [repr(error) for error in errors]
+        return poweroff_all(self.boxes)
+
+
+def poweroff_all(boxes: Sequence[Box]) -> list[str]:
+    """Power the boxes off together and clean the host; what was left behind."""
+    errors = run_all([box.poweroff for box in boxes])
+    left = [f"{box.name}: {item}" for box in boxes for item in box.leftovers()]
+    return left + [repr(error) for error in errors]
 
 
 def ready_managers(site: Site) -> set[str]:

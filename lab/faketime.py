@@ -8,15 +8,17 @@ import glob
 from pathlib import Path
 
 
-def _library() -> str:
-    libraries = glob.glob("/usr/lib/*/faketime/libfaketime.so.1")
+def _library(root: Path = Path("/")) -> str:
+    """The library's path on the machine whose file system is at ``root`` (a box's too)."""
+    libraries = glob.glob(str(root / "usr/lib/*/faketime/libfaketime.so.1"))
     assert libraries, "libfaketime is missing: scripts/setup installs the faketime package"
-    return libraries[0]
+    return "/" + str(Path(libraries[0]).relative_to(root))
 
 
-def moved(offset: str) -> dict[str, str]:
-    """Environment that runs a process with its wall clock moved by ``offset`` ("-10m")."""
-    return {"LD_PRELOAD": _library(), "FAKETIME": offset, "DONT_FAKE_MONOTONIC": "1"}
+def moved(offset: str, root: Path = Path("/")) -> dict[str, str]:
+    """Environment that runs a process with its wall clock moved by ``offset`` ("-10m"), on
+    the machine whose file system is at ``root``."""
+    return {"LD_PRELOAD": _library(root), "FAKETIME": offset, "DONT_FAKE_MONOTONIC": "1"}
 
 
 def following(offset_file: Path) -> dict[str, str]:

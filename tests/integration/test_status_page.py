@@ -17,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from selenium.common.exceptions import WebDriverException
 from selenium.webdriver import Chrome
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.expected_conditions import staleness_of
@@ -47,7 +48,10 @@ def sign_in(driver: Chrome, escrow: EscrowProcess, token: str) -> None:
     form = driver.find_element(By.ID, "token")
     form.send_keys(token)
     driver.find_element(By.CSS_SELECTOR, "form button[type=submit]").click()
-    WebDriverWait(driver, 10).until(staleness_of(form))
+    # Mid-navigation chromium may answer for the old form "Node with given id does not belong
+    # to the document" rather than "stale element": not yet gone, look again.
+    WebDriverWait(driver, 10, ignored_exceptions=(WebDriverException,)).until(
+        staleness_of(form))
 
 
 @pytest.fixture

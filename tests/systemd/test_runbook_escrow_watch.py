@@ -24,6 +24,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from lab import faketime
 from lab.box_site import Site, build_wheels
 from lab.box_swarm import PORT, BoxSwarm, box_swarm
 from lab.netlab import wait_for
@@ -159,11 +160,10 @@ def test_a_flood_of_unsigned_calls_is_summed_up_in_the_journal_and_counted(
     book.says("`actor: node:NODE_ID`")
 
 
-def days_on(days: int) -> dict[str, str]:
-    """The shell of an operator typing `days` days from now: libfaketime moves its wall clock,
-    and every command it starts (`date`, runuser, the escrow's CLI) inherits it."""
-    library = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1"
-    return {"LD_PRELOAD": library, "FAKETIME": f"+{days}d", "DONT_FAKE_MONOTONIC": "1"}
+def days_on(site: Site, days: int) -> dict[str, str]:
+    """The shell of an operator typing on `site` `days` days from now: libfaketime moves its
+    wall clock, and every command it starts (`date`, runuser, the escrow's CLI) inherits it."""
+    return faketime.moved(f"+{days}d", site.file("/"))
 
 
 def test_monthly_archives_typed_as_the_page_says_verify_with_the_database_as_one_chain(
@@ -179,7 +179,7 @@ def test_monthly_archives_typed_as_the_page_says_verify_with_the_database_as_one
     made: list[str] = []
     moved: list[str] = []
     for days in (100, 200):
-        env = days_on(days)
+        env = days_on(escrow, days)
         typed = escrow.type(archive, env=env)
         date = escrow.box.run(["date", "+%F"], env=env).stdout.strip()
         made.append(f"/var/lib/escrow/archive/audit-{date}.jsonl")
@@ -188,13 +188,13 @@ def test_monthly_archives_typed_as_the_page_says_verify_with_the_database_as_one
     assert escrow.box.run(["stat", "-c", "%a %U", made[0]]).stdout.split() == ["600", "escrow"]
 
     verify, with_archives = book.section("Verifying")
-    whole = escrow.type(verify, env=days_on(200)).stdout
+    whole = escrow.type(verify, env=days_on(escrow, 200)).stdout
     book.says('"records N..M verified, starting from archive checkpoint at seq K, hash H"')
     assert re.search(r"records \d+\.\.\d+ verified, starting from archive checkpoint at seq "
                      r"\d+, hash [0-9a-f]{64}", whole), whole
     examples = re.findall(r"--archive (\S+)", with_archives.text)
     both = Runbook("audit-archive.md", dict(zip(examples, made, strict=True)))
-    chained = escrow.type(both.command("Verifying", "--archive"), env=days_on(200))
+    chained = escrow.type(both.command("Verifying", "--archive"), env=days_on(escrow, 200))
     # Each archive continues the chain of the one before, and the database continues both.
     first = re.search(r"archived records 1\.\.(\d+) ", moved[0])
     assert first, moved

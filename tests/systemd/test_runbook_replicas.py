@@ -17,7 +17,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from lab.box_replicas import BoxReplicas, agent_says, agent_status, box_replicas, psql
+from lab.box_replicas import BoxReplicas, agent_status, box_replicas, psql
 from lab.box_site import build_wheels
 from lab.runbook import Runbook
 from tests.conftest import record
@@ -116,7 +116,9 @@ def test_a_lost_database_primary_is_survived_by_promoting_the_standby_as_the_pag
     # Restarted while the database takes no writes: locked, the agent retrying.
     manager.restart_docker()
     manager.wait_swarm("locked")
-    agent_says(manager, book.says("locked; escrow unreachable"))
+    unreachable = book.says("locked; escrow unreachable")
+    manager.wait_unit("unseal-agent", lambda s: unreachable in s["StatusText"], "StatusText",
+                      timeout=90)
     assert book.says("cannot serve now (503)") in manager.journal_text("unseal-agent")
     assert manager.swarm_state() == "locked"
 
