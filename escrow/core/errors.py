@@ -44,6 +44,11 @@ class TokenNotFound(HsmError):
     pass
 
 
+class SessionRefused(HsmError):
+    """The token is there but would not open a logged-in session, for a reason other than the
+    PIN: a TPM that is not the one the token was made in, or a broken token."""
+
+
 class TokenUnavailable(HsmError):
     """The token stopped answering while in use: removed, its storage gone, or broken."""
 

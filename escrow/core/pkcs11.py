@@ -14,7 +14,13 @@ from typing import Any, Self
 
 import pkcs11
 
-from escrow.core.errors import HsmError, HsmModuleMissing, TokenNotFound, TokenUnavailable, WrongPin
+from escrow.core.errors import (
+    HsmModuleMissing,
+    SessionRefused,
+    TokenNotFound,
+    TokenUnavailable,
+    WrongPin,
+)
 from escrow.core.hsm import HsmSettings, Pin
 
 
@@ -24,11 +30,22 @@ def load_module(settings: HsmSettings) -> Any:
         os.environ["SOFTHSM2_CONF"] = str(settings.softhsm_conf)
     try:
         return pkcs11.lib(settings.module)
-    except pkcs11.PKCS11Error:
+    except pkcs11.PKCS11Error as exc:
+        if not os.path.exists(settings.module):
+            raise HsmModuleMissing(
+                f"the PKCS#11 module {settings.module} could not be loaded",
+                "install it (SoftHSM2: `apt-get install softhsm2`) or set "
+                f"{settings.module_set_in} to your HSM vendor's library",
+            ) from None
+        # Loaded, but C_Initialize failed: tpm2-pkcs11 does so when no TPM answers.
         raise HsmModuleMissing(
-            f"the PKCS#11 module {settings.module} could not be loaded",
-            "install it (SoftHSM2: `apt-get install softhsm2`) or set "
-            f"{settings.module_set_in} to your HSM vendor's library",
+            f"the PKCS#11 module {settings.module} could not be loaded: it is installed but "
+            f"would not start ({type(exc).__name__})",
+            "SoftHSM needs its config (SOFTHSM2_CONF) and token directory; a TPM's module "
+            "(tpm2-pkcs11) needs a TPM it can reach: /dev/tpmrm0 present and, under systemd, "
+            "allowed by DeviceAllow=/dev/tpmrm0 rw, and its store directory "
+            "(TPM2_PKCS11_STORE) writable; TPM2_PKCS11_LOG_LEVEL=2 makes tpm2-pkcs11 say why; "
+            "another HSM's module needs its vendor's configuration",
         ) from None
 
 
@@ -67,8 +84,9 @@ class Session:
             raise WrongPin(f"the token {settings.token!r} is locked after too many wrong PINs",
                            "the token's security officer must reset the user PIN") from None
         except pkcs11.PKCS11Error as exc:
-            raise HsmError(f"could not open a session on token {settings.token!r}: "
-                           f"{type(exc).__name__}", "check the token and its module") from None
+            raise SessionRefused(f"could not open a session on token {settings.token!r}: "
+                                 f"{type(exc).__name__}", "check the token and its module",
+                                 ) from None
 
     def close(self) -> None:
         # A session on a token that went away cannot be closed, only forgotten.

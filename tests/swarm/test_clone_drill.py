@@ -15,6 +15,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
+import subprocess
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -24,10 +26,14 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from agent.swarm_identity import read_identity
+from lab import swtpm
 from lab.clone import Drill, MachineAgent, drill_lab
 from lab.dockerd import Dockerd
+from lab.swtpm import SoftwareTpm
 
 pytestmark = pytest.mark.slow
 
@@ -331,3 +337,180 @@ def test_a_reboot_after_the_agent_said_goodbye_unlocks_without_a_hold(
         assert [(r["details"]["request_id"], r["details"]["outcome"]) for r in results] == [
             (request["details"]["request_id"], "unlocked")]
         assert status == "active"
+
+
+def tpm_held_key(agent: MachineAgent, tpm: SoftwareTpm) -> None:
+    """`agent` keeps its key in `tpm` through tpm2-pkcs11: the token's store and its PIN in the
+    agent's state directory, on the disk a copy takes along; the TPM's state apart from it."""
+    store = agent.state_dir / "tpm2-pkcs11"
+    store.mkdir(mode=0o700, parents=True, exist_ok=True)
+    pin = agent.state_dir / "agent-key-pin"
+    if not pin.exists():
+        pin.write_text(secrets.token_urlsafe(18) + "\n")
+        pin.chmod(0o600)
+    agent.settings.update(agent_key_pkcs11_module=swtpm.MODULE,
+                          agent_key_pkcs11_token="unseal-agent",
+                          agent_key_pkcs11_pin_file=str(pin))
+    agent.env.update(tpm.env, TPM2_PKCS11_STORE=str(store))
+
+
+def power_off(agent: MachineAgent) -> None:
+    agent.stop()
+    agent.daemon.stop()
+
+
+def tpm_manager(drill: Drill, chip: SoftwareTpm, base: Path, boot_id: str) -> MachineAgent:
+    """An autolocked manager on node 0 whose agent key is made inside `chip` at enrollment."""
+    daemon = drill.lab.start_daemon(0)
+    cluster_id = daemon.init_swarm()["Cluster"]["ID"]
+    root_ca = daemon.data_root / "swarm" / "certificates" / "swarm-root-ca.crt"
+    added = drill.escrow.cli("cluster", "add", cluster_id, "--root-ca", str(root_ca),
+                             "--threshold", "2", "--slots", "auto,auto,alice,bob")
+    assert added.returncode == 0, added.stderr
+    agent = drill.machine(0, base, daemon, boot_id, settings={"heartbeat_seconds": INTERVAL})
+    tpm_held_key(agent, chip)
+    agent.enroll()
+    return agent
+
+
+@dataclass
+class Thief:
+    """What a copy of the disk without the TPM's state got."""
+    states: set[str]  # its swarm, watched for two intervals
+    status: subprocess.CompletedProcess[str]  # `unseal-agent status` on it
+    log: str  # its agent's log, TPM-held key
+    audited: list[dict[str, Any]]  # escrow records of anything it sent
+    own_key_states: set[str]  # its swarm with a key of the thief's own
+    own_key_log: str
+    reenroll: subprocess.CompletedProcess[str]
+
+
+def steal_without_the_tpm(drill: Drill, original: MachineAgent, chip: SoftwareTpm,
+                          base: Path, boot_id: str, say: Callable[[str], None]) -> Thief:
+    lab = drill.lab
+    copy = drill.snapshot(original, 1, base, boot_id)
+    tpm_held_key(copy, chip)
+    say(f"disk copied to {lab.nodes[1]} ({lab.address(1)}): docker root, agent state "
+        "(state.json, the tpm2-pkcs11 store, the PIN file); a TPM of the thief's own")
+    since = max(r["seq"] for r in audit(drill, "node.heartbeat", "unseal.result"))
+    copy.start()
+    copy.daemon.start()
+    [states] = states_for(2 * INTERVAL, copy.daemon)
+    status = copy.command("status")
+    log = copy.log()
+    for line in log.splitlines():
+        if " error: " in line:
+            say(f"copy agent: {line}")
+    problem = [line for line in status.stdout.splitlines() + status.stderr.splitlines()
+               if line.startswith("problem:")]
+    say(f"copy: swarm {sorted(states)}; `unseal-agent status` exit {status.returncode}: "
+        f"{problem}")
+    audited = [r for r in audit(drill, "node.heartbeat", *ASKED) if r["seq"] > since]
+    say(f"escrow audit records since the copy started: {len(audited)}")
+
+    # The thief's next move: a key of their own, signing as the node.
+    copy.stop()
+    for setting in ("agent_key_pkcs11_module", "agent_key_pkcs11_token",
+                    "agent_key_pkcs11_pin_file"):
+        del copy.settings[setting]
+    stranger = ec.generate_private_key(ec.SECP256R1())
+    key_file = copy.state_dir / "agent-key.pem"
+    key_file.write_bytes(stranger.private_bytes(serialization.Encoding.PEM,
+                                                serialization.PrivateFormat.PKCS8,
+                                                serialization.NoEncryption()))
+    key_file.chmod(0o600)
+    before = len(copy.log())
+    copy.start()
+    eventually(lambda: "bad_signature" in copy.log()[before:], 20)
+    reenroll = copy.command("enroll")
+    [own_key_states] = states_for(2, copy.daemon)
+    own_key_log = copy.log()[before:]
+    for line in own_key_log.splitlines():
+        if "bad_signature" in line:
+            say(f"copy agent, the thief's key: {line}")
+            break
+    say(f"copy with a key of its own: swarm {sorted(own_key_states)}; `unseal-agent enroll` "
+        f"exit {reenroll.returncode}: {reenroll.stderr.strip().splitlines()[0]}")
+    audited += [r for r in audit(drill, "node.heartbeat", *ASKED, "node.enroll")
+                if r["seq"] > since and r not in audited]
+    power_off(copy)
+    return Thief(states, status, log, audited, own_key_states, own_key_log, reenroll)
+
+
+def steal_with_the_tpm(drill: Drill, original: MachineAgent, chip: SoftwareTpm, base: Path,
+                       boot_id: str, say: Callable[[str], None]) -> None:
+    """The disk and the TPM's own state (its seeds): what the chip keeps to itself on real
+    hardware. On the original's own network spot: a manager listens on the address it joined
+    with."""
+    twin = drill.snapshot(original, 0, base, boot_id)
+    tpm_held_key(twin, chip)
+    say("disk copied again, and this time the TPM's state (its seeds) too")
+    since = max(r["seq"] for r in audit(drill, "unseal.result"))
+    twin.start()
+    twin.daemon.start()
+    say(f"twin: unlocked in {twin.wait_state('active'):.1f} s, as the node itself")
+    for record in [r for r in audit(drill, "unseal.release") if r["seq"] > since]:
+        say(brief(record))
+
+
+def test_a_disk_copied_without_its_tpm_cannot_sign_gets_nothing_and_with_it_signs_as_the_node(
+        tmp_path: Path, evidence: list[Transcript]) -> None:
+    transcript = Transcript("A stolen disk with a TPM-held agent key: without the TPM's "
+                            "state, then with it")
+    evidence.append(transcript)
+    say = transcript.say
+    boots = {name: str(uuid.uuid4()) for name in ("original", "again", "copy", "twin")}
+    with contextlib.ExitStack() as stack:
+        drill = stack.enter_context(drill_lab(tmp_path / "escrow", nodes=2))
+        chip = stack.enter_context(swtpm.software_tpm(tmp_path / "tpm-original"))
+        original = tpm_manager(drill, chip, tmp_path / "original", boots["original"])
+        node_id, _ = identity(original)
+        [enrollment] = audit(drill, "node.enroll")
+        files = sorted(p.name for p in original.state_dir.rglob("*") if p.is_file())
+        say(f"original: node {node_id} on {drill.lab.nodes[0]} ({drill.lab.address(0)}), "
+            "enrolled with a P-256 key made inside its TPM (agent_key_sha256 "
+            f"{enrollment['details']['agent_key_sha256'][:16]}…); agent state files: {files}")
+        original.start()
+        original.daemon.restart()
+        say(f"original: dockerd restarted, unlocked by its agent in "
+            f"{original.wait_state('active'):.1f} s (its request and beats signed in the TPM)")
+        power_off(original)
+        say("original powered off (agent stopped, dockerd stopped)")
+
+        thief = steal_without_the_tpm(
+            drill, original, stack.enter_context(swtpm.software_tpm(tmp_path / "tpm-thief")),
+            tmp_path / "copy", boots["copy"], say)
+
+        original.boot_id = boots["again"]
+        original.start()
+        original.daemon.start()
+        say(f"original powered on again (boot {boots['again']}): unlocked in "
+            f"{original.wait_state('active'):.1f} s")
+        power_off(original)
+
+        steal_with_the_tpm(drill, original, stack.enter_context(swtpm.software_tpm(
+            tmp_path / "tpm-twin", state_from=chip.state)), tmp_path / "twin", boots["twin"],
+            say)
+        releases = audit(drill, "unseal.release")
+        requests = {r["details"]["request_id"]: r for r in audit(drill, "unseal.request")}
+    escrow_log = drill.escrow.log()
+    summaries = [line for line in escrow_log.splitlines()
+                 if drill.lab.address(1) in line and "bad_signature" in line]
+    for line in summaries:
+        say(f"escrow log: {line}")
+    with transcript.judged():
+        assert not [name for name in files if name.endswith(".pem")]
+        assert "tpm2_pkcs11.sqlite3" in files
+        assert thief.states == {"locked"}
+        assert thief.status.returncode == 1
+        assert "this TPM cannot load the token's keys" in thief.status.stderr
+        assert "this TPM cannot load the token's keys" in thief.log
+        assert thief.audited == []  # it could sign nothing, so the escrow heard nothing
+        assert "bad_signature" in thief.own_key_log
+        assert summaries, "the escrow's log does not name the thief's refusals"
+        assert thief.own_key_states == {"locked"}
+        assert thief.reenroll.returncode == 1
+        released_to = {requests[r["details"]["request_id"]]["details"]["boot_id"]
+                       for r in releases}
+        assert boots["copy"] not in released_to
+        assert released_to == {boots["original"], boots["again"], boots["twin"]}
