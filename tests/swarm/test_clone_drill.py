@@ -88,7 +88,8 @@ def evidence() -> Iterator[list[Transcript]]:
     head = ["# Clone drill", "",
             f"`tests/swarm/test_clone_drill.py`, run {when}: real autolocked dockerd "
             "managers in network namespaces, real `unseal-agent run` (heartbeat_seconds = "
-            f"{INTERVAL}, auto policy, file agent key) and a real `escrow serve` over TLS, "
+            f"{INTERVAL}, auto policy, a file agent key unless the drill says otherwise) and a "
+            "real `escrow serve` over TLS, "
             "with a webhook receiver. Each machine has its own address, host name and boot "
             "id (a file bind-mounted over `/proc/sys/kernel/random/boot_id` in the agent's "
             "own mount namespace). Times are UTC, then seconds since the drill began.", ""]

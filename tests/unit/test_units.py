@@ -62,3 +62,30 @@ def test_escrow_unit_runs_unprivileged_with_its_pin_as_a_credential() -> None:
     assert escrow["Type"] == ["notify"]
     assert escrow["LoadCredential"] == ["hsm-pin:/etc/escrow/hsm-pin"]
     assert "u escrow" in (UNITS / "escrow.sysusers").read_text()
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="needs systemd-analyze")
+def test_the_tpm_drop_in_lets_the_agent_reach_only_the_tpm_and_keeps_its_store_in_state(
+        tmp_path: Path) -> None:
+    drop_in = settings("unseal-agent-tpm.conf")
+    assert drop_in["DeviceAllow"] == ["/dev/tpmrm0 rw"]
+    assert drop_in["PrivateDevices"] == ["no"]
+    assert drop_in["LoadCredential"] == ["agent-key-pin:/etc/unseal-agent/agent-key-pin"]
+    assert drop_in["StateDirectory"] == ["unseal-agent/tpm2-pkcs11"]
+    assert sorted(drop_in["Environment"]) == [
+        "TPM2_PKCS11_STORE=/var/lib/unseal-agent/tpm2-pkcs11",
+        "TPM2_PKCS11_TCTI=device:/dev/tpmrm0"]
+    assert "DevicePolicy" not in drop_in  # auto: DeviceAllow= plus the pseudo devices only
+    # The unit as systemd reads it with the drop-in: its [Service] settings after the unit's.
+    unit = (UNITS / "unseal-agent.service").read_text().replace("/opt/swarm-unseal/bin/",
+                                                                 f"{BIN}/")
+    service = (UNITS / "unseal-agent-tpm.conf").read_text().split("[Service]\n", 1)[1]
+    merged = unit.replace("\n[Install]\n", f"\n{service}\n[Install]\n")
+    (tmp_path / "unseal-agent.service").write_text(merged)
+    result = subprocess.run(["systemd-analyze", "verify", str(tmp_path / "unseal-agent.service")],
+                            capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout + result.stderr == ""
+    readme = (REPO / "README.md").read_text()
+    assert ("systemd/unseal-agent-tpm.conf -D /etc/systemd/system/unseal-agent.service.d/"
+            "tpm.conf") in readme
