@@ -136,6 +136,10 @@ def _init_token(settings: HsmSettings, pin: Pin) -> None:
     """Initialise the first free slot's token as `settings.token`, its user PIN `pin`. The
     security officer's PIN is random and forgotten: it could only reset the user PIN, and a
     node whose PIN is lost is simply enrolled again with a new token."""
+    label = settings.token.encode("utf-8")
+    if len(label) > 32:
+        raise HsmError(f"the token label {settings.token!r} is longer than 32 bytes",
+                       f"shorten {settings.label_set_in}")
     lib = load_module(settings)
     free = [slot for slot in lib.get_slots(token_present=True)
             if not slot.get_token().flags & TokenFlag.TOKEN_INITIALIZED]
@@ -150,10 +154,6 @@ def _init_token(settings: HsmSettings, pin: Pin) -> None:
     init = ctypes.CDLL(settings.module).C_InitToken
     init.argtypes = [ctypes.c_ulong, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
     init.restype = ctypes.c_ulong
-    label = settings.token.encode("utf-8")
-    if len(label) > 32:
-        raise HsmError(f"the token label {settings.token!r} is longer than 32 bytes",
-                       f"shorten {settings.label_set_in}")
     result = init(free[0].slot_id, so_pin, len(so_pin), label.ljust(32))
     if result != 0:
         raise HsmError(f"{settings.module} refused to create the token {settings.token!r} "

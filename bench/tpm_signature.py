@@ -28,6 +28,7 @@ from bench.checkout import REPO
 from bench.machine import Machine, invocation, preamble, this_machine
 from escrow import softhsm
 from lab import swtpm
+from lab.agent import key_only_config
 
 TITLE = "TPM signature: the agent key in a TPM, in SoftHSM and in a file"
 ROUND = 10
@@ -66,23 +67,6 @@ class Storage:
         return 1000 * statistics.median(self.seconds)
 
 
-def _config(directory: Path, module: str | None = None, pin_text: str = "") -> Path:
-    """An agent config whose key is a file, or is in token `agent` of `module`."""
-    directory.mkdir(mode=0o700, parents=True)
-    lines = ['escrow_url = "https://escrow.invalid:8443"',
-             f'escrow_ca = "{directory / "escrow-ca.pem"}"', f'state_dir = "{directory}"']
-    if module is not None:
-        pin = directory / "agent-key-pin"
-        pin.write_text(pin_text + "\n")
-        pin.chmod(0o600)
-        lines += [f'agent_key_pkcs11_module = "{module}"', 'agent_key_pkcs11_token = "agent"',
-                  f'agent_key_pkcs11_pin_file = "{pin}"']
-    path = directory / "config.toml"
-    path.write_text("\n".join(lines) + "\n")
-    path.chmod(0o600)
-    return path
-
-
 def _signer(conf: Path, env: dict[str, str]) -> subprocess.Popen[str]:
     process = subprocess.Popen([sys.executable, "-c", SIGNER, str(conf)], cwd=REPO,
                                env={**os.environ, **env}, stdin=subprocess.PIPE,
@@ -90,6 +74,7 @@ def _signer(conf: Path, env: dict[str, str]) -> subprocess.Popen[str]:
     assert process.stdout is not None
     if process.stdout.readline().strip() != "ready":
         process.kill()
+        process.wait()
         raise RuntimeError(f"the {conf.parent.name} signer did not start")
     return process
 
@@ -101,18 +86,21 @@ def measure(signatures: int) -> list[Storage]:
             store = base / "tpm2-pkcs11"
             store.mkdir(mode=0o700)
             pin = secrets.token_urlsafe(18)
-            conf = softhsm.create_token(base / "softhsm", "agent", pin)
-            signers = {
-                "file key (cryptography)": _signer(_config(base / "file-agent"), {}),
-                "SoftHSM token": _signer(
-                    _config(base / "softhsm-agent", softhsm.default_module(), pin),
-                    {"SOFTHSM2_CONF": str(conf)}),
-                "TPM 2.0 (swtpm, tpm2-abrmd, tpm2-pkcs11)": _signer(
-                    _config(base / "tpm-agent", swtpm.MODULE, pin),
+            softhsm_conf = softhsm.create_token(base / "softhsm", "unseal-agent", pin)
+            keys = {
+                "file key (cryptography)": (key_only_config(base / "file-agent"), {}),
+                "SoftHSM token": (
+                    key_only_config(base / "softhsm-agent", softhsm.default_module(), pin),
+                    {"SOFTHSM2_CONF": str(softhsm_conf)}),
+                "TPM 2.0 (swtpm, tpm2-abrmd, tpm2-pkcs11)": (
+                    key_only_config(base / "tpm-agent", swtpm.MODULE, pin),
                     {**tpm.env, "TPM2_PKCS11_STORE": str(store)}),
             }
-            taken: dict[str, list[float]] = {name: [] for name in signers}
+            signers: dict[str, subprocess.Popen[str]] = {}
+            taken: dict[str, list[float]] = {name: [] for name in keys}
             try:
+                for name, (conf, env) in keys.items():
+                    signers[name] = _signer(conf, env)
                 for _ in range(max(1, signatures // ROUND)):
                     for name, process in signers.items():
                         assert process.stdin is not None

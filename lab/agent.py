@@ -184,3 +184,24 @@ def enrolled_manager(dockerd: Dockerd, escrow: EscrowProcess, base: Path, slots:
     node = AgentNode(base, dockerd, escrow, settings, env or {})
     node.enroll()
     return node
+
+
+def key_only_config(directory: Path, module: str | None = None, pin: str | None = None) -> Path:
+    """An agent config for loading the agent key alone, reaching no escrow and no docker: the
+    key in a file under `directory`, or in token `unseal-agent` of PKCS#11 `module`, with
+    `pin` (when given) in a 0600 file there."""
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    lines = ['escrow_url = "https://escrow.invalid:8443"',
+             f'escrow_ca = "{directory / "escrow-ca.pem"}"', f'state_dir = "{directory}"']
+    if module is not None:
+        lines += [f'agent_key_pkcs11_module = "{module}"',
+                  'agent_key_pkcs11_token = "unseal-agent"']
+    if pin is not None:
+        pin_file = directory / "agent-key-pin"
+        pin_file.write_text(pin + "\n")
+        pin_file.chmod(0o600)
+        lines.append(f'agent_key_pkcs11_pin_file = "{pin_file}"')
+    path = directory / "config.toml"
+    path.write_text("\n".join(lines) + "\n")
+    path.chmod(0o600)
+    return path

@@ -209,28 +209,28 @@ class Drill:
 
     def machine(self, index: int, base: Path, daemon: Dockerd, boot_id: str,
                 hostname: str | None = None,
-                settings: dict[str, float | str] | None = None,
-                env: dict[str, str] | None = None) -> MachineAgent:
+                settings: dict[str, float | str] | None = None) -> MachineAgent:
         """The agent of node `index` (not started), stopped when the drill ends."""
-        agent = MachineAgent(base, daemon, self.escrow, dict(settings or {}), dict(env or {}),
+        agent = MachineAgent(base, daemon, self.escrow, dict(settings or {}), {},
                              netns=self.lab.nodes[index], boot_id=boot_id,
                              hostname=hostname or daemon.hostname or self.lab.nodes[index])
         self.agents.append(agent)
         return agent
 
     def manager(self, index: int, base: Path, boot_id: str, slots: str = "auto,auto,alice,bob",
-                threshold: int = 2, env: dict[str, str] | None = None,
+                threshold: int = 2, *, enroll: bool = True,
                 **settings: float | str) -> MachineAgent:
-        """An autolocked single-manager swarm on node `index`, registered and enrolled (its
-        agent not started), its agent run with `env` added."""
+        """An autolocked single-manager swarm on node `index`, registered and, unless told
+        otherwise, enrolled (its agent not started)."""
         daemon = self.lab.start_daemon(index)
         cluster_id = daemon.init_swarm()["Cluster"]["ID"]
         root_ca = daemon.data_root / "swarm" / "certificates" / "swarm-root-ca.crt"
         added = self.escrow.cli("cluster", "add", cluster_id, "--root-ca", str(root_ca),
                                 "--threshold", str(threshold), "--slots", slots)
         assert added.returncode == 0, added.stderr
-        agent = self.machine(index, base, daemon, boot_id, settings=settings, env=env)
-        agent.enroll()
+        agent = self.machine(index, base, daemon, boot_id, settings=settings)
+        if enroll:
+            agent.enroll()
         return agent
 
     def snapshot(self, original: MachineAgent, index: int, base: Path,

@@ -193,7 +193,7 @@ def _kill_namespace_pids(name: str) -> None:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             continue
-    wait_for(lambda: not any(_alive(pid) for pid in pids), 10, f"processes in {name} gone")
+    wait_for(lambda: not any(alive(pid) for pid in pids), 10, f"processes in {name} gone")
 
 
 def pids_mentioning(roots: tuple[str, ...]) -> list[int]:
@@ -208,12 +208,12 @@ def pids_mentioning(roots: tuple[str, ...]) -> list[int]:
         except (FileNotFoundError, ProcessLookupError):
             continue
         if any(arg.startswith(roots) or f"{arg}/" in roots for arg in argv) \
-                and _alive(int(entry.name)):
+                and alive(int(entry.name)):
             found.append(int(entry.name))
     return found
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
     """Whether `pid` runs; a zombie has exited (its parent, not us, will reap it)."""
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()

@@ -22,6 +22,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from lab.commands import terminate
+from lab.netlab import alive, wait_for
+
 MODULE = "/usr/lib/x86_64-linux-gnu/pkcs11/libtpm2_pkcs11.so"
 _BUS_CONFIG = """<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
  "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
@@ -41,12 +44,15 @@ _BUS_CONFIG = """<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Confi
 @dataclass(frozen=True)
 class SoftwareTpm:
     directory: Path
-    pids: tuple[int, ...]  # swtpm, dbus-daemon, tpm2-abrmd, stopped in reverse
 
     @property
     def state(self) -> Path:
         """The TPM's own persistent state (its seeds): the chip, on a real machine."""
         return self.directory / "state"
+
+    @property
+    def socket(self) -> Path:
+        return self.directory / "tpm"
 
     @property
     def env(self) -> dict[str, str]:
@@ -67,58 +73,58 @@ def software_tpm(directory: Path, state_from: Path | None = None) -> Iterator[So
     `state_from` (another SoftwareTpm's `state`, as if the chip itself were copied)."""
     if not installed():
         raise RuntimeError("swtpm, tpm2-abrmd or tpm2-pkcs11 is missing: run ./scripts/setup")
+    tpm = SoftwareTpm(directory)
     directory.mkdir(mode=0o700, parents=True)
-    state = directory / "state"
     if state_from is not None:
-        shutil.copytree(state_from, state)
+        shutil.copytree(state_from, tpm.state)
     else:
-        state.mkdir(mode=0o700)
-    pids: list[int] = []
+        tpm.state.mkdir(mode=0o700)
+    daemons: list[int] = []  # swtpm and dbus-daemon, which fork away: not our children
+    abrmd: subprocess.Popen[bytes] | None = None
     try:
-        socket = directory / "tpm"
-        pids.append(_daemon(directory / "swtpm.pid", [
-            "swtpm", "socket", "--tpm2", "--tpmstate", f"dir={state}",
-            "--server", f"type=unixio,path={socket}",
-            # The swtpm TCTI looks for the control channel beside the socket.
-            "--ctrl", f"type=unixio,path={socket}.ctrl",
-            "--flags", "not-need-init,startup-clear", "--daemon",
-            "--pid", f"file={directory / 'swtpm.pid'}",
-            "--log", f"file={directory / 'swtpm.log'}"]))
-        (directory / "bus.conf").write_text(_BUS_CONFIG.format(socket=directory / "bus"))
-        bus = subprocess.run(
-            ["dbus-daemon", f"--config-file={directory / 'bus.conf'}", "--fork",
-             "--print-pid"], capture_output=True, text=True, timeout=30, check=False)
-        if bus.returncode:
-            raise RuntimeError(f"dbus-daemon failed: {bus.stderr.strip()}")
-        pids.append(int(bus.stdout.split()[0]))
-        tpm = SoftwareTpm(directory, ())
+        daemons.append(_start_swtpm(tpm))
+        daemons.append(_start_bus(tpm))
         with (directory / "abrmd.log").open("ab") as log:
             abrmd = subprocess.Popen(
                 ["tpm2-abrmd", "--session", "--allow-root", "--flush-all",
-                 f"--tcti=swtpm:path={socket}"],
+                 f"--tcti=swtpm:path={tpm.socket}"],
                 env={**os.environ, **tpm.env}, stdout=log, stderr=log,
                 stdin=subprocess.DEVNULL)
-        pids.append(abrmd.pid)
-        tpm = SoftwareTpm(directory, tuple(pids))
         _wait_answers(tpm, abrmd)
         yield tpm
     finally:
-        for pid in reversed(pids):
+        if abrmd is not None:
+            terminate(abrmd)
+        for pid in reversed(daemons):
             _stop(pid)
 
 
-def _daemon(pid_file: Path, argv: list[str]) -> int:
-    """Run a self-daemonizing `argv`; the pid it wrote to `pid_file`."""
-    done = subprocess.run(argv, capture_output=True, text=True, timeout=30,
-                          check=False)
+def _start_swtpm(tpm: SoftwareTpm) -> int:
+    """swtpm on a unix socket, daemonized; its pid, from the file it writes."""
+    pid_file = tpm.directory / "swtpm.pid"
+    done = subprocess.run(
+        ["swtpm", "socket", "--tpm2", "--tpmstate", f"dir={tpm.state}",
+         "--server", f"type=unixio,path={tpm.socket}",
+         # The swtpm TCTI looks for the control channel beside the socket.
+         "--ctrl", f"type=unixio,path={tpm.socket}.ctrl",
+         "--flags", "not-need-init,startup-clear", "--daemon",
+         "--pid", f"file={pid_file}", "--log", f"file={tpm.directory / 'swtpm.log'}"],
+        capture_output=True, text=True, timeout=30, check=False)
     if done.returncode:
-        raise RuntimeError(f"{argv[0]} failed: {done.stderr.strip()}")
-    deadline = time.monotonic() + 10
-    while not (text := pid_file.read_text().strip() if pid_file.exists() else ""):
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"{argv[0]} wrote no pid to {pid_file}")
-        time.sleep(0.05)
-    return int(text.split()[0])
+        raise RuntimeError(f"swtpm failed: {done.stderr.strip()}")
+    wait_for(lambda: bool(pid_file.read_text().strip()), 10, f"swtpm's pid in {pid_file}")
+    return int(pid_file.read_text().split()[0])
+
+
+def _start_bus(tpm: SoftwareTpm) -> int:
+    """A D-Bus of the TPM's own for tpm2-abrmd; its pid (it forks and prints it)."""
+    config = tpm.directory / "bus.conf"
+    config.write_text(_BUS_CONFIG.format(socket=tpm.directory / "bus"))
+    bus = subprocess.run(["dbus-daemon", f"--config-file={config}", "--fork", "--print-pid"],
+                         capture_output=True, text=True, timeout=30, check=False)
+    if bus.returncode:
+        raise RuntimeError(f"dbus-daemon failed: {bus.stderr.strip()}")
+    return int(bus.stdout.split()[0])
 
 
 def _wait_answers(tpm: SoftwareTpm, abrmd: subprocess.Popen[bytes]) -> None:
@@ -136,19 +142,11 @@ def _wait_answers(tpm: SoftwareTpm, abrmd: subprocess.Popen[bytes]) -> None:
 
 
 def _stop(pid: int) -> None:
+    """SIGTERM to a daemon that is not our child, up to 10 s to go, then SIGKILL."""
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return
-        with contextlib.suppress(ChildProcessError):
-            if os.waitpid(pid, os.WNOHANG)[0] == pid:
-                return
-        time.sleep(0.05)
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGKILL)
-    with contextlib.suppress(ChildProcessError):
-        os.waitpid(pid, 0)
+    try:
+        wait_for(lambda: not alive(pid), 10, f"pid {pid} gone")
+    except AssertionError:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)

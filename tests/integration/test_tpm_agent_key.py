@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 from lab import swtpm
+from lab.agent import key_only_config
 from lab.commands import REPO
 from lab.swtpm import SoftwareTpm
 
@@ -60,20 +61,7 @@ def tpm(tmp_path: Path) -> Iterator[SoftwareTpm]:
 
 
 def agent_config(directory: Path, pin: str | None, module: str = swtpm.MODULE) -> Path:
-    """A config keeping the agent key in token `unseal-agent`, with its PIN in a 0600 file."""
-    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-    lines = ['escrow_url = "https://escrow.invalid:8443"',
-             f'escrow_ca = "{directory / "escrow-ca.pem"}"', f'state_dir = "{directory}"',
-             f'agent_key_pkcs11_module = "{module}"', 'agent_key_pkcs11_token = "unseal-agent"']
-    if pin is not None:
-        pin_file = directory / "agent-key-pin"
-        pin_file.write_text(pin + "\n")
-        pin_file.chmod(0o600)
-        lines.append(f'agent_key_pkcs11_pin_file = "{pin_file}"')
-    path = directory / "config.toml"
-    path.write_text("\n".join(lines) + "\n")
-    path.chmod(0o600)
-    return path
+    return key_only_config(directory, module, pin)
 
 
 def probe(conf: Path, mode: str, env: dict[str, str]) -> tuple[dict[str, Any], str]:

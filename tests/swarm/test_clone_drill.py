@@ -362,13 +362,7 @@ def power_off(agent: MachineAgent) -> None:
 
 def tpm_manager(drill: Drill, chip: SoftwareTpm, base: Path, boot_id: str) -> MachineAgent:
     """An autolocked manager on node 0 whose agent key is made inside `chip` at enrollment."""
-    daemon = drill.lab.start_daemon(0)
-    cluster_id = daemon.init_swarm()["Cluster"]["ID"]
-    root_ca = daemon.data_root / "swarm" / "certificates" / "swarm-root-ca.crt"
-    added = drill.escrow.cli("cluster", "add", cluster_id, "--root-ca", str(root_ca),
-                             "--threshold", "2", "--slots", "auto,auto,alice,bob")
-    assert added.returncode == 0, added.stderr
-    agent = drill.machine(0, base, daemon, boot_id, settings={"heartbeat_seconds": INTERVAL})
+    agent = drill.manager(0, base, boot_id, enroll=False, heartbeat_seconds=INTERVAL)
     tpm_held_key(agent, chip)
     agent.enroll()
     return agent
